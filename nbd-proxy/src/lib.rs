@@ -1,1 +1,26 @@
-//! placeholder
+//! novabackup's NBD proxy: it serves each attached disk image over NBD and
+//! records every block written (changed block tracking), so that backups
+//! read only what changed.
+//!
+//! - [`proto`]: the wire protocol as pure functions over bytes;
+//! - [`server`]: listeners' connections, the handshake driver and the two
+//!   data engines (io_uring, positional I/O);
+//! - [`export`]: image files and block devices;
+//! - [`tracking`], [`checkpoint`], [`cbw`]: CBT, checkpoints and
+//!   copy-before-write.
+
+pub mod cbw;
+pub mod checkpoint;
+pub mod export;
+pub mod proto;
+pub mod server;
+pub mod tracking;
+
+/// The name of the CBT bitmap as NBD clients see it:
+/// `qemu:dirty-bitmap:cbt`.
+pub const CBT_BITMAP_NAME: &str = "cbt";
+
+pub use checkpoint::Checkpoint;
+pub use export::{BackingKind, Export, ExportError, Image};
+pub use server::{IoEngine, Server};
+pub use tracking::{CbtStatus, TrackError, Tracker};

@@ -1,0 +1,217 @@
+//! What a connection does with each decoded request, shared by both data
+//! engines: commands that need no data I/O are answered here (block
+//! status, cache, trim, write-zeroes, errors); reads, writes and flushes
+//! become [`Work`] for the engine, and their completions are turned into
+//! replies here too. CBT marking happens in [`Session::handle`], before any
+//! write is handed to an engine.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::export::{Export, MAX_PAYLOAD};
+use crate::proto::handshake::{MetaContext, Negotiated};
+use crate::proto::reply;
+use crate::proto::request::{Command, Limits, Request};
+use crate::proto::NbdError;
+use crate::tracking::WriteTicket;
+
+/// Extents per context in one BLOCK_STATUS reply; clients ask again for
+/// the rest.
+const MAX_EXTENTS: usize = 2048;
+
+/// Data I/O for an engine to perform.
+pub(crate) enum Work {
+    Read {
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        cookie: u64,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        ticket: WriteTicket,
+    },
+    Flush {
+        cookie: u64,
+    },
+}
+
+/// What to do after [`Session::handle`].
+pub(crate) enum Next {
+    Work(Work),
+    Reply(Vec<u8>),
+    Disconnect,
+}
+
+pub(crate) struct Session {
+    pub(crate) export: Arc<Export>,
+    structured: bool,
+    contexts: Vec<(u32, MetaContext)>,
+    pub(crate) limits: Limits,
+}
+
+impl Session {
+    pub(crate) fn new(export: Arc<Export>, n: &Negotiated) -> Session {
+        let limits = Limits {
+            size: export.image.size,
+            read_only: export.image.read_only,
+            structured: n.structured,
+            has_contexts: !n.contexts.is_empty(),
+            max_payload: MAX_PAYLOAD,
+        };
+        Session {
+            export,
+            structured: n.structured,
+            contexts: n.contexts.clone(),
+            limits,
+        }
+    }
+
+    pub(crate) fn error(&self, cookie: u64, err: NbdError, msg: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32 + msg.len());
+        reply::error(&mut v, self.structured, cookie, err, msg);
+        v
+    }
+
+    fn ok(cookie: u64) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16);
+        reply::ok(&mut v, cookie);
+        v
+    }
+
+    fn io_error(&self, cookie: u64, e: &io::Error) -> Vec<u8> {
+        self.error(cookie, NbdError::from_io(e), &e.to_string())
+    }
+
+    /// Space in front of read data for the reply header.
+    pub(crate) fn read_header_len(&self) -> usize {
+        reply::read_header_len(self.structured)
+    }
+
+    pub(crate) fn handle(&self, req: Request, payload: Bytes) -> Next {
+        let Request {
+            cookie,
+            offset,
+            len,
+            ..
+        } = req;
+        let image = &self.export.image;
+        match req.command {
+            Command::Disc => Next::Disconnect,
+            Command::Read if len == 0 => {
+                let mut buf = vec![0u8; self.read_header_len()];
+                reply::write_read_header(&mut buf, self.structured, cookie, offset, 0);
+                Next::Reply(buf)
+            }
+            Command::Read => Next::Work(Work::Read {
+                cookie,
+                offset,
+                len,
+            }),
+            Command::Flush => Next::Work(Work::Flush { cookie }),
+            Command::Write { .. } if len == 0 => Next::Reply(Self::ok(cookie)),
+            Command::Write { fua } => match self.export.tracker.before_write(offset, len as u64, &image.file) {
+                Ok(ticket) => Next::Work(Work::Write {
+                    cookie,
+                    offset,
+                    data: payload,
+                    fua,
+                    ticket,
+                }),
+                Err(e) => {
+                    tracing::error!("write refused: change tracking failed: {e}");
+                    Next::Reply(self.error(cookie, NbdError::Io, "change tracking failed"))
+                }
+            },
+            Command::Trim { fua } => {
+                Next::Reply(self.modify(cookie, offset, len, fua, || image.trim(offset, len as u64)))
+            }
+            Command::WriteZeroes { fua, no_hole, fast } => Next::Reply(self.modify(cookie, offset, len, fua, || {
+                image.write_zeroes(offset, len as u64, no_hole, fast)
+            })),
+            Command::Cache => {
+                image.cache(offset, len as u64);
+                Next::Reply(Self::ok(cookie))
+            }
+            Command::BlockStatus { req_one } => Next::Reply(self.block_status(cookie, offset, len, req_one)),
+        }
+    }
+
+    /// Trim and write-zeroes: tracked like writes, done synchronously
+    /// (they are rare and cheap: one fallocate).
+    fn modify(&self, cookie: u64, offset: u64, len: u32, fua: bool, op: impl FnOnce() -> io::Result<()>) -> Vec<u8> {
+        if len == 0 {
+            return Self::ok(cookie);
+        }
+        let tracker = &self.export.tracker;
+        let ticket = match tracker.before_write(offset, len as u64, &self.export.image.file) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("request refused: change tracking failed: {e}");
+                return self.error(cookie, NbdError::Io, "change tracking failed");
+            }
+        };
+        let r = op().and_then(|()| if fua { self.export.image.sync() } else { Ok(()) });
+        let tracked = tracker.after_write(ticket, offset, len as u64);
+        match (r, tracked) {
+            (Err(e), _) => self.io_error(cookie, &e),
+            (Ok(()), Err(e)) => {
+                tracing::error!("change tracking failed after a write: {e}");
+                self.error(cookie, NbdError::Io, "change tracking failed")
+            }
+            (Ok(()), Ok(())) => Self::ok(cookie),
+        }
+    }
+
+    fn block_status(&self, cookie: u64, offset: u64, len: u32, req_one: bool) -> Vec<u8> {
+        let max = if req_one { 1 } else { MAX_EXTENTS };
+        let mut out = Vec::new();
+        for (i, (id, ctx)) in self.contexts.iter().enumerate() {
+            let mut extents = match ctx {
+                MetaContext::BaseAllocation => self.export.image.allocation(offset, len, max),
+                MetaContext::DirtyBitmap(_) => self.export.tracker.dirty_extents(offset, len, max),
+            };
+            extents.truncate(max);
+            let done = i + 1 == self.contexts.len();
+            reply::block_status(&mut out, cookie, *id, &extents, done);
+        }
+        out
+    }
+
+    /// Turns a finished read into its reply; `buf` holds the header space
+    /// followed by the data.
+    pub(crate) fn read_done(&self, cookie: u64, offset: u64, mut buf: Vec<u8>, r: io::Result<()>) -> Vec<u8> {
+        match r {
+            Ok(()) => {
+                let h = self.read_header_len();
+                let len = (buf.len() - h) as u32;
+                reply::write_read_header(&mut buf[..h], self.structured, cookie, offset, len);
+                buf
+            }
+            Err(e) => self.io_error(cookie, &e),
+        }
+    }
+
+    pub(crate) fn write_done(&self, cookie: u64, offset: u64, len: u32, ticket: WriteTicket, r: io::Result<()>) -> Vec<u8> {
+        let tracked = self.export.tracker.after_write(ticket, offset, len as u64);
+        match (r, tracked) {
+            (Err(e), _) => self.io_error(cookie, &e),
+            (Ok(()), Err(e)) => {
+                tracing::error!("change tracking failed after a write: {e}");
+                self.error(cookie, NbdError::Io, "change tracking failed")
+            }
+            (Ok(()), Ok(())) => Self::ok(cookie),
+        }
+    }
+
+    pub(crate) fn flush_done(&self, cookie: u64, r: io::Result<()>) -> Vec<u8> {
+        match r {
+            Ok(()) => Self::ok(cookie),
+            Err(e) => self.io_error(cookie, &e),
+        }
+    }
+}
