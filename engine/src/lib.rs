@@ -5,3 +5,5 @@
 
 pub mod cbt;
 pub mod fsutil;
+pub mod ids;
+pub mod size;

@@ -266,13 +266,11 @@ impl Tracker {
     }
 
     /// `qemu:dirty-bitmap` extents of the live bitmap over the range, as
-    /// `(length, flags)`. An untrusted bitmap reads as all dirty, so that
-    /// any tool that follows it reads everything.
+    /// `(length, flags)`. These are the recorded bits as they are; whether
+    /// they can be trusted is reported separately ([`Self::status`]), as
+    /// QEMU keeps a bitmap's contents apart from its consistency.
     pub fn dirty_extents(&self, offset: u64, len: u32, max: usize) -> Vec<(u32, u32)> {
         let s = self.lock();
-        if !s.trust.is_trusted() {
-            return vec![(len, crate::proto::consts::STATE_DIRTY)];
-        }
         s.live
             .extents(offset, len as u64)
             .take(max)

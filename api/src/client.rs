@@ -1,0 +1,145 @@
+//! The blocking HTTP client of the agent's API, used by the CLI.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::types::{AttachRequest, CbtInfo, DiskInfo, Health};
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent answered with an error.
+    #[error("{error}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The agent's error.
+        error: ApiError,
+    },
+    /// The agent could not be reached.
+    #[error("cannot reach the novabackup agent at {url}: {why}. Is `novabackup agent` running? (pass --api or --data-dir to point at it)")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// Transport error.
+        why: String,
+    },
+    /// The answer was not what the API documents.
+    #[error("unexpected answer from the agent at {url}: {why}")]
+    Protocol {
+        /// The URL.
+        url: String,
+        /// What was wrong.
+        why: String,
+    },
+}
+
+/// A client of one agent.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for the API at `base` (e.g. `http://127.0.0.1:7810`).
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(std::time::Duration::from_secs(5))
+                .build(),
+        }
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let r = self.agent.request(method, &format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.set("Authorization", &format!("Bearer {t}")),
+            None => r,
+        }
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<ureq::Response, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let req = self.request(method, path);
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match r {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(status, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(b) => Err(ClientError::Api { status, error: b.error }),
+                    Err(_) => Err(ClientError::Protocol {
+                        url,
+                        why: format!("HTTP {status}: {text}"),
+                    }),
+                }
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable { url, why: t.to_string() }),
+        }
+    }
+
+    fn json<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(method, path, body)?
+            .into_json()
+            .map_err(|e| ClientError::Protocol { url, why: e.to_string() })
+    }
+
+    /// `GET /api/v1/health`.
+    pub fn health(&self) -> Result<Health, ClientError> {
+        self.json("GET", "/api/v1/health", None::<&()>)
+    }
+
+    /// `GET /api/v1/disks`.
+    pub fn disks(&self) -> Result<Vec<DiskInfo>, ClientError> {
+        self.json("GET", "/api/v1/disks", None::<&()>)
+    }
+
+    /// `GET /api/v1/disks/{name}`.
+    pub fn disk(&self, name: &str) -> Result<DiskInfo, ClientError> {
+        self.json("GET", &format!("/api/v1/disks/{}", enc(name)), None::<&()>)
+    }
+
+    /// `POST /api/v1/disks`.
+    pub fn attach(&self, req: &AttachRequest) -> Result<DiskInfo, ClientError> {
+        self.json("POST", "/api/v1/disks", Some(req))
+    }
+
+    /// `DELETE /api/v1/disks/{name}`.
+    pub fn detach(&self, name: &str) -> Result<(), ClientError> {
+        self.send("DELETE", &format!("/api/v1/disks/{}", enc(name)), None::<&()>)
+            .map(drop)
+    }
+
+    /// `GET /api/v1/disks/{name}/cbt`.
+    pub fn cbt(&self, name: &str) -> Result<CbtInfo, ClientError> {
+        self.json("GET", &format!("/api/v1/disks/{}/cbt", enc(name)), None::<&()>)
+    }
+
+    /// `POST /api/v1/disks/{name}/cbt/reset`.
+    pub fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ClientError> {
+        self.json("POST", &format!("/api/v1/disks/{}/cbt/reset", enc(name)), None::<&()>)
+    }
+}
+
+/// Percent-encodes a path segment (disk names are plain, but a typo with a
+/// slash or space must reach the agent as one segment and fail there).
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._-~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

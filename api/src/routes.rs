@@ -1,0 +1,70 @@
+//! The `/api/v1` router. Handlers parse and validate the request, call the
+//! [`DiskService`] on a blocking thread (its calls touch files), and turn
+//! the result into JSON.
+
+mod disks;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::types::{AttachRequest, CbtInfo, DiskInfo, Health};
+
+/// What the agent must provide to the API.
+pub trait DiskService: Send + Sync + 'static {
+    /// Agent health.
+    fn health(&self) -> Health;
+    /// Attached disks.
+    fn list(&self) -> Vec<DiskInfo>;
+    /// One disk.
+    fn get(&self, name: &str) -> Result<DiskInfo, ApiError>;
+    /// Attaches a disk.
+    fn attach(&self, req: AttachRequest) -> Result<DiskInfo, ApiError>;
+    /// Detaches a disk.
+    fn detach(&self, name: &str) -> Result<(), ApiError>;
+    /// CBT state of a disk.
+    fn cbt(&self, name: &str) -> Result<CbtInfo, ApiError>;
+    /// Clears a disk's bitmap.
+    fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ApiError>;
+}
+
+/// The control API. Everything but health needs `token`.
+pub fn router(svc: Arc<dyn DiskService>, token: String) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/disks", get(disks::list).post(disks::attach))
+        .route("/api/v1/disks/{name}", get(disks::get).delete(disks::detach))
+        .route("/api/v1/disks/{name}/cbt", get(disks::cbt))
+        .route("/api/v1/disks/{name}/cbt/reset", post(disks::cbt_reset))
+        .route_layer(middleware::from_fn_with_state(Arc::new(token), crate::auth::require_token));
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .merge(protected)
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint; see /api/v1/health") })
+        .with_state(svc)
+}
+
+async fn health(axum::extract::State(svc): axum::extract::State<Arc<dyn DiskService>>) -> Json<Health> {
+    Json(svc.health())
+}
+
+/// Runs a service call off the async workers.
+async fn blocking<T: Send + 'static>(
+    svc: &Arc<dyn DiskService>,
+    f: impl FnOnce(&dyn DiskService) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let svc = svc.clone();
+    tokio::task::spawn_blocking(move || f(&*svc))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("request handler failed: {e}")))?
+}
+
+/// A JSON body whose rejection is our JSON error, not axum's plain text.
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(t)| t).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request body: {}", e.body_text())))
+}
+
+#[cfg(test)]
+mod tests;
