@@ -1,1 +1,24 @@
-fn main(){}
+//! `novabackup`: the agent daemon and the command-line interface. This file
+//! only parses arguments, sets up logging and dispatches.
+
+mod cli;
+mod daemon;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOVABACKUP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.is_agent() { "info" } else { "warn" }));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(cli::exit_code(&e))
+        }
+    }
+}

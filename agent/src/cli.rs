@@ -1,0 +1,99 @@
+//! Command-line definitions (clap) and dispatch. One file per subcommand
+//! group; each talks to the agent through `novabackup_api::Client`.
+
+mod disk;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use novabackup_api::{Client, ClientError};
+
+use crate::daemon::{self, AgentOptions};
+
+/// The default state folder when running as root.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/novabackup";
+/// The default API address.
+pub const DEFAULT_API: &str = "127.0.0.1:7810";
+
+/// novabackup: incremental block-level backups of running VM disks.
+#[derive(Debug, Parser)]
+#[command(name = "novabackup", version, about, long_about = None)]
+pub struct Cli {
+    /// The agent's state folder; the CLI reads the API address and token there.
+    #[arg(long, global = true, env = "NOVABACKUP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// URL of the agent's API (default: what the agent in --data-dir listens on, else http://127.0.0.1:7810).
+    #[arg(long, global = true, env = "NOVABACKUP_API")]
+    pub api: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: the NBD proxy with change tracking, and the API.
+    Agent(AgentOptions),
+    /// Attach, list, inspect and detach disks.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+}
+
+impl Cli {
+    /// Whether this invocation runs the daemon (which logs at info).
+    pub fn is_agent(&self) -> bool {
+        matches!(self.command, Command::Agent(_))
+    }
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(opts) => {
+            let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+            daemon::run(dir, opts)
+        }
+        Command::Disk(c) => {
+            let client = client(cli.data_dir.as_deref(), cli.api.as_deref())?;
+            disk::run(&client, c)
+        }
+    }
+}
+
+/// Exit codes: 0 success, 1 an error the agent reported or any other
+/// failure, 2 bad command-line usage (clap), 3 the agent is unreachable,
+/// 4 no such disk.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Unreachable { .. }) => 3,
+        Some(ClientError::Api { status: 404, .. }) => 4,
+        _ => 1,
+    }
+}
+
+fn client(data_dir: Option<&Path>, api: Option<&str>) -> anyhow::Result<Client> {
+    let dir = data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR));
+    let base = match api {
+        Some(a) => a.to_string(),
+        None => daemon::runtime_info(dir)
+            .map(|i| i.api)
+            .unwrap_or_else(|| DEFAULT_API.to_string()),
+    };
+    let base = if base.contains("://") { base } else { format!("http://{base}") };
+    let token = match std::env::var("NOVABACKUP_TOKEN") {
+        Ok(t) if !t.is_empty() => Some(t),
+        _ => {
+            let p = dir.join(daemon::TOKEN_FILE);
+            match std::fs::read_to_string(&p) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot read the API token {} (run as the agent's user, or set NOVABACKUP_TOKEN)", p.display())
+                    })
+                }
+            }
+        }
+    };
+    Ok(Client::new(&base, token))
+}
