@@ -3,6 +3,14 @@
 //! operations on the ring, so the thread sleeps only in `submit_and_wait`
 //! and every request is answered as soon as its I/O completes.
 //!
+//! One exception, by measurement: a buffered write without FUA is issued
+//! inline with `pwrite` by the ring thread. ext4 cannot start a buffered
+//! write without blocking, so io_uring hands every such write to an io-wq
+//! worker thread, and that hop cost 35% of 4 KiB write IOPS at QD1 here
+//! (26.7k against 39-43k inline, fio nbd engine, 1 GiB image in page
+//! cache). The copy into the page cache is as quick as queueing it. FUA
+//! writes, which wait for the device, stay on the ring.
+//!
 //! Buffer ownership: every operation's buffer lives in [`Op`] (or in the
 //! receive buffer / the send batch) and is not touched or freed until the
 //! operation's completion has been reaped.
@@ -11,6 +19,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 
 use bytes::{Bytes, BytesMut};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -214,6 +223,20 @@ impl Loop<'_> {
     }
 
     fn start(&mut self, w: Work) -> io::Result<()> {
+        // Buffered writes without FUA are done inline (see module doc).
+        if let Work::Write {
+            cookie,
+            offset,
+            data,
+            fua: false,
+            ticket,
+        } = w
+        {
+            let r = self.session.export.image.file.write_all_at(&data, offset);
+            let reply = self.session.write_done(cookie, offset, data.len() as u32, ticket, r);
+            self.enqueue(reply);
+            return Ok(());
+        }
         let op = match w {
             Work::Read { cookie, offset, len } => Op::Read {
                 cookie,
