@@ -50,7 +50,9 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(opts) => {
-            let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+            let dir = cli
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
             daemon::run(dir, opts)
         }
         Command::Disk(c) => {
@@ -79,7 +81,11 @@ fn client(data_dir: Option<&Path>, api: Option<&str>) -> anyhow::Result<Client> 
             .map(|i| i.api)
             .unwrap_or_else(|| DEFAULT_API.to_string()),
     };
-    let base = if base.contains("://") { base } else { format!("http://{base}") };
+    let base = if base.contains("://") {
+        base
+    } else {
+        format!("http://{base}")
+    };
     let token = match std::env::var("NOVABACKUP_TOKEN") {
         Ok(t) if !t.is_empty() => Some(t),
         _ => {

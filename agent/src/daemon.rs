@@ -75,7 +75,12 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
     };
     tracing::info!(?engine, "NBD data engine");
     let boot_id = std::fs::read_to_string(&opts.boot_id_file)
-        .with_context(|| format!("cannot read the boot id from {}", opts.boot_id_file.display()))?
+        .with_context(|| {
+            format!(
+                "cannot read the boot id from {}",
+                opts.boot_id_file.display()
+            )
+        })?
         .trim()
         .to_string();
     let server = Server::new(engine);
@@ -133,7 +138,11 @@ async fn serve(
         nbd_tcp: nbd_tcp.clone(),
         nbd_socket: socket.clone(),
     };
-    fsutil::write_atomic(&dir.join(RUNTIME_FILE), &serde_json::to_vec_pretty(&info)?, 0o644)?;
+    fsutil::write_atomic(
+        &dir.join(RUNTIME_FILE),
+        &serde_json::to_vec_pretty(&info)?,
+        0o644,
+    )?;
     tracing::info!(api = %api_addr, nbd_tcp = ?nbd_tcp, nbd_socket = ?socket, "agent ready");
 
     let app = novabackup_api::router(agent.clone(), token);
@@ -196,7 +205,8 @@ fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
     }
     let mut raw = [0u8; 32];
-    getrandom::getrandom(&mut raw).map_err(|e| anyhow::anyhow!("no randomness for the API token: {e}"))?;
+    getrandom::getrandom(&mut raw)
+        .map_err(|e| anyhow::anyhow!("no randomness for the API token: {e}"))?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     fsutil::write_atomic(&p, format!("{token}\n").as_bytes(), 0o600)
         .with_context(|| format!("cannot write {}", p.display()))?;

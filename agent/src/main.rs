@@ -8,8 +8,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NOVABACKUP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.is_agent() { "info" } else { "warn" }));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("NOVABACKUP_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if args.is_agent() { "info" } else { "warn" })
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

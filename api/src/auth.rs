@@ -7,7 +7,11 @@ use axum::response::{IntoResponse, Response};
 use crate::error::{ApiError, ErrorCode};
 
 /// Middleware: rejects a request without `Authorization: Bearer <token>`.
-pub async fn require_token(State(token): State<std::sync::Arc<String>>, req: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(token): State<std::sync::Arc<String>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)

@@ -63,7 +63,12 @@ impl Client {
         }
     }
 
-    fn send(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<ureq::Response, ClientError> {
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<ureq::Response, ClientError> {
         let url = format!("{}{path}", self.base);
         let req = self.request(method, path);
         let r = match body {
@@ -75,22 +80,36 @@ impl Client {
             Err(ureq::Error::Status(status, resp)) => {
                 let text = resp.into_string().unwrap_or_default();
                 match serde_json::from_str::<ErrorBody>(&text) {
-                    Ok(b) => Err(ClientError::Api { status, error: b.error }),
+                    Ok(b) => Err(ClientError::Api {
+                        status,
+                        error: b.error,
+                    }),
                     Err(_) => Err(ClientError::Protocol {
                         url,
                         why: format!("HTTP {status}: {text}"),
                     }),
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable { url, why: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
+                url,
+                why: t.to_string(),
+            }),
         }
     }
 
-    fn json<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<T, ClientError> {
+    fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         self.send(method, path, body)?
             .into_json()
-            .map_err(|e| ClientError::Protocol { url, why: e.to_string() })
+            .map_err(|e| ClientError::Protocol {
+                url,
+                why: e.to_string(),
+            })
     }
 
     /// `GET /api/v1/health`.
@@ -115,18 +134,30 @@ impl Client {
 
     /// `DELETE /api/v1/disks/{name}`.
     pub fn detach(&self, name: &str) -> Result<(), ClientError> {
-        self.send("DELETE", &format!("/api/v1/disks/{}", enc(name)), None::<&()>)
-            .map(drop)
+        self.send(
+            "DELETE",
+            &format!("/api/v1/disks/{}", enc(name)),
+            None::<&()>,
+        )
+        .map(drop)
     }
 
     /// `GET /api/v1/disks/{name}/cbt`.
     pub fn cbt(&self, name: &str) -> Result<CbtInfo, ClientError> {
-        self.json("GET", &format!("/api/v1/disks/{}/cbt", enc(name)), None::<&()>)
+        self.json(
+            "GET",
+            &format!("/api/v1/disks/{}/cbt", enc(name)),
+            None::<&()>,
+        )
     }
 
     /// `POST /api/v1/disks/{name}/cbt/reset`.
     pub fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ClientError> {
-        self.json("POST", &format!("/api/v1/disks/{}/cbt/reset", enc(name)), None::<&()>)
+        self.json(
+            "POST",
+            &format!("/api/v1/disks/{}/cbt/reset", enc(name)),
+            None::<&()>,
+        )
     }
 }
 

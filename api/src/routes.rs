@@ -35,18 +35,28 @@ pub trait DiskService: Send + Sync + 'static {
 pub fn router(svc: Arc<dyn DiskService>, token: String) -> Router {
     let protected = Router::new()
         .route("/api/v1/disks", get(disks::list).post(disks::attach))
-        .route("/api/v1/disks/{name}", get(disks::get).delete(disks::detach))
+        .route(
+            "/api/v1/disks/{name}",
+            get(disks::get).delete(disks::detach),
+        )
         .route("/api/v1/disks/{name}/cbt", get(disks::cbt))
         .route("/api/v1/disks/{name}/cbt/reset", post(disks::cbt_reset))
-        .route_layer(middleware::from_fn_with_state(Arc::new(token), crate::auth::require_token));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::new(token),
+            crate::auth::require_token,
+        ));
     Router::new()
         .route("/api/v1/health", get(health))
         .merge(protected)
-        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint; see /api/v1/health") })
+        .fallback(|| async {
+            ApiError::new(ErrorCode::NotFound, "no such endpoint; see /api/v1/health")
+        })
         .with_state(svc)
 }
 
-async fn health(axum::extract::State(svc): axum::extract::State<Arc<dyn DiskService>>) -> Json<Health> {
+async fn health(
+    axum::extract::State(svc): axum::extract::State<Arc<dyn DiskService>>,
+) -> Json<Health> {
     Json(svc.health())
 }
 
@@ -63,7 +73,12 @@ async fn blocking<T: Send + 'static>(
 
 /// A JSON body whose rejection is our JSON error, not axum's plain text.
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(t)| t).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request body: {}", e.body_text())))
+    body.map(|Json(t)| t).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("bad request body: {}", e.body_text()),
+        )
+    })
 }
 
 #[cfg(test)]

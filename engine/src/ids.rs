@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 /// The name of an attached disk: also its NBD export name and the stem of
 /// its files in the state folder, hence the narrow alphabet.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct DiskName(String);
 
@@ -26,7 +28,8 @@ impl FromStr for DiskName {
     fn from_str(s: &str) -> Result<Self, BadDiskName> {
         let ok = (1..=64).contains(&s.len())
             && !s.starts_with(['.', '-'])
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if ok {
             Ok(DiskName(s.to_string()))
         } else {

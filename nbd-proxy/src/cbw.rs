@@ -60,7 +60,12 @@ impl CopyStore {
     }
 
     /// Called by the write path before it overwrites `block`.
-    pub fn preserve(&self, block: usize, (offset, len): (u64, usize), image: &File) -> io::Result<()> {
+    pub fn preserve(
+        &self,
+        block: usize,
+        (offset, len): (u64, usize),
+        image: &File,
+    ) -> io::Result<()> {
         if !Self::needed(&self.lock(), block) {
             return Ok(());
         }
@@ -102,7 +107,11 @@ fn tempfile_in(dir: &Path) -> io::Result<File> {
         .custom_flags(libc::O_TMPFILE)
         .open(dir)
         .or_else(|_| {
-            let p = dir.join(format!(".cbw.{}.{:?}", std::process::id(), std::thread::current().id()));
+            let p = dir.join(format!(
+                ".cbw.{}.{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -231,7 +231,11 @@ impl Export {
     pub fn info(&self) -> ExportInfo {
         ExportInfo {
             name: self.name.clone(),
-            description: format!("novabackup disk {} ({})", self.name, self.image.path.display()),
+            description: format!(
+                "novabackup disk {} ({})",
+                self.name,
+                self.image.path.display()
+            ),
             size: self.image.size,
             flags: self.flags(),
             block_size: (1, 4096, MAX_PAYLOAD),

@@ -169,7 +169,10 @@ impl Server {
                 if let Err(e) = connection::serve(&me, id, conn) {
                     tracing::debug!("connection ended with an error: {e}");
                 }
-                me.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                me.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
             });
         if let Err(e) = spawned {
             tracing::error!("cannot start a connection thread: {e}");
@@ -196,12 +199,22 @@ impl Server {
     /// requests, answers those in flight and closes. Waits up to `timeout`.
     pub fn shutdown(&self, timeout: Duration) {
         self.stopping.store(true, Ordering::SeqCst);
-        for e in self.conns.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for e in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             e.conn.shutdown_read();
         }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.conns.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            if self
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -82,7 +82,9 @@ pub struct Tracker {
 
 impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tracker").field("frozen_path", &self.frozen_path).finish()
+        f.debug_struct("Tracker")
+            .field("frozen_path", &self.frozen_path)
+            .finish()
     }
 }
 
@@ -119,11 +121,9 @@ impl Tracker {
             }
             Err(e) => return Err(e.into()),
         }
-        novabackup_engine::fsutil::remove_durable(&frozen_path).map_err(|source| {
-            CbtError::Io {
-                path: frozen_path.clone(),
-                source,
-            }
+        novabackup_engine::fsutil::remove_durable(&frozen_path).map_err(|source| CbtError::Io {
+            path: frozen_path.clone(),
+            source,
         })?;
         Ok(Tracker {
             state: Mutex::new(State {
@@ -148,7 +148,12 @@ impl Tracker {
     /// Marks `[offset, offset+len)` dirty and persists it; copies frozen
     /// blocks aside when a checkpoint is active. Call before the data write
     /// is issued; if this fails, the write must not be issued.
-    pub fn before_write(&self, offset: u64, len: u64, image: &File) -> Result<WriteTicket, TrackError> {
+    pub fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+        image: &File,
+    ) -> Result<WriteTicket, TrackError> {
         let (generation, checkpoint) = {
             let mut s = self.lock();
             let words = s.live.mark(offset, len);
@@ -156,7 +161,8 @@ impl Tracker {
             (s.generation, s.checkpoint.clone())
         };
         if let Some(cp) = checkpoint {
-            cp.copy_before_write(offset, len, image).map_err(TrackError::Cbw)?;
+            cp.copy_before_write(offset, len, image)
+                .map_err(TrackError::Cbw)?;
         }
         Ok(WriteTicket { generation })
     }
@@ -164,7 +170,12 @@ impl Tracker {
     /// Call when the write of `[offset, offset+len)` has completed. If a
     /// checkpoint was taken while it was in flight, its blocks are marked
     /// again in the new live bitmap (module doc).
-    pub fn after_write(&self, ticket: WriteTicket, offset: u64, len: u64) -> Result<(), TrackError> {
+    pub fn after_write(
+        &self,
+        ticket: WriteTicket,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), TrackError> {
         let mut s = self.lock();
         if s.generation != ticket.generation {
             let words = s.live.mark(offset, len);
@@ -191,9 +202,8 @@ impl Tracker {
             return Err(e.into());
         }
         s.generation += 1;
-        let shared = Arc::new(
-            CheckpointShared::new(frozen, trust, &self.cbw_dir).map_err(TrackError::Cbw)?,
-        );
+        let shared =
+            Arc::new(CheckpointShared::new(frozen, trust, &self.cbw_dir).map_err(TrackError::Cbw)?);
         s.checkpoint = Some(shared.clone());
         Ok(Checkpoint::new(self.clone(), shared))
     }
@@ -274,7 +284,16 @@ impl Tracker {
         s.live
             .extents(offset, len as u64)
             .take(max)
-            .map(|e| (e.len as u32, if e.dirty { crate::proto::consts::STATE_DIRTY } else { 0 }))
+            .map(|e| {
+                (
+                    e.len as u32,
+                    if e.dirty {
+                        crate::proto::consts::STATE_DIRTY
+                    } else {
+                        0
+                    },
+                )
+            })
             .collect()
     }
 }
@@ -298,7 +317,13 @@ mod tests {
         for b in 0..blocks {
             f.write_all_at(&vec![b as u8; G as usize], b * G).unwrap();
         }
-        let t = Tracker::open(&dir.join("d.cbt"), blocks * G, Granularity::new(G).unwrap(), "boot").unwrap();
+        let t = Tracker::open(
+            &dir.join("d.cbt"),
+            blocks * G,
+            Granularity::new(G).unwrap(),
+            "boot",
+        )
+        .unwrap();
         (Arc::new(t), f)
     }
 
@@ -391,7 +416,13 @@ mod tests {
         // Simulate kill -9: nothing runs on the way out.
         std::mem::forget(cp);
         drop(t);
-        let t2 = Tracker::open(&dir.path().join("d.cbt"), 8 * G, Granularity::new(G).unwrap(), "boot").unwrap();
+        let t2 = Tracker::open(
+            &dir.path().join("d.cbt"),
+            8 * G,
+            Granularity::new(G).unwrap(),
+            "boot",
+        )
+        .unwrap();
         assert_eq!(t2.live().0.dirty_blocks().collect::<Vec<_>>(), vec![1, 7]);
         assert!(t2.status().trusted);
     }

@@ -82,7 +82,9 @@ pub fn run(client: &Client, cmd: DiskCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&disks)?);
             } else if disks.is_empty() {
-                println!("no disks attached; attach one with `novabackup disk attach NAME --image PATH`");
+                println!(
+                    "no disks attached; attach one with `novabackup disk attach NAME --image PATH`"
+                );
             } else {
                 print_table(&disks);
             }
@@ -92,7 +94,11 @@ pub fn run(client: &Client, cmd: DiskCommand) -> anyhow::Result<()> {
             println!("detached {name}");
         }
         DiskCommand::Cbt { name, reset, json } => {
-            let c = if reset { client.cbt_reset(&name)? } else { client.cbt(&name)? };
+            let c = if reset {
+                client.cbt_reset(&name)?
+            } else {
+                client.cbt(&name)?
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
@@ -104,7 +110,10 @@ pub fn run(client: &Client, cmd: DiskCommand) -> anyhow::Result<()> {
 }
 
 fn print_table(disks: &[DiskInfo]) {
-    println!("{:<16} {:>10} {:>5} {:>12} {:<9} IMAGE", "NAME", "SIZE", "CONNS", "DIRTY", "CBT");
+    println!(
+        "{:<16} {:>10} {:>5} {:>12} {:<9} IMAGE",
+        "NAME", "SIZE", "CONNS", "DIRTY", "CBT"
+    );
     for d in disks {
         println!(
             "{:<16} {:>10} {:>5} {:>12} {:<9} {}{}",
@@ -112,7 +121,11 @@ fn print_table(disks: &[DiskInfo]) {
             format_size(d.size),
             d.connections,
             format_size(d.cbt.dirty_bytes),
-            if d.cbt.trusted { "trusted" } else { "UNTRUSTED" },
+            if d.cbt.trusted {
+                "trusted"
+            } else {
+                "UNTRUSTED"
+            },
             d.image,
             if d.read_only { " (read-only)" } else { "" }
         );
@@ -126,7 +139,11 @@ fn print_cbt(name: &str, c: &CbtInfo, reset: bool) {
     println!("disk:         {name}");
     println!("granularity:  {}", format_size(c.granularity));
     println!("dirty blocks: {} of {}", c.dirty_blocks, c.blocks);
-    println!("dirty bytes:  {} ({})", c.dirty_bytes, format_size(c.dirty_bytes));
+    println!(
+        "dirty bytes:  {} ({})",
+        c.dirty_bytes,
+        format_size(c.dirty_bytes)
+    );
     match &c.reason {
         None => println!("trusted:      yes"),
         Some(r) => println!("trusted:      no: {r}"),

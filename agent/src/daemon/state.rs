@@ -74,7 +74,10 @@ impl Agent {
         let path = self.dir.join(DISKS_FILE);
         let records: Vec<DiskRecord> = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!("{} is damaged ({e}); fix or remove it, then re-attach the disks", path.display())
+                anyhow::anyhow!(
+                    "{} is damaged ({e}); fix or remove it, then re-attach the disks",
+                    path.display()
+                )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e.into()),
@@ -99,12 +102,20 @@ impl Agent {
     fn open(&self, r: &DiskRecord) -> Result<Arc<Export>, ApiError> {
         let image = Image::open(&r.image, r.read_only).map_err(|e| match &e {
             ExportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                err(ErrorCode::Unprocessable, format!("image {} does not exist", r.image.display()))
+                err(
+                    ErrorCode::Unprocessable,
+                    format!("image {} does not exist", r.image.display()),
+                )
             }
             _ => err(ErrorCode::Unprocessable, e.to_string()),
         })?;
-        let tracker = Tracker::open(&self.bitmap_path(&r.name), image.size, r.granularity, &self.boot_id)
-            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let tracker = Tracker::open(
+            &self.bitmap_path(&r.name),
+            image.size,
+            r.granularity,
+            &self.boot_id,
+        )
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         Ok(Arc::new(Export {
             name: r.name.to_string(),
             image,
@@ -114,18 +125,29 @@ impl Agent {
 
     fn save(&self, records: &[DiskRecord]) -> Result<(), ApiError> {
         let bytes = serde_json::to_vec_pretty(records).expect("records serialize");
-        fsutil::write_atomic(&self.dir.join(DISKS_FILE), &bytes, 0o600)
-            .map_err(|e| err(ErrorCode::Internal, format!("cannot save {DISKS_FILE}: {e}")))
+        fsutil::write_atomic(&self.dir.join(DISKS_FILE), &bytes, 0o600).map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!("cannot save {DISKS_FILE}: {e}"),
+            )
+        })
     }
 
     fn export(&self, name: &str) -> Result<Arc<Export>, ApiError> {
         self.server.get(name).ok_or_else(|| {
-            err(ErrorCode::NotFound, format!("no disk named {name:?}; `novabackup disk list` shows the attached disks"))
+            err(
+                ErrorCode::NotFound,
+                format!("no disk named {name:?}; `novabackup disk list` shows the attached disks"),
+            )
         })
     }
 
     fn info(&self, e: &Export) -> DiskInfo {
-        let ep = self.endpoints.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ep = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut uris = Vec::new();
         if let Some(s) = &ep.socket {
             uris.push(format!("nbd+unix:///{}?socket={}", e.name, s.display()));
@@ -193,16 +215,29 @@ impl DiskService for Agent {
     }
 
     fn attach(&self, req: AttachRequest) -> Result<DiskInfo, ApiError> {
-        let name: DiskName = req.name.parse().map_err(|e: novabackup_engine::ids::BadDiskName| err(ErrorCode::BadRequest, e.to_string()))?;
+        let name: DiskName =
+            req.name
+                .parse()
+                .map_err(|e: novabackup_engine::ids::BadDiskName| {
+                    err(ErrorCode::BadRequest, e.to_string())
+                })?;
         let granularity = Granularity::new(req.granularity.unwrap_or(Granularity::DEFAULT.bytes()))
             .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
         let image = PathBuf::from(&req.image);
         if !image.is_absolute() {
-            return Err(err(ErrorCode::BadRequest, format!("image path {:?} must be absolute", req.image)));
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("image path {:?} must be absolute", req.image),
+            ));
         }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if self.server.get(name.as_str()).is_some() || records.iter().any(|r| r.name == name) {
-            return Err(err(ErrorCode::Conflict, format!("a disk named {name} is already attached; detach it first or pick another name")));
+            return Err(err(
+                ErrorCode::Conflict,
+                format!(
+                    "a disk named {name} is already attached; detach it first or pick another name"
+                ),
+            ));
         }
         let canonical = image.canonicalize().unwrap_or_else(|_| image.clone());
         if let Some(other) = records.iter().find(|r| same_file(&r.image, &canonical)) {
@@ -225,7 +260,9 @@ impl DiskService for Agent {
         let mut next = records.clone();
         next.push(record);
         self.save(&next)?;
-        self.server.add(export.clone()).map_err(|e| err(ErrorCode::Conflict, e.to_string()))?;
+        self.server
+            .add(export.clone())
+            .map_err(|e| err(ErrorCode::Conflict, e.to_string()))?;
         *records = next;
         tracing::info!(disk = %name, image = %export.image.path.display(), "disk attached");
         Ok(self.info(&export))
@@ -248,7 +285,11 @@ impl DiskService for Agent {
                 tracing::warn!(disk = name, "saving the bitmap at detach failed: {x}");
             }
         }
-        let next: Vec<DiskRecord> = records.iter().filter(|r| r.name.as_str() != name).cloned().collect();
+        let next: Vec<DiskRecord> = records
+            .iter()
+            .filter(|r| r.name.as_str() != name)
+            .cloned()
+            .collect();
         self.save(&next)?;
         *records = next;
         if let Ok(n) = name.parse::<DiskName>() {
@@ -264,7 +305,9 @@ impl DiskService for Agent {
 
     fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ApiError> {
         let e = self.export(name)?;
-        e.tracker.reset().map_err(|x| err(ErrorCode::Internal, x.to_string()))?;
+        e.tracker
+            .reset()
+            .map_err(|x| err(ErrorCode::Internal, x.to_string()))?;
         tracing::info!(disk = name, "bitmap reset by the operator");
         Ok(cbt_info(&e.tracker))
     }

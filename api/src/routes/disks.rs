@@ -26,19 +26,31 @@ pub(super) async fn attach(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-pub(super) async fn get(State(svc): Svc, Path(name): Path<String>) -> Result<Json<DiskInfo>, ApiError> {
+pub(super) async fn get(
+    State(svc): Svc,
+    Path(name): Path<String>,
+) -> Result<Json<DiskInfo>, ApiError> {
     blocking(&svc, move |s| s.get(&name)).await.map(Json)
 }
 
-pub(super) async fn detach(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn detach(
+    State(svc): Svc,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     blocking(&svc, move |s| s.detach(&name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(super) async fn cbt(State(svc): Svc, Path(name): Path<String>) -> Result<Json<CbtInfo>, ApiError> {
+pub(super) async fn cbt(
+    State(svc): Svc,
+    Path(name): Path<String>,
+) -> Result<Json<CbtInfo>, ApiError> {
     blocking(&svc, move |s| s.cbt(&name)).await.map(Json)
 }
 
-pub(super) async fn cbt_reset(State(svc): Svc, Path(name): Path<String>) -> Result<Json<CbtInfo>, ApiError> {
+pub(super) async fn cbt_reset(
+    State(svc): Svc,
+    Path(name): Path<String>,
+) -> Result<Json<CbtInfo>, ApiError> {
     blocking(&svc, move |s| s.cbt_reset(&name)).await.map(Json)
 }

@@ -37,7 +37,12 @@ impl DiskService for Mem {
         self.0.lock().unwrap().values().cloned().collect()
     }
     fn get(&self, name: &str) -> Result<DiskInfo, ApiError> {
-        self.0.lock().unwrap().get(name).cloned().ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no disk"))
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no disk"))
     }
     fn attach(&self, r: AttachRequest) -> Result<DiskInfo, ApiError> {
         let mut m = self.0.lock().unwrap();
@@ -58,7 +63,12 @@ impl DiskService for Mem {
         Ok(d)
     }
     fn detach(&self, name: &str) -> Result<(), ApiError> {
-        self.0.lock().unwrap().remove(name).map(drop).ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no disk"))
+        self.0
+            .lock()
+            .unwrap()
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no disk"))
     }
     fn cbt(&self, name: &str) -> Result<CbtInfo, ApiError> {
         self.get(name).map(|d| d.cbt)
@@ -72,14 +82,29 @@ fn app() -> Router {
     router(Arc::new(Mem::default()), "secret".into())
 }
 
-async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>, body: &str) -> (StatusCode, serde_json::Value) {
-    let mut b = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
     if let Some(t) = token {
         b = b.header("authorization", format!("Bearer {t}"));
     }
-    let resp = app.clone().oneshot(b.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+    let resp = app
+        .clone()
+        .oneshot(b.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     (status, v)
 }
@@ -87,38 +112,89 @@ async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>, body: 
 #[tokio::test]
 async fn health_needs_no_token_the_rest_does() {
     let a = app();
-    assert_eq!(call(&a, "GET", "/api/v1/health", None, "").await.0, StatusCode::OK);
-    for (m, u) in [("GET", "/api/v1/disks"), ("POST", "/api/v1/disks"), ("GET", "/api/v1/disks/x"), ("DELETE", "/api/v1/disks/x"), ("GET", "/api/v1/disks/x/cbt"), ("POST", "/api/v1/disks/x/cbt/reset")] {
+    assert_eq!(
+        call(&a, "GET", "/api/v1/health", None, "").await.0,
+        StatusCode::OK
+    );
+    for (m, u) in [
+        ("GET", "/api/v1/disks"),
+        ("POST", "/api/v1/disks"),
+        ("GET", "/api/v1/disks/x"),
+        ("DELETE", "/api/v1/disks/x"),
+        ("GET", "/api/v1/disks/x/cbt"),
+        ("POST", "/api/v1/disks/x/cbt/reset"),
+    ] {
         let (s, v) = call(&a, m, u, None, "").await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {u}");
         assert_eq!(v["error"]["code"], "unauthorized");
-        assert_eq!(call(&a, m, u, Some("wrong"), "").await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            call(&a, m, u, Some("wrong"), "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
     }
 }
 
 #[tokio::test]
 async fn malformed_bodies_are_json_400s() {
     let a = app();
-    for body in ["{", "[]", r#"{"name": 5, "image": "x"}"#, r#"{"name": "a", "image": "x", "bogus": 1}"#, r#"{"image": "x"}"#] {
+    for body in [
+        "{",
+        "[]",
+        r#"{"name": 5, "image": "x"}"#,
+        r#"{"name": "a", "image": "x", "bogus": 1}"#,
+        r#"{"image": "x"}"#,
+    ] {
         let (s, v) = call(&a, "POST", "/api/v1/disks", Some("secret"), body).await;
         assert!(s.is_client_error(), "{body}: {s}");
         assert_eq!(v["error"]["code"], "bad_request", "{body}");
-        assert!(v["error"]["message"].as_str().unwrap().contains("bad request body"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bad request body"));
     }
 }
 
 #[tokio::test]
 async fn attach_get_detach() {
     let a = app();
-    let (s, v) = call(&a, "POST", "/api/v1/disks", Some("secret"), r#"{"name":"vm","image":"/x"}"#).await;
+    let (s, v) = call(
+        &a,
+        "POST",
+        "/api/v1/disks",
+        Some("secret"),
+        r#"{"name":"vm","image":"/x"}"#,
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(v["name"], "vm");
-    let (s, v) = call(&a, "POST", "/api/v1/disks", Some("secret"), r#"{"name":"vm","image":"/x"}"#).await;
+    let (s, v) = call(
+        &a,
+        "POST",
+        "/api/v1/disks",
+        Some("secret"),
+        r#"{"name":"vm","image":"/x"}"#,
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(v["error"]["code"], "conflict");
-    assert_eq!(call(&a, "GET", "/api/v1/disks/vm/cbt", Some("secret"), "").await.1["granularity"], 65536);
-    assert_eq!(call(&a, "DELETE", "/api/v1/disks/vm", Some("secret"), "").await.0, StatusCode::NO_CONTENT);
-    assert_eq!(call(&a, "GET", "/api/v1/disks/vm", Some("secret"), "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(&a, "GET", "/api/v1/disks/vm/cbt", Some("secret"), "")
+            .await
+            .1["granularity"],
+        65536
+    );
+    assert_eq!(
+        call(&a, "DELETE", "/api/v1/disks/vm", Some("secret"), "")
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&a, "GET", "/api/v1/disks/vm", Some("secret"), "")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
     let (s, v) = call(&a, "GET", "/api/v1/nope", Some("secret"), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(v["error"]["code"], "not_found");

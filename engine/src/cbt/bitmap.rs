@@ -282,9 +282,21 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                Extent { offset: G, len: G, dirty: false },
-                Extent { offset: 2 * G, len: 3 * G, dirty: true },
-                Extent { offset: 5 * G, len: 2 * G, dirty: false },
+                Extent {
+                    offset: G,
+                    len: G,
+                    dirty: false
+                },
+                Extent {
+                    offset: 2 * G,
+                    len: 3 * G,
+                    dirty: true
+                },
+                Extent {
+                    offset: 5 * G,
+                    len: 2 * G,
+                    dirty: false
+                },
             ]
         );
     }

@@ -111,7 +111,10 @@ pub fn encode(header: &Header, bitmap: &DirtyBitmap) -> Vec<u8> {
 /// Decodes a bitmap file. Any bytes give a value or an error, never a panic.
 pub fn decode(bytes: &[u8]) -> Result<(Header, DirtyBitmap), String> {
     if bytes.len() < HEADER_LEN {
-        return Err(format!("file is {} bytes, shorter than its header", bytes.len()));
+        return Err(format!(
+            "file is {} bytes, shorter than its header",
+            bytes.len()
+        ));
     }
     if &bytes[0..8] != MAGIC {
         return Err("not a novabackup CBT bitmap (bad magic)".into());
@@ -345,10 +348,12 @@ pub fn load_frozen(path: &Path) -> Result<Option<DirtyBitmap>, CbtError> {
             path: path.to_path_buf(),
             source,
         }),
-        Ok(bytes) => decode(&bytes).map(|(_, b)| Some(b)).map_err(|why| CbtError::Corrupt {
-            path: path.to_path_buf(),
-            why,
-        }),
+        Ok(bytes) => decode(&bytes)
+            .map(|(_, b)| Some(b))
+            .map_err(|why| CbtError::Corrupt {
+                path: path.to_path_buf(),
+                why,
+            }),
     }
 }
 
@@ -381,7 +386,10 @@ mod tests {
         assert_eq!(&bytes[24..32], &(70u64 * 4096).to_le_bytes());
         assert_eq!(&bytes[32..40], &2u64.to_le_bytes());
         assert_eq!(&bytes[40..47], b"\x06boot-a");
-        assert_eq!(&bytes[512..528], &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &bytes[512..528],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+        );
         // Pin the checksum so a silent layout change fails here.
         assert_eq!(
             u64::from_le_bytes(bytes[504..512].try_into().unwrap()),
@@ -401,9 +409,18 @@ mod tests {
             clean,
             untrusted: None,
         };
-        assert!(decide_trust(&h("a", false), "a").is_trusted(), "kill -9 on the same boot");
-        assert!(decide_trust(&h("a", true), "b").is_trusted(), "clean shutdown, then reboot");
-        assert!(!decide_trust(&h("a", false), "b").is_trusted(), "host crash");
+        assert!(
+            decide_trust(&h("a", false), "a").is_trusted(),
+            "kill -9 on the same boot"
+        );
+        assert!(
+            decide_trust(&h("a", true), "b").is_trusted(),
+            "clean shutdown, then reboot"
+        );
+        assert!(
+            !decide_trust(&h("a", false), "b").is_trusted(),
+            "host crash"
+        );
         let mut u = h("a", true);
         u.untrusted = Some("x".into());
         assert_eq!(decide_trust(&u, "a"), Trust::Untrusted("x".into()));

@@ -253,7 +253,12 @@ impl Handshake {
             opt::INFO | opt::GO => self.info_or_go(option, data, catalog, out),
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    option_reply(out, option, rep::ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
+                    option_reply(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 } else {
                     self.structured = true;
                     option_reply(out, option, rep::ACK, &[]);
@@ -265,7 +270,12 @@ impl Handshake {
                 Step::Continue
             }
             _ => {
-                option_reply(out, option, rep::ERR_UNSUP, b"option not supported by this server");
+                option_reply(
+                    out,
+                    option,
+                    rep::ERR_UNSUP,
+                    b"option not supported by this server",
+                );
                 Step::Continue
             }
         }
@@ -289,7 +299,12 @@ impl Handshake {
             r.0.is_empty().then_some((name, infos))
         })();
         let Some((name, infos)) = parsed else {
-            option_reply(out, option, rep::ERR_INVALID, b"malformed NBD_OPT_INFO/GO request");
+            option_reply(
+                out,
+                option,
+                rep::ERR_INVALID,
+                b"malformed NBD_OPT_INFO/GO request",
+            );
             return Step::Continue;
         };
         let Some(export) = catalog.lookup(&name) else {
@@ -334,7 +349,12 @@ impl Handshake {
     ) {
         let set = option == opt::SET_META_CONTEXT;
         if set && !self.structured {
-            option_reply(out, option, rep::ERR_INVALID, b"negotiate structured replies first");
+            option_reply(
+                out,
+                option,
+                rep::ERR_INVALID,
+                b"negotiate structured replies first",
+            );
             return;
         }
         let mut r = Reader(data);
@@ -348,7 +368,12 @@ impl Handshake {
             r.0.is_empty().then_some((name, queries))
         })();
         let Some((name, queries)) = parsed else {
-            option_reply(out, option, rep::ERR_INVALID, b"malformed meta context request");
+            option_reply(
+                out,
+                option,
+                rep::ERR_INVALID,
+                b"malformed meta context request",
+            );
             return;
         };
         let Some(export) = catalog.lookup(&name) else {
@@ -547,30 +572,50 @@ mod tests {
     fn go_with_meta_contexts() {
         let mut input = 3u32.to_be_bytes().to_vec();
         input.extend(opt_bytes(opt::STRUCTURED_REPLY, b""));
-        input.extend(opt_bytes(opt::SET_META_CONTEXT, &meta_data("vm", &["qemu:dirty-bitmap:cbt", "nope:x"])));
+        input.extend(opt_bytes(
+            opt::SET_META_CONTEXT,
+            &meta_data("vm", &["qemu:dirty-bitmap:cbt", "nope:x"]),
+        ));
         let mut go = 2u32.to_be_bytes().to_vec();
         go.extend_from_slice(b"vm");
         go.extend_from_slice(&1u16.to_be_bytes());
         go.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
         input.extend(opt_bytes(opt::GO, &go));
         let (out, step) = run(&input);
-        let Ok(Step::Done(n)) = step else { panic!("{step:?}") };
+        let Ok(Step::Done(n)) = step else {
+            panic!("{step:?}")
+        };
         assert!(n.structured);
-        assert_eq!(n.contexts, vec![(2, MetaContext::DirtyBitmap("cbt".into()))]);
+        assert_eq!(
+            n.contexts,
+            vec![(2, MetaContext::DirtyBitmap("cbt".into()))]
+        );
         let r = replies(&out);
         assert_eq!(r[1].1, rep::META_CONTEXT);
         assert_eq!(&r[1].2[0..4], &2u32.to_be_bytes());
         assert_eq!(&r[1].2[4..], b"qemu:dirty-bitmap:cbt");
         // INFO_EXPORT, INFO_BLOCK_SIZE, ACK after the meta context ACK.
         assert_eq!(r[3].2[0..2], info::EXPORT.to_be_bytes());
-        assert_eq!(r[4].2, [&[0u8, 3][..], &1u32.to_be_bytes(), &4096u32.to_be_bytes(), &(32u32 << 20).to_be_bytes()].concat());
+        assert_eq!(
+            r[4].2,
+            [
+                &[0u8, 3][..],
+                &1u32.to_be_bytes(),
+                &4096u32.to_be_bytes(),
+                &(32u32 << 20).to_be_bytes()
+            ]
+            .concat()
+        );
         assert_eq!(r[5].1, rep::ACK);
     }
 
     #[test]
     fn list_meta_context_by_namespace() {
         let mut input = 1u32.to_be_bytes().to_vec();
-        input.extend(opt_bytes(opt::LIST_META_CONTEXT, &meta_data("vm", &["qemu:"])));
+        input.extend(opt_bytes(
+            opt::LIST_META_CONTEXT,
+            &meta_data("vm", &["qemu:"]),
+        ));
         input.extend(opt_bytes(opt::LIST_META_CONTEXT, &meta_data("vm", &[])));
         let (out, _) = run(&input);
         let names: Vec<_> = replies(&out)
@@ -578,13 +623,23 @@ mod tests {
             .filter(|r| r.1 == rep::META_CONTEXT)
             .map(|r| String::from_utf8(r.2[4..].to_vec()).unwrap())
             .collect();
-        assert_eq!(names, ["qemu:dirty-bitmap:cbt", "base:allocation", "qemu:dirty-bitmap:cbt"]);
+        assert_eq!(
+            names,
+            [
+                "qemu:dirty-bitmap:cbt",
+                "base:allocation",
+                "qemu:dirty-bitmap:cbt"
+            ]
+        );
     }
 
     #[test]
     fn set_meta_context_needs_structured_replies() {
         let mut input = 1u32.to_be_bytes().to_vec();
-        input.extend(opt_bytes(opt::SET_META_CONTEXT, &meta_data("vm", &["base:allocation"])));
+        input.extend(opt_bytes(
+            opt::SET_META_CONTEXT,
+            &meta_data("vm", &["base:allocation"]),
+        ));
         let (out, _) = run(&input);
         assert_eq!(replies(&out)[0].1, rep::ERR_INVALID);
     }

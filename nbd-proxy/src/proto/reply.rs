@@ -20,7 +20,13 @@ pub fn read_header_len(structured: bool) -> usize {
 /// `len` bytes at `offset`.
 pub fn write_read_header(hdr: &mut [u8], structured: bool, cookie: u64, offset: u64, len: u32) {
     if structured {
-        chunk_header_into(&mut hdr[..20], chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, 8 + len);
+        chunk_header_into(
+            &mut hdr[..20],
+            chunk::FLAG_DONE,
+            chunk::OFFSET_DATA,
+            cookie,
+            8 + len,
+        );
         hdr[20..28].copy_from_slice(&offset.to_be_bytes());
     } else {
         simple_into(&mut hdr[..16], cookie, 0);
@@ -40,7 +46,13 @@ pub fn error(out: &mut Vec<u8>, structured: bool, cookie: u64, err: NbdError, ms
     if structured {
         let msg = &msg.as_bytes()[..msg.len().min(4096)];
         let mut h = [0u8; 20];
-        chunk_header_into(&mut h, chunk::FLAG_DONE, chunk::ERROR, cookie, 6 + msg.len() as u32);
+        chunk_header_into(
+            &mut h,
+            chunk::FLAG_DONE,
+            chunk::ERROR,
+            cookie,
+            6 + msg.len() as u32,
+        );
         out.extend_from_slice(&h);
         out.extend_from_slice(&(err as u32).to_be_bytes());
         out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -89,7 +101,10 @@ mod tests {
     fn golden_replies() {
         let mut v = Vec::new();
         ok(&mut v, 0x0102);
-        assert_eq!(v, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(
+            v,
+            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
         v.clear();
         error(&mut v, true, 5, NbdError::Inval, "no");
         assert_eq!(&v[0..4], &[0x66, 0x8e, 0x33, 0xef]);

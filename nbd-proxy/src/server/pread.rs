@@ -39,7 +39,12 @@ pub(super) fn run(conn: &Conn, session: &Session, mut rbuf: BytesMut) -> io::Res
             loop {
                 match decode(&rbuf, &session.limits) {
                     Ok(Decoded::Incomplete(_)) => break,
-                    Ok(Decoded::Reject { cookie, error, total, why }) => {
+                    Ok(Decoded::Reject {
+                        cookie,
+                        error,
+                        total,
+                        why,
+                    }) => {
                         let _ = rbuf.split_to(total);
                         send(&session.error(cookie, error, why));
                     }
@@ -79,7 +84,11 @@ pub(super) fn run(conn: &Conn, session: &Session, mut rbuf: BytesMut) -> io::Res
 fn execute(session: &Session, w: Work) -> Vec<u8> {
     let image = &session.export.image;
     match w {
-        Work::Read { cookie, offset, len } => {
+        Work::Read {
+            cookie,
+            offset,
+            len,
+        } => {
             let h = session.read_header_len();
             let mut buf = vec![0u8; h + len as usize];
             let r = image.file.read_exact_at(&mut buf[h..], offset);
@@ -92,10 +101,13 @@ fn execute(session: &Session, w: Work) -> Vec<u8> {
             fua,
             ticket,
         } => {
-            let r = image
-                .file
-                .write_all_at(&data, offset)
-                .and_then(|()| if fua { image.sync() } else { Ok(()) });
+            let r = image.file.write_all_at(&data, offset).and_then(|()| {
+                if fua {
+                    image.sync()
+                } else {
+                    Ok(())
+                }
+            });
             session.write_done(cookie, offset, data.len() as u32, ticket, r)
         }
         Work::Flush { cookie } => session.flush_done(cookie, image.sync()),

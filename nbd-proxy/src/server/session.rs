@@ -114,36 +114,53 @@ impl Session {
             }),
             Command::Flush => Next::Work(Work::Flush { cookie }),
             Command::Write { .. } if len == 0 => Next::Reply(Self::ok(cookie)),
-            Command::Write { fua } => match self.export.tracker.before_write(offset, len as u64, &image.file) {
-                Ok(ticket) => Next::Work(Work::Write {
-                    cookie,
-                    offset,
-                    data: payload,
-                    fua,
-                    ticket,
-                }),
-                Err(e) => {
-                    tracing::error!("write refused: change tracking failed: {e}");
-                    Next::Reply(self.error(cookie, NbdError::Io, "change tracking failed"))
+            Command::Write { fua } => {
+                match self
+                    .export
+                    .tracker
+                    .before_write(offset, len as u64, &image.file)
+                {
+                    Ok(ticket) => Next::Work(Work::Write {
+                        cookie,
+                        offset,
+                        data: payload,
+                        fua,
+                        ticket,
+                    }),
+                    Err(e) => {
+                        tracing::error!("write refused: change tracking failed: {e}");
+                        Next::Reply(self.error(cookie, NbdError::Io, "change tracking failed"))
+                    }
                 }
-            },
-            Command::Trim { fua } => {
-                Next::Reply(self.modify(cookie, offset, len, fua, || image.trim(offset, len as u64)))
             }
-            Command::WriteZeroes { fua, no_hole, fast } => Next::Reply(self.modify(cookie, offset, len, fua, || {
-                image.write_zeroes(offset, len as u64, no_hole, fast)
-            })),
+            Command::Trim { fua } => Next::Reply(
+                self.modify(cookie, offset, len, fua, || image.trim(offset, len as u64)),
+            ),
+            Command::WriteZeroes { fua, no_hole, fast } => {
+                Next::Reply(self.modify(cookie, offset, len, fua, || {
+                    image.write_zeroes(offset, len as u64, no_hole, fast)
+                }))
+            }
             Command::Cache => {
                 image.cache(offset, len as u64);
                 Next::Reply(Self::ok(cookie))
             }
-            Command::BlockStatus { req_one } => Next::Reply(self.block_status(cookie, offset, len, req_one)),
+            Command::BlockStatus { req_one } => {
+                Next::Reply(self.block_status(cookie, offset, len, req_one))
+            }
         }
     }
 
     /// Trim and write-zeroes: tracked like writes, done synchronously
     /// (they are rare and cheap: one fallocate).
-    fn modify(&self, cookie: u64, offset: u64, len: u32, fua: bool, op: impl FnOnce() -> io::Result<()>) -> Vec<u8> {
+    fn modify(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        op: impl FnOnce() -> io::Result<()>,
+    ) -> Vec<u8> {
         if len == 0 {
             return Self::ok(cookie);
         }
@@ -155,7 +172,13 @@ impl Session {
                 return self.error(cookie, NbdError::Io, "change tracking failed");
             }
         };
-        let r = op().and_then(|()| if fua { self.export.image.sync() } else { Ok(()) });
+        let r = op().and_then(|()| {
+            if fua {
+                self.export.image.sync()
+            } else {
+                Ok(())
+            }
+        });
         let tracked = tracker.after_write(ticket, offset, len as u64);
         match (r, tracked) {
             (Err(e), _) => self.io_error(cookie, &e),
@@ -184,7 +207,13 @@ impl Session {
 
     /// Turns a finished read into its reply; `buf` holds the header space
     /// followed by the data.
-    pub(crate) fn read_done(&self, cookie: u64, offset: u64, mut buf: Vec<u8>, r: io::Result<()>) -> Vec<u8> {
+    pub(crate) fn read_done(
+        &self,
+        cookie: u64,
+        offset: u64,
+        mut buf: Vec<u8>,
+        r: io::Result<()>,
+    ) -> Vec<u8> {
         match r {
             Ok(()) => {
                 let h = self.read_header_len();
@@ -196,7 +225,14 @@ impl Session {
         }
     }
 
-    pub(crate) fn write_done(&self, cookie: u64, offset: u64, len: u32, ticket: WriteTicket, r: io::Result<()>) -> Vec<u8> {
+    pub(crate) fn write_done(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        ticket: WriteTicket,
+        r: io::Result<()>,
+    ) -> Vec<u8> {
         let tracked = self.export.tracker.after_write(ticket, offset, len as u64);
         match (r, tracked) {
             (Err(e), _) => self.io_error(cookie, &e),

@@ -44,9 +44,13 @@ pub(super) fn probe() -> io::Result<()> {
     let mut ring = IoUring::new(2)?;
     let nop = opcode::Nop::new().build().user_data(7);
     // SAFETY: a NOP references no memory.
-    unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("submission queue full"))?;
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| io::Error::other("submission queue full"))?;
     ring.submit_and_wait(1)?;
-    let done = ring.completion().next().map(|c| (c.user_data(), c.result()));
+    let done = ring
+        .completion()
+        .next()
+        .map(|c| (c.user_data(), c.result()));
     match done {
         Some((7, r)) if r >= 0 => Ok(()),
         _ => Err(io::Error::other("io_uring NOP did not complete")),
@@ -124,7 +128,11 @@ impl Loop<'_> {
     fn run(&mut self) -> io::Result<()> {
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
         loop {
-            if self.reading && !self.recv_posted && self.inflight < MAX_INFLIGHT && self.queued < MAX_QUEUED {
+            if self.reading
+                && !self.recv_posted
+                && self.inflight < MAX_INFLIGHT
+                && self.queued < MAX_QUEUED
+            {
                 self.post_recv()?;
             }
             if self.sending.is_none() && !self.outq.is_empty() {
@@ -169,9 +177,13 @@ impl Loop<'_> {
         };
         self.rbuf.reserve(want);
         let spare = self.rbuf.spare_capacity_mut();
-        let e = opcode::Recv::new(types::Fd(self.sock), spare.as_mut_ptr().cast(), spare.len() as u32)
-            .build()
-            .user_data(RECV);
+        let e = opcode::Recv::new(
+            types::Fd(self.sock),
+            spare.as_mut_ptr().cast(),
+            spare.len() as u32,
+        )
+        .build()
+        .user_data(RECV);
         self.push(e)?;
         self.recv_posted = true;
         Ok(())
@@ -200,7 +212,12 @@ impl Loop<'_> {
         while self.reading {
             match decode(&self.rbuf, &self.session.limits) {
                 Ok(Decoded::Incomplete(_)) => break,
-                Ok(Decoded::Reject { cookie, error, total, why }) => {
+                Ok(Decoded::Reject {
+                    cookie,
+                    error,
+                    total,
+                    why,
+                }) => {
                     let _ = self.rbuf.split_to(total);
                     let r = self.session.error(cookie, error, why);
                     self.enqueue(r);
@@ -233,12 +250,18 @@ impl Loop<'_> {
         } = w
         {
             let r = self.session.export.image.file.write_all_at(&data, offset);
-            let reply = self.session.write_done(cookie, offset, data.len() as u32, ticket, r);
+            let reply = self
+                .session
+                .write_done(cookie, offset, data.len() as u32, ticket, r);
             self.enqueue(reply);
             return Ok(());
         }
         let op = match w {
-            Work::Read { cookie, offset, len } => Op::Read {
+            Work::Read {
+                cookie,
+                offset,
+                len,
+            } => Op::Read {
                 cookie,
                 offset,
                 buf: vec![0u8; self.hdr + len as usize],
@@ -278,7 +301,9 @@ impl Loop<'_> {
         let fd = types::Fd(self.file);
         let hdr = self.hdr;
         let e = match self.ops[slot].as_mut().expect("slot in use") {
-            Op::Read { offset, buf, done, .. } => {
+            Op::Read {
+                offset, buf, done, ..
+            } => {
                 let rest = &mut buf[hdr + *done..];
                 opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
                     .offset(*offset + *done as u64)
@@ -334,11 +359,16 @@ impl Loop<'_> {
         let s = self.session;
         let reply = match op {
             Op::Read {
-                cookie, offset, buf, done,
+                cookie,
+                offset,
+                buf,
+                done,
             } => {
                 // A read of 0 bytes inside the checked range means the file
                 // shrank under us: report an I/O error, never stale bytes.
-                let err = err.or_else(|| (done < buf.len() - hdr).then(|| io::Error::from(io::ErrorKind::UnexpectedEof)));
+                let err = err.or_else(|| {
+                    (done < buf.len() - hdr).then(|| io::Error::from(io::ErrorKind::UnexpectedEof))
+                });
                 s.read_done(cookie, offset, buf, result(err))
             }
             Op::Write {
@@ -349,7 +379,9 @@ impl Loop<'_> {
                 ticket,
                 ..
             } => {
-                let err = err.or_else(|| (done < data.len()).then(|| io::Error::from(io::ErrorKind::WriteZero)));
+                let err = err.or_else(|| {
+                    (done < data.len()).then(|| io::Error::from(io::ErrorKind::WriteZero))
+                });
                 s.write_done(cookie, offset, data.len() as u32, ticket, result(err))
             }
             Op::Flush { cookie } => s.flush_done(cookie, result(err)),

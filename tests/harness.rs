@@ -1,0 +1,274 @@
+//! Test harness: starts the real `novabackup` binary as an agent in a
+//! temporary folder, runs its CLI, and runs real NBD clients against it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_novabackup");
+pub const ENGINES: [&str; 2] = ["uring", "pread"];
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub engine: String,
+    pub boot_file: PathBuf,
+    child: Option<Child>,
+    pub api: String,
+    pub socket: PathBuf,
+    pub tcp: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Runtime {
+    pid: u32,
+    api: String,
+    nbd_tcp: Option<String>,
+    nbd_socket: Option<PathBuf>,
+}
+
+impl Agent {
+    /// Starts an agent with its state in `dir` (created if needed).
+    pub fn start(dir: &Path, engine: &str) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let boot_file = dir.join("boot_id");
+        if !boot_file.exists() {
+            std::fs::write(&boot_file, "boot-1\n").unwrap();
+        }
+        let mut a = Agent {
+            dir: dir.to_path_buf(),
+            engine: engine.into(),
+            boot_file,
+            child: None,
+            api: String::new(),
+            socket: PathBuf::new(),
+            tcp: String::new(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.state().join("agent.json"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["--data-dir"])
+            .arg(self.state())
+            .args([
+                "agent",
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--io-engine",
+                &self.engine,
+                "--boot-id-file",
+            ])
+            .arg(&self.boot_file)
+            .env("NOVABACKUP_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent");
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(b) = std::fs::read(self.state().join("agent.json")) {
+                if let Ok(r) = serde_json::from_slice::<Runtime>(&b) {
+                    if r.pid == pid {
+                        self.api = r.api;
+                        self.socket = r.nbd_socket.unwrap();
+                        self.tcp = r.nbd_tcp.unwrap();
+                        return;
+                    }
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited at start ({st}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs `novabackup --data-dir STATE ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--data-dir")
+            .arg(self.state())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and returns stdout, panicking with stderr on failure.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "novabackup {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn attach(&self, name: &str, image: &Path, extra: &[&str]) {
+        let img = image.to_str().unwrap();
+        let mut args = vec!["disk", "attach", name, "--image", img];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+
+    pub fn cbt(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["disk", "cbt", name, "--json"])).unwrap()
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp)
+    }
+
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(&mut self) {
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(st.success(), "agent exited with {st}:\n{}", self.log());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a peer tool, panicking with its output if it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = peer(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}; run .ci/run or install it"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command for a peer tool; nbdsh needs Debian's python first on PATH.
+pub fn peer(cmd: &str) -> Command {
+    let mut c = Command::new(cmd);
+    if cmd == "nbdsh" || cmd == "nbd_raw" {
+        let path = std::env::var("PATH").unwrap_or_default();
+        c.env("PATH", format!("/usr/bin:{path}"));
+    }
+    c
+}
+
+/// A file of `size` bytes of deterministic pseudo-random data.
+pub fn random_file(path: &Path, size: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(size);
+    while v.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(size);
+    std::fs::write(path, v).unwrap();
+}
+
+/// An empty (sparse) image.
+pub fn sparse_file(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("nbtest")
+        .tempdir_in(std::env::var("NB_TEST_TMP").unwrap_or("/tmp".into()))
+        .unwrap()
+}
+
+/// Dirty extents from `nbdinfo --map=qemu:dirty-bitmap:cbt --json`.
+pub fn dirty_map(uri: &str) -> Vec<(u64, u64, bool)> {
+    let out = run("nbdinfo", &["--json", "--map=qemu:dirty-bitmap:cbt", uri]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap() & 1 == 1,
+            )
+        })
+        .collect()
+}
+
+/// The dirty block indexes of a map.
+pub fn dirty_blocks(map: &[(u64, u64, bool)], g: u64) -> Vec<u64> {
+    let mut v = Vec::new();
+    for &(o, l, d) in map {
+        if d {
+            v.extend((o / g)..(o + l).div_ceil(g));
+        }
+    }
+    v
+}
