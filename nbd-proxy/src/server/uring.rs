@@ -38,6 +38,8 @@ const MAX_INFLIGHT: usize = 128;
 const MAX_QUEUED: usize = 64 << 20;
 const RECV_CHUNK: usize = 256 * 1024;
 const MAX_IOV: usize = 64;
+/// Reads at least this long are issued asynchronously (see `submit_op`).
+const ASYNC_READ: usize = 256 * 1024;
 
 /// Checks that a ring can be created and a no-op completes.
 pub(super) fn probe() -> io::Result<()> {
@@ -305,9 +307,16 @@ impl Loop<'_> {
                 offset, buf, done, ..
             } => {
                 let rest = &mut buf[hdr + *done..];
-                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                let e = opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
                     .offset(*offset + *done as u64)
-                    .build()
+                    .build();
+                // Large reads go to an io-wq worker at once, so their copy
+                // out of the page cache overlaps with this thread's sends.
+                if rest.len() >= ASYNC_READ {
+                    e.flags(squeue::Flags::ASYNC)
+                } else {
+                    e
+                }
             }
             Op::Write {
                 offset,

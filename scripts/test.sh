@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every test of novabackup: formatting, clippy, unit and property
+# tests, integration tests against real NBD clients (qemu-io, qemu-img,
+# nbdinfo, nbdcopy, nbdsh, fio, loop devices), and a smoke run of each
+# benchmark. Installs the peer tools with apt-get when they are missing and
+# we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+have() { command -v "$1" > /dev/null 2>&1; }
+have qemu-io || need+=(qemu-utils)
+have nbdinfo || need+=(libnbd-bin)
+have nbdsh || need+=(python3-libnbd)
+have nbdkit || need+=(nbdkit)
+have fio || need+=(fio)
+have losetup || need+=(mount)
+have openssl || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && have apt-get; then
+    echo "== installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" > /dev/null
+  else
+    echo "missing test tools: ${need[*]}; install them (apt-get install -y ${need[*]}) and rerun" >&2
+    exit 1
+  fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test
+echo "== benchmark smoke runs"
+SMOKE=1 bash benches/nbd.sh
+echo "== all tests passed"
