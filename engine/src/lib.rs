@@ -1,9 +1,19 @@
-//! novabackup's engine: the changed-block-tracking bitmap and its on-disk
-//! form, and the one crash-safe helper through which every durable file is
-//! written. The engine knows nothing about NBD sockets or HTTP; the proxy and
+//! novabackup's engine: the changed-block-tracking bitmap, the backup
+//! planner and pipeline, the store formats and the local store, restore and
+//! verify. The engine knows nothing about NBD sockets or HTTP; the proxy and
 //! the agent build on it.
 
+pub mod backup;
 pub mod cbt;
+pub mod digest;
+pub mod format;
 pub mod fsutil;
 pub mod ids;
+pub mod plan;
+pub mod progress;
+pub mod read;
+pub mod restore;
 pub mod size;
+pub mod store;
+pub mod time;
+pub mod verify;

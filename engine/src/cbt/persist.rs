@@ -10,7 +10,9 @@
 //! 24   8  image size in bytes
 //! 32   8  number of u64 words that follow the header
 //! 40   1  boot id length (≤ 64), 41..105 boot id bytes
-//! 105  2  reason length (≤ 397), 107..504 why the bitmap is untrusted
+//! 105  1  base length (≤ 120), 106..226 base snapshot id: the snapshot
+//!         whose checkpoint these bits start from (empty: none)
+//! 226  2  reason length (≤ 276), 228..504 why the bitmap is untrusted
 //! 504  8  xxh3-64 of bytes 0..504
 //! 512  …  the bitmap words, one bit per block, least significant bit first
 //! ```
@@ -43,7 +45,8 @@ pub const HEADER_LEN: usize = 512;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_UNTRUSTED: u32 = 2;
 const BOOT_ID_MAX: usize = 64;
-const REASON_MAX: usize = 397;
+const BASE_MAX: usize = 120;
+const REASON_MAX: usize = 276;
 
 /// Whether the bits can be relied on, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,6 +78,9 @@ pub struct Header {
     pub clean: bool,
     /// Why the bits are not trusted, if they are not.
     pub untrusted: Option<String>,
+    /// The snapshot whose checkpoint started these bits: every write since
+    /// that checkpoint is in the bitmap. `None` for a new or reset bitmap.
+    pub base: Option<String>,
 }
 
 /// Encodes a complete bitmap file.
@@ -97,9 +103,18 @@ pub fn encode(header: &Header, bitmap: &DirtyBitmap) -> Vec<u8> {
     let boot = truncate_utf8(&header.boot_id, BOOT_ID_MAX);
     out[40] = boot.len() as u8;
     out[41..41 + boot.len()].copy_from_slice(boot.as_bytes());
+    // A base that does not fit is dropped rather than cut: a cut id would
+    // name another snapshot.
+    let base = header
+        .base
+        .as_deref()
+        .filter(|b| b.len() <= BASE_MAX)
+        .unwrap_or("");
+    out[105] = base.len() as u8;
+    out[106..106 + base.len()].copy_from_slice(base.as_bytes());
     let reason = truncate_utf8(header.untrusted.as_deref().unwrap_or(""), REASON_MAX);
-    out[105..107].copy_from_slice(&(reason.len() as u16).to_le_bytes());
-    out[107..107 + reason.len()].copy_from_slice(reason.as_bytes());
+    out[226..228].copy_from_slice(&(reason.len() as u16).to_le_bytes());
+    out[228..228 + reason.len()].copy_from_slice(reason.as_bytes());
     let sum = xxh3_64(&out[..504]);
     out[504..512].copy_from_slice(&sum.to_le_bytes());
     for (i, w) in words.iter().enumerate() {
@@ -134,12 +149,14 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, DirtyBitmap), String> {
     let size = u64_at(24);
     let nwords = u64_at(32);
     let boot_len = bytes[40] as usize;
-    let reason_len = u16::from_le_bytes([bytes[105], bytes[106]]) as usize;
-    if boot_len > BOOT_ID_MAX || reason_len > REASON_MAX {
+    let base_len = bytes[105] as usize;
+    let reason_len = u16::from_le_bytes([bytes[226], bytes[227]]) as usize;
+    if boot_len > BOOT_ID_MAX || base_len > BASE_MAX || reason_len > REASON_MAX {
         return Err("header string too long".into());
     }
     let boot_id = String::from_utf8_lossy(&bytes[41..41 + boot_len]).into_owned();
-    let reason = String::from_utf8_lossy(&bytes[107..107 + reason_len]).into_owned();
+    let base = String::from_utf8_lossy(&bytes[106..106 + base_len]).into_owned();
+    let reason = String::from_utf8_lossy(&bytes[228..228 + reason_len]).into_owned();
     let body = &bytes[HEADER_LEN..];
     if Some(body.len() as u64) != nwords.checked_mul(8) {
         return Err(format!(
@@ -159,6 +176,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, DirtyBitmap), String> {
         boot_id,
         clean: flags & FLAG_CLEAN != 0,
         untrusted: (flags & FLAG_UNTRUSTED != 0).then_some(reason),
+        base: (!base.is_empty()).then_some(base),
     };
     Ok((header, bitmap))
 }
@@ -207,6 +225,8 @@ pub struct Opened {
     pub bitmap: DirtyBitmap,
     /// Whether the bits can be trusted.
     pub trust: Trust,
+    /// The snapshot the bits start from (see [`Header::base`]).
+    pub base: Option<String>,
 }
 
 impl BitmapFile {
@@ -223,6 +243,7 @@ impl BitmapFile {
             path: path.to_path_buf(),
             source,
         };
+        let mut base = None;
         let (bitmap, trust) = match std::fs::read(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (DirtyBitmap::new(size, granularity), Trust::Trusted)
@@ -231,6 +252,7 @@ impl BitmapFile {
             Ok(bytes) => match decode(&bytes) {
                 Ok((h, b)) if h.size == size && h.granularity == granularity.bytes() => {
                     let trust = decide_trust(&h, boot_id);
+                    base = h.base;
                     (b, trust)
                 }
                 Ok((h, _)) => untrusted(
@@ -257,11 +279,12 @@ impl BitmapFile {
             file: File::open("/dev/null").map_err(io)?,
             boot_id: boot_id.to_string(),
         };
-        file.rewrite(&bitmap, &trust, false)?;
+        file.rewrite(&bitmap, &trust, base.as_deref(), false)?;
         Ok(Opened {
             file,
             bitmap,
             trust,
+            base,
         })
     }
 
@@ -292,6 +315,7 @@ impl BitmapFile {
         &mut self,
         bitmap: &DirtyBitmap,
         trust: &Trust,
+        base: Option<&str>,
         clean: bool,
     ) -> Result<(), CbtError> {
         let header = Header {
@@ -303,6 +327,7 @@ impl BitmapFile {
                 Trust::Trusted => None,
                 Trust::Untrusted(r) => Some(r.clone()),
             },
+            base: base.map(str::to_string),
         };
         let io = |source| CbtError::Io {
             path: self.path.clone(),
@@ -333,6 +358,7 @@ pub fn save_frozen(path: &Path, bitmap: &DirtyBitmap, boot_id: &str) -> Result<(
         boot_id: boot_id.to_string(),
         clean: true,
         untrusted: None,
+        base: None,
     };
     fsutil::write_atomic(path, &encode(&header, bitmap), 0o600).map_err(|source| CbtError::Io {
         path: path.to_path_buf(),
@@ -377,6 +403,7 @@ mod tests {
             boot_id: "boot-a".into(),
             clean: true,
             untrusted: None,
+            base: Some("vm@20261126T090000Z".into()),
         };
         let bytes = encode(&h, &b);
         assert_eq!(bytes.len(), 512 + 16);
@@ -386,6 +413,7 @@ mod tests {
         assert_eq!(&bytes[24..32], &(70u64 * 4096).to_le_bytes());
         assert_eq!(&bytes[32..40], &2u64.to_le_bytes());
         assert_eq!(&bytes[40..47], b"\x06boot-a");
+        assert_eq!(&bytes[105..125], b"\x13vm@20261126T090000Z");
         assert_eq!(
             &bytes[512..528],
             &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
@@ -408,6 +436,7 @@ mod tests {
             boot_id: boot.into(),
             clean,
             untrusted: None,
+            base: None,
         };
         assert!(
             decide_trust(&h("a", false), "a").is_trusted(),
@@ -443,7 +472,9 @@ mod tests {
         // Untrusted sticks across further restarts until reset.
         let mut f = BitmapFile::open(&p, 1 << 20, g(), "boot-2").unwrap();
         assert!(!f.trust.is_trusted());
-        f.file.rewrite(&f.bitmap, &Trust::Trusted, true).unwrap();
+        f.file
+            .rewrite(&f.bitmap, &Trust::Trusted, None, true)
+            .unwrap();
         let clean = BitmapFile::open(&p, 1 << 20, g(), "boot-3").unwrap();
         assert!(clean.trust.is_trusted());
     }
@@ -473,7 +504,7 @@ mod tests {
         #[test]
         fn decode_never_panics_on_valid_header_with_garbage(tail in proptest::collection::vec(any::<u8>(), 0..100), flip in 0usize..512) {
             let b = DirtyBitmap::new(4096 * 100, g());
-            let h = Header { granularity: 4096, size: 4096 * 100, boot_id: "x".into(), clean: false, untrusted: None };
+            let h = Header { granularity: 4096, size: 4096 * 100, boot_id: "x".into(), clean: false, untrusted: None, base: None };
             let mut bytes = encode(&h, &b);
             bytes[flip] ^= 0xff;
             bytes.extend(tail);

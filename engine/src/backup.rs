@@ -1,0 +1,509 @@
+//! The backup pipeline: read the planned chunks (io_uring, many in flight),
+//! settle each against the checkpoint's copy-before-write store so it holds
+//! the contents at the checkpoint, then on worker threads fed through a
+//! bounded channel: skip all-zero chunks, SHA-256, ask the store whether
+//! it has the digest, compress with zstd (raw when that does not pay) and
+//! store. A collector fills the index pages; unchanged pages keep the base
+//! snapshot's page digests. Then the store syncs and the manifest is
+//! committed: the snapshot is visible only once all its data is durable.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::time::Instant;
+
+use crate::digest::{is_all_zero, ChunkDigest};
+use crate::format::chunk;
+use crate::format::index::{self, PAGE_DIGESTS};
+use crate::format::manifest::{BackupKind, BackupStats, CbtRecord, Manifest, FORMAT};
+use crate::ids::{DiskName, SnapshotId};
+use crate::plan::BackupPlan;
+use crate::progress::Progress;
+use crate::read::{read_chunks, ReadEngine, ReadError, ReadJob};
+use crate::store::{Store, StoreError};
+
+/// The point-in-time view a backup reads through: after a chunk is read
+/// from the image, `settle` replaces any part of it that the guest has
+/// overwritten since the checkpoint with the copy taken before the write.
+pub trait PointInTime: Sync {
+    /// Settles `buf`, read from the image at `offset`.
+    fn settle(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// No checkpoint: the image is not being written (tests, offline images).
+pub struct Quiescent;
+
+impl PointInTime for Quiescent {
+    fn settle(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Tunables of the pipeline.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupOptions {
+    /// Chunk size in bytes (default 64 KiB; see docs/ARCHITECTURE.md).
+    pub chunk_size: u64,
+    /// zstd level (default 1).
+    pub zstd_level: i32,
+    /// Hash and compression threads (0 = one per CPU).
+    pub workers: usize,
+    /// Reads in flight.
+    pub read_depth: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            chunk_size: 64 * 1024,
+            zstd_level: 1,
+            workers: 0,
+            read_depth: 32,
+        }
+    }
+}
+
+/// Errors of a backup.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Reading the image failed.
+    #[error("reading the image failed: {0}")]
+    Read(io::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The base snapshot's index could not be read.
+    #[error("the index of base snapshot {id} cannot be read ({why}); run `novabackup verify {id}`, and back up with --full")]
+    BadBase {
+        /// The base.
+        id: SnapshotId,
+        /// What failed.
+        why: String,
+    },
+    /// Cancelled by the operator.
+    #[error("the backup was cancelled")]
+    Cancelled,
+    /// zstd could not start.
+    #[error("cannot start zstd at level {0}: {1}")]
+    Zstd(i32, io::Error),
+}
+
+/// Everything one backup needs.
+pub struct BackupRequest<'a> {
+    /// The disk.
+    pub disk: &'a DiskName,
+    /// Its image.
+    pub image: &'a File,
+    /// Image size.
+    pub size: u64,
+    /// What to read.
+    pub plan: &'a BackupPlan,
+    /// The base snapshot (for incremental backups).
+    pub base: Option<&'a Manifest>,
+    /// The point-in-time view.
+    pub pit: &'a dyn PointInTime,
+    /// Checkpoint time.
+    pub time_unix: u64,
+    /// CBT state at the checkpoint.
+    pub cbt: CbtRecord,
+    /// Read engine.
+    pub engine: ReadEngine,
+}
+
+struct Done {
+    idx: u64,
+    digest: ChunkDigest,
+    bytes: u64,
+    new: Option<(u64, u64)>,
+}
+
+/// Runs a backup and commits its snapshot.
+pub fn run(
+    store: &dyn Store,
+    req: &BackupRequest<'_>,
+    opts: &BackupOptions,
+    progress: &Progress,
+) -> Result<Manifest, BackupError> {
+    let started = Instant::now();
+    let _lock = store.lock(req.disk)?;
+    let cs = opts.chunk_size;
+    let plan = req.plan;
+    progress.set_total(plan.bytes_to_read(req.size, cs));
+    let pages_total = index::page_count(plan.chunks);
+
+    // Pages with chunks to read start from the base's page (incremental)
+    // or all zeroes (full: unread chunks are holes).
+    let mut touched: HashMap<u64, Vec<ChunkDigest>> = HashMap::new();
+    for r in &plan.read {
+        for p in r.start / PAGE_DIGESTS as u64..=(r.end - 1) / PAGE_DIGESTS as u64 {
+            touched.entry(p).or_default();
+        }
+    }
+    for (&p, page) in touched.iter_mut() {
+        let n = index::page_len(plan.chunks, p);
+        *page = match (plan.kind, req.base) {
+            (BackupKind::Incremental, Some(b)) => load_page(store, b, p)?,
+            _ => vec![ChunkDigest::ZERO; n],
+        };
+    }
+
+    let workers = if opts.workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    } else {
+        opts.workers
+    };
+    let mut stats = BackupStats::default();
+    let (work_tx, work_rx) =
+        crossbeam_channel::bounded::<(u64, Vec<u8>)>(opts.read_depth.max(workers * 2));
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<Done, BackupError>>(256);
+    let level = opts.zstd_level;
+
+    let result: Result<(), BackupError> = std::thread::scope(|s| {
+        for _ in 0..workers {
+            let (rx, tx) = (work_rx.clone(), done_tx.clone());
+            s.spawn(move || {
+                let mut comp = match zstd::bulk::Compressor::new(level) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(BackupError::Zstd(level, e)));
+                        return;
+                    }
+                };
+                for (idx, buf) in rx {
+                    let r = process(store, &mut comp, idx, &buf);
+                    if tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(work_rx);
+        drop(done_tx);
+        // The collector.
+        let touched = &mut touched;
+        let stats = &mut stats;
+        let collector = s.spawn(move || -> Result<(), BackupError> {
+            let mut first_err = None;
+            for r in done_rx {
+                match r {
+                    Ok(d) => {
+                        let p = d.idx / PAGE_DIGESTS as u64;
+                        let page = touched.get_mut(&p).expect("page of a planned chunk");
+                        page[(d.idx % PAGE_DIGESTS as u64) as usize] = d.digest;
+                        stats.chunks_read += 1;
+                        stats.bytes_read += d.bytes;
+                        if d.digest.is_zero() {
+                            stats.zero_chunks += 1;
+                        }
+                        if let Some((plain, stored)) = d.new {
+                            stats.chunks_new += 1;
+                            stats.bytes_new += plain;
+                            stats.bytes_stored += stored;
+                        }
+                        progress.add(d.bytes);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                        progress.cancel();
+                    }
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        });
+        let job = ReadJob {
+            file: req.image,
+            size: req.size,
+            chunk_size: cs,
+            ranges: &plan.read,
+            depth: opts.read_depth,
+        };
+        let read = read_chunks(req.engine, &job, &mut |idx, mut buf| {
+            if progress.cancelled() {
+                return Err(BackupError::Cancelled);
+            }
+            req.pit
+                .settle(idx * cs, &mut buf)
+                .map_err(BackupError::Read)?;
+            work_tx.send((idx, buf)).map_err(|_| BackupError::Cancelled)
+        });
+        drop(work_tx);
+        let collected = collector.join().expect("collector thread");
+        // A worker's error explains a cancel better than the cancel does.
+        match (collected, read) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(ReadError::Io(e))) => Err(BackupError::Read(e)),
+            (Ok(()), Err(ReadError::Sink(e))) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    });
+    result?;
+
+    // Index pages: changed ones are stored, the rest are the base's.
+    let mut comp = zstd::bulk::Compressor::new(opts.zstd_level)
+        .map_err(|e| BackupError::Zstd(opts.zstd_level, e))?;
+    let mut pages = Vec::with_capacity(pages_total as usize);
+    for p in 0..pages_total {
+        let digest = match touched.get(&p) {
+            Some(page) => store_page(store, &mut comp, page, &mut stats)?,
+            None => match (plan.kind, req.base) {
+                (BackupKind::Incremental, Some(b)) => b.pages[p as usize],
+                _ => store_page(
+                    store,
+                    &mut comp,
+                    &vec![ChunkDigest::ZERO; index::page_len(plan.chunks, p)],
+                    &mut stats,
+                )?,
+            },
+        };
+        pages.push(digest);
+    }
+    store.sync()?;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    let manifest = Manifest {
+        format: FORMAT,
+        id: SnapshotId::new(req.disk, req.time_unix),
+        disk: req.disk.clone(),
+        time: crate::time::rfc3339(req.time_unix),
+        time_unix: req.time_unix,
+        parent: match plan.kind {
+            BackupKind::Incremental => req.base.map(|b| b.id.clone()),
+            BackupKind::Full => None,
+        },
+        kind: plan.kind,
+        reason: plan.reason.clone(),
+        image_size: req.size,
+        chunk_size: cs,
+        pages,
+        cbt: req.cbt.clone(),
+        stats,
+        checksum: String::new(),
+    };
+    store.commit(&manifest)?;
+    Ok(manifest)
+}
+
+fn process(
+    store: &dyn Store,
+    comp: &mut zstd::bulk::Compressor<'_>,
+    idx: u64,
+    buf: &[u8],
+) -> Result<Done, BackupError> {
+    let bytes = buf.len() as u64;
+    if is_all_zero(buf) {
+        return Ok(Done {
+            idx,
+            digest: ChunkDigest::ZERO,
+            bytes,
+            new: None,
+        });
+    }
+    let digest = ChunkDigest::of(buf);
+    let mut new = None;
+    if store.missing(&[digest])?[0] {
+        let (file, _) = chunk::encode(buf, comp);
+        let stored = store.put_chunk(&digest, &file)?;
+        if stored > 0 {
+            new = Some((bytes, stored));
+        }
+    }
+    Ok(Done {
+        idx,
+        digest,
+        bytes,
+        new,
+    })
+}
+
+fn store_page(
+    store: &dyn Store,
+    comp: &mut zstd::bulk::Compressor<'_>,
+    page: &[ChunkDigest],
+    stats: &mut BackupStats,
+) -> Result<ChunkDigest, BackupError> {
+    let bytes = index::encode_page(page);
+    let d = ChunkDigest::of(&bytes);
+    if store.missing(&[d])?[0] {
+        let (file, _) = chunk::encode(&bytes, comp);
+        if store.put_chunk(&d, &file)? > 0 {
+            stats.pages_new += 1;
+        }
+    }
+    Ok(d)
+}
+
+/// Reads page `p` of a snapshot's index, checking its digest.
+pub fn load_page(store: &dyn Store, m: &Manifest, p: u64) -> Result<Vec<ChunkDigest>, BackupError> {
+    let bad = |why: String| BackupError::BadBase {
+        id: m.id.clone(),
+        why,
+    };
+    let d = m
+        .pages
+        .get(p as usize)
+        .ok_or_else(|| bad(format!("page {p} missing from the manifest")))?;
+    let file = store.get_chunk(d).map_err(|e| bad(e.to_string()))?;
+    let bytes =
+        chunk::decode_verified(&file, d).map_err(|e| bad(format!("index page {d}: {e}")))?;
+    index::decode_page(&bytes, index::page_len(m.chunks(), p)).map_err(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cbt::persist::Trust;
+    use crate::cbt::{DirtyBitmap, Granularity};
+    use crate::plan::{plan, Mode, PlanInput};
+    use crate::store::local::LocalStore;
+    use std::os::unix::fs::FileExt;
+
+    const CS: u64 = 65536;
+
+    fn image(path: &std::path::Path, size: usize) -> Vec<u8> {
+        let mut x: u64 = 0x1234_5678;
+        let mut v = vec![0u8; size];
+        for (i, b) in v.iter_mut().enumerate() {
+            // Zero regions, compressible text and noise.
+            let region = i / 100_000 % 3;
+            *b = match region {
+                0 => 0,
+                1 => b"backup "[i % 7],
+                _ => {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
+            };
+        }
+        std::fs::write(path, &v).unwrap();
+        v
+    }
+
+    fn backup(
+        store: &LocalStore,
+        img: &File,
+        size: u64,
+        frozen: &DirtyBitmap,
+        base: Option<&Manifest>,
+        t: u64,
+    ) -> Manifest {
+        let p = plan(&PlanInput {
+            size,
+            chunk_size: CS,
+            mode: Mode::Auto,
+            frozen,
+            trust: &Trust::Trusted,
+            base,
+            no_base_reason: "no previous snapshot",
+            data: None,
+        });
+        let disk: DiskName = "vm".parse().unwrap();
+        let req = BackupRequest {
+            disk: &disk,
+            image: img,
+            size,
+            plan: &p,
+            base,
+            pit: &Quiescent,
+            time_unix: t,
+            cbt: CbtRecord {
+                granularity: CS,
+                dirty_blocks: frozen.count_dirty() as u64,
+                trusted: true,
+            },
+            engine: ReadEngine::probe(),
+        };
+        run(store, &req, &BackupOptions::default(), &Progress::default()).unwrap()
+    }
+
+    #[test]
+    fn full_incremental_restore_verify_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("store")).unwrap();
+        let path = dir.path().join("img");
+        let size = 3 * 1024 * 1024 + 1000;
+        let mut data = image(&path, size);
+        let img = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let g = Granularity::new(CS).unwrap();
+        let full = backup(
+            &store,
+            &img,
+            size as u64,
+            &DirtyBitmap::new(size as u64, g),
+            None,
+            1000,
+        );
+        assert_eq!(full.kind, BackupKind::Full);
+        assert!(full.stats.zero_chunks > 0 && full.stats.chunks_new > 0);
+        assert!(
+            full.stats.bytes_stored < full.stats.bytes_new,
+            "text compresses"
+        );
+
+        // Change two chunks and record them.
+        let mut frozen = DirtyBitmap::new(size as u64, g);
+        for off in [70_000u64, size as u64 - 10] {
+            img.write_all_at(b"changed!", off).unwrap();
+            data[off as usize..off as usize + 8.min(size - off as usize)]
+                .copy_from_slice(&b"changed!"[..8.min(size - off as usize)]);
+            frozen.mark(off, 8);
+        }
+        let inc = backup(&store, &img, size as u64, &frozen, Some(&full), 2000);
+        assert_eq!(inc.kind, BackupKind::Incremental);
+        assert_eq!(inc.parent, Some(full.id.clone()));
+        assert_eq!(inc.stats.chunks_read, 2);
+        assert_eq!(inc.stats.bytes_read, CS + (size as u64 % CS));
+
+        for (m, want) in [(&inc, data.clone())] {
+            let out = dir.path().join("restored");
+            let st =
+                crate::restore::restore(&store, m, &out, false, 2, &Progress::default()).unwrap();
+            assert_eq!(st.bytes, size as u64);
+            assert!(std::fs::read(&out).unwrap() == want);
+            assert!(matches!(
+                crate::restore::restore(&store, m, &out, false, 2, &Progress::default()),
+                Err(crate::restore::RestoreError::Exists(_))
+            ));
+        }
+        let r = crate::verify::verify(
+            &store,
+            &[full.clone(), inc.clone()],
+            2,
+            &Progress::default(),
+        );
+        assert!(r.ok(), "{r:?}");
+
+        // Damage the chunk at offset 0 of the changed set: find it via the index.
+        let idx = crate::restore::read_index(&store, &inc).unwrap();
+        let victim = idx[1];
+        let f = store.chunk_path(&victim);
+        let mut bytes = std::fs::read(&f).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        std::fs::write(&f, bytes).unwrap();
+        let r = crate::verify::verify(
+            &store,
+            &[full.clone(), inc.clone()],
+            2,
+            &Progress::default(),
+        );
+        assert!(!r.ok());
+        let bad = &r.snapshots[1].bad_chunks;
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].digest, victim);
+        assert_eq!(bad[0].offset, CS);
+        let out = dir.path().join("restored2");
+        let e = crate::restore::restore(&store, &inc, &out, false, 2, &Progress::default())
+            .unwrap_err();
+        assert!(e.to_string().contains(&victim.hex()), "{e}");
+        assert!(!out.exists(), "a failed restore leaves no target");
+        assert!(!dir.path().join("restored2.partial").exists());
+    }
+}

@@ -1,0 +1,188 @@
+//! Chunk files: a 24-byte header and the payload.
+//!
+//! ```text
+//! 0   8  magic "NBCHUNK1"
+//! 8   1  format version (1)
+//! 9   1  codec: 0 = stored raw, 1 = zstd
+//! 10  2  reserved, zero
+//! 12  4  plain length in bytes (u32 LE)
+//! 16  8  xxh3-64 of the payload as stored (u64 LE)
+//! 24  …  payload
+//! ```
+//!
+//! The xxh3 catches damage cheaply before decompression; the SHA-256 of the
+//! decoded contents, which is the chunk's name, is checked by every reader
+//! ([`decode_verified`]) before the data is used.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::digest::ChunkDigest;
+
+const MAGIC: &[u8; 8] = b"NBCHUNK1";
+/// Header length.
+pub const HEADER_LEN: usize = 24;
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+/// Largest plain chunk we accept when decoding (guards allocations).
+pub const MAX_PLAIN: usize = 64 << 20;
+
+/// Why a chunk file could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    /// Not a chunk file, or a damaged header.
+    #[error("bad chunk header: {0}")]
+    Header(String),
+    /// The stored bytes do not match their checksum.
+    #[error("chunk payload checksum mismatch (the file is damaged)")]
+    Checksum,
+    /// zstd failed or the size is wrong.
+    #[error("chunk payload does not decompress: {0}")]
+    Decompress(String),
+    /// The contents do not hash to the chunk's name.
+    #[error("chunk contents do not match digest {0}")]
+    Digest(ChunkDigest),
+}
+
+/// How a chunk was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Stored raw: compression did not pay.
+    Raw,
+    /// zstd.
+    Zstd,
+}
+
+/// Encodes `plain` as a chunk file, compressed with `compressor` unless
+/// that does not make it smaller.
+pub fn encode(plain: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> (Vec<u8>, Codec) {
+    let mut out = vec![0u8; HEADER_LEN];
+    // Keep the compressed form only if it saves at least 1/32.
+    let limit = plain.len() - plain.len() / 32;
+    out.reserve(plain.len());
+    let codec = match compressor.compress(plain) {
+        Ok(c) if c.len() < limit => {
+            out.extend_from_slice(&c);
+            Codec::Zstd
+        }
+        _ => {
+            out.extend_from_slice(plain);
+            Codec::Raw
+        }
+    };
+    out[0..8].copy_from_slice(MAGIC);
+    out[8] = 1;
+    out[9] = match codec {
+        Codec::Raw => CODEC_RAW,
+        Codec::Zstd => CODEC_ZSTD,
+    };
+    out[12..16].copy_from_slice(&(plain.len() as u32).to_le_bytes());
+    let sum = xxh3_64(&out[HEADER_LEN..]);
+    out[16..24].copy_from_slice(&sum.to_le_bytes());
+    (out, codec)
+}
+
+/// Decodes a chunk file (checksum, decompression, length). Any bytes give
+/// a value or an error, never a panic.
+pub fn decode(file: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    if file.len() < HEADER_LEN {
+        return Err(ChunkError::Header(format!(
+            "{} bytes, shorter than the header",
+            file.len()
+        )));
+    }
+    if &file[0..8] != MAGIC {
+        return Err(ChunkError::Header("bad magic".into()));
+    }
+    if file[8] != 1 {
+        return Err(ChunkError::Header(format!("unknown version {}", file[8])));
+    }
+    let plain_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
+    if plain_len > MAX_PLAIN {
+        return Err(ChunkError::Header(format!(
+            "plain length {plain_len} too large"
+        )));
+    }
+    let sum = u64::from_le_bytes(file[16..24].try_into().unwrap());
+    let payload = &file[HEADER_LEN..];
+    if xxh3_64(payload) != sum {
+        return Err(ChunkError::Checksum);
+    }
+    let plain = match file[9] {
+        CODEC_RAW => payload.to_vec(),
+        CODEC_ZSTD => zstd::bulk::decompress(payload, plain_len)
+            .map_err(|e| ChunkError::Decompress(e.to_string()))?,
+        c => return Err(ChunkError::Header(format!("unknown codec {c}"))),
+    };
+    if plain.len() != plain_len {
+        return Err(ChunkError::Decompress(format!(
+            "{} bytes, header says {plain_len}",
+            plain.len()
+        )));
+    }
+    Ok(plain)
+}
+
+/// [`decode`], then checks that the contents hash to `digest`.
+pub fn decode_verified(file: &[u8], digest: &ChunkDigest) -> Result<Vec<u8>, ChunkError> {
+    let plain = decode(file)?;
+    if ChunkDigest::of(&plain) != *digest {
+        return Err(ChunkError::Digest(*digest));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn comp() -> zstd::bulk::Compressor<'static> {
+        zstd::bulk::Compressor::new(3).unwrap()
+    }
+
+    #[test]
+    fn golden_raw_chunk() {
+        // Incompressible 4 bytes: stored raw.
+        let (f, codec) = encode(b"\x01\x02\x03\x04", &mut comp());
+        assert_eq!(codec, Codec::Raw);
+        assert_eq!(&f[..16], b"NBCHUNK1\x01\x00\x00\x00\x04\x00\x00\x00");
+        assert_eq!(&f[16..24], &xxh3_64(b"\x01\x02\x03\x04").to_le_bytes());
+        assert_eq!(&f[24..], b"\x01\x02\x03\x04");
+        assert_eq!(decode(&f).unwrap(), b"\x01\x02\x03\x04");
+    }
+
+    #[test]
+    fn compressible_chunk_is_zstd_and_verified() {
+        let plain = b"hello hello hello hello ".repeat(1000);
+        let (f, codec) = encode(&plain, &mut comp());
+        assert_eq!(codec, Codec::Zstd);
+        assert_eq!(f[9], 1);
+        assert!(f.len() < plain.len() / 10);
+        let d = ChunkDigest::of(&plain);
+        assert_eq!(decode_verified(&f, &d).unwrap(), plain);
+        assert_eq!(
+            decode_verified(&f, &ChunkDigest::of(b"other")),
+            Err(ChunkError::Digest(ChunkDigest::of(b"other")))
+        );
+        let mut bad = f.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(decode(&bad), Err(ChunkError::Checksum));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decode_damaged_chunks(plain in proptest::collection::vec(0u8..4, 0..3000), flip in any::<usize>(), val in any::<u8>()) {
+            let (mut f, _) = encode(&plain, &mut comp());
+            let i = flip % f.len();
+            f[i] = val;
+            if let Ok(p) = decode_verified(&f, &ChunkDigest::of(&plain)) {
+                prop_assert_eq!(p, plain);
+            }
+        }
+    }
+}

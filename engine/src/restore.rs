@@ -1,0 +1,257 @@
+//! Restore a snapshot to a file or a block device. Every chunk is checked
+//! against its digest before it is written; all-zero chunks are left as
+//! holes in a file (sparse output) and written as zeroes on a device. A
+//! file target is written as `TARGET.partial` and renamed into place only
+//! when complete and fsynced, so a failed restore never leaves a file that
+//! looks finished.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::backup::{load_page, BackupError};
+use crate::digest::ChunkDigest;
+use crate::format::chunk;
+use crate::format::index;
+use crate::format::manifest::Manifest;
+use crate::progress::Progress;
+use crate::store::{Store, StoreError};
+
+/// Errors of a restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The target exists.
+    #[error("{0} exists; pass --force to overwrite it")]
+    Exists(PathBuf),
+    /// The target device is too small.
+    #[error("{path} holds {have} bytes but the snapshot is {need} bytes")]
+    TooSmall {
+        /// The device.
+        path: PathBuf,
+        /// Its size.
+        have: u64,
+        /// The snapshot's size.
+        need: u64,
+    },
+    /// The index could not be read.
+    #[error(transparent)]
+    Index(#[from] BackupError),
+    /// A chunk is missing or damaged: nothing wrong was written.
+    #[error("chunk {digest} at offset {offset} of snapshot {snapshot} is bad ({why}); the restore stopped and {target} was not completed")]
+    BadChunk {
+        /// The snapshot.
+        snapshot: String,
+        /// The chunk.
+        digest: ChunkDigest,
+        /// Where it belongs.
+        offset: u64,
+        /// What was wrong.
+        why: String,
+        /// The target.
+        target: String,
+    },
+    /// Writing the target failed.
+    #[error("writing {path} failed: {source}")]
+    Write {
+        /// The target.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Cancelled.
+    #[error("the restore was cancelled")]
+    Cancelled,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RestoreStats {
+    /// Bytes of the image.
+    pub bytes: u64,
+    /// Chunks fetched and written.
+    pub chunks: u64,
+    /// Zero chunks (holes).
+    pub zero_chunks: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Restores `m` to `target`.
+pub fn restore(
+    store: &dyn Store,
+    m: &Manifest,
+    target: &Path,
+    force: bool,
+    workers: usize,
+    progress: &Progress,
+) -> Result<RestoreStats, RestoreError> {
+    let started = std::time::Instant::now();
+    let werr = |path: &Path, source| RestoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let is_dev = std::fs::metadata(target)
+        .map(|md| md.file_type().is_block_device())
+        .unwrap_or(false);
+    if target.exists() && !force && !is_dev {
+        return Err(RestoreError::Exists(target.to_path_buf()));
+    }
+    if is_dev && !force {
+        return Err(RestoreError::Exists(target.to_path_buf()));
+    }
+    let mut digests = Vec::with_capacity(m.chunks() as usize);
+    for p in 0..m.pages.len() as u64 {
+        digests.extend(load_page(store, m, p)?);
+    }
+    let (out, partial) = if is_dev {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(target)
+            .map_err(|e| werr(target, e))?;
+        let have = device_size(&f).map_err(|e| werr(target, e))?;
+        if have < m.image_size {
+            return Err(RestoreError::TooSmall {
+                path: target.into(),
+                have,
+                need: m.image_size,
+            });
+        }
+        (f, None)
+    } else {
+        let partial = PathBuf::from(format!("{}.partial", target.display()));
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
+            .map_err(|e| werr(&partial, e))?;
+        f.set_len(m.image_size).map_err(|e| werr(&partial, e))?;
+        (f, Some(partial))
+    };
+    let written_path = partial.clone().unwrap_or_else(|| target.to_path_buf());
+    progress.set_total(m.image_size);
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<RestoreError>> = Mutex::new(None);
+    let mut stats = RestoreStats {
+        bytes: m.image_size,
+        ..Default::default()
+    };
+    let chunks = AtomicUsize::new(0);
+    let zeros = AtomicUsize::new(0);
+    let cs = m.chunk_size;
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| loop {
+                if failure.lock().unwrap().is_some() {
+                    return;
+                }
+                if progress.cancelled() {
+                    failure
+                        .lock()
+                        .unwrap()
+                        .get_or_insert(RestoreError::Cancelled);
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(d) = digests.get(i) else { return };
+                let off = i as u64 * cs;
+                let len = (m.image_size - off).min(cs);
+                let r = if d.is_zero() {
+                    zeros.fetch_add(1, Ordering::Relaxed);
+                    if is_dev {
+                        write_zeroes(&out, off, len)
+                    } else {
+                        Ok(())
+                    }
+                    .map_err(|e| werr(&written_path, e))
+                } else {
+                    chunks.fetch_add(1, Ordering::Relaxed);
+                    fetch(store, d, len)
+                        .map_err(|why| RestoreError::BadChunk {
+                            snapshot: m.id.to_string(),
+                            digest: *d,
+                            offset: off,
+                            why,
+                            target: target.display().to_string(),
+                        })
+                        .and_then(|data| {
+                            out.write_all_at(&data, off)
+                                .map_err(|e| werr(&written_path, e))
+                        })
+                };
+                if let Err(e) = r {
+                    failure.lock().unwrap().get_or_insert(e);
+                    return;
+                }
+                progress.add(len);
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap() {
+        if let Some(p) = &partial {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
+    out.sync_all().map_err(|e| werr(&written_path, e))?;
+    if let Some(p) = &partial {
+        std::fs::rename(p, target).map_err(|e| werr(target, e))?;
+        if let Some(dir) = target.parent() {
+            let _ = crate::fsutil::sync_dir(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            });
+        }
+    }
+    stats.chunks = chunks.into_inner() as u64;
+    stats.zero_chunks = zeros.into_inner() as u64;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(stats)
+}
+
+fn fetch(store: &dyn Store, d: &ChunkDigest, len: u64) -> Result<Vec<u8>, String> {
+    let file = store.get_chunk(d).map_err(|e| match e {
+        StoreError::MissingChunk(_) => "missing from the store".to_string(),
+        e => e.to_string(),
+    })?;
+    let data = chunk::decode_verified(&file, d).map_err(|e| e.to_string())?;
+    if data.len() as u64 != len {
+        return Err(format!("holds {} bytes, the index needs {len}", data.len()));
+    }
+    Ok(data)
+}
+
+fn write_zeroes(f: &File, off: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    if fallocate(
+        f.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        off as i64,
+        len as i64,
+    )
+    .is_ok()
+    {
+        return Ok(());
+    }
+    f.write_all_at(&vec![0u8; len as usize], off)
+}
+
+fn device_size(f: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    let mut f = f;
+    f.seek(io::SeekFrom::End(0))
+}
+
+/// The full chunk index of a snapshot.
+pub fn read_index(store: &dyn Store, m: &Manifest) -> Result<Vec<ChunkDigest>, BackupError> {
+    let mut v = Vec::with_capacity(m.chunks() as usize);
+    for p in 0..index::page_count(m.chunks()) {
+        v.extend(load_page(store, m, p)?);
+    }
+    Ok(v)
+}

@@ -1,0 +1,100 @@
+//! The `Store` trait: where chunks and manifests live. Local folders
+//! implement it here ([`local`]); remote stores implement it in the `api`
+//! crate. Every implementation must pass [`conformance`].
+//!
+//! Durability contract: [`Store::put_chunk`] may stage a chunk; it becomes
+//! durable at the next [`Store::sync`]. [`Store::commit`] writes a manifest
+//! and must only be called after a `sync` that followed the last put of
+//! every chunk the manifest references, so a snapshot is never visible
+//! before its data.
+
+pub mod conformance;
+pub mod local;
+
+use crate::digest::ChunkDigest;
+use crate::format::manifest::Manifest;
+use crate::ids::{DiskName, SnapshotId};
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The chunk is not in the store.
+    #[error("chunk {0} is missing from the store")]
+    MissingChunk(ChunkDigest),
+    /// No such snapshot.
+    #[error("no snapshot {0}; `novabackup snapshots` lists them")]
+    NoSnapshot(SnapshotId),
+    /// A manifest is damaged.
+    #[error("snapshot manifest {path} is damaged: {why}")]
+    BadManifest {
+        /// The manifest file.
+        path: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// The snapshot exists already.
+    #[error("snapshot {0} already exists")]
+    Exists(SnapshotId),
+    /// Another backup holds the disk's lock.
+    #[error("another backup of disk {0} is running; wait for it to finish")]
+    Locked(DiskName),
+    /// The store is full.
+    #[error(
+        "the store at {path} is out of space ({source}); free space or prune snapshots, then retry"
+    )]
+    Full {
+        /// The store folder.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Any other I/O error.
+    #[error("store I/O error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Wraps an I/O error, recognising a full disk.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> StoreError {
+        let path = path.as_ref().display().to_string();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::Full { path, source },
+            _ => StoreError::Io { path, source },
+        }
+    }
+}
+
+/// Held while a backup of one disk runs; dropping it releases the lock.
+pub trait DiskLock: Send {}
+
+/// A content-addressed store of chunks, with snapshot manifests.
+pub trait Store: Send + Sync {
+    /// For each digest, whether the store lacks it (staged chunks count
+    /// as present).
+    fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError>;
+    /// Stores an encoded chunk file under `digest` (the caller checked it).
+    fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError>;
+    /// The encoded chunk file of `digest`.
+    fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError>;
+    /// Makes every chunk put so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
+    /// Makes a snapshot visible. Fails if its id exists.
+    fn commit(&self, manifest: &Manifest) -> Result<(), StoreError>;
+    /// One manifest.
+    fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError>;
+    /// Manifests, oldest first, optionally of one disk. Damaged manifests
+    /// are reported in the second list, not skipped silently.
+    fn list(&self, disk: Option<&DiskName>)
+        -> Result<(Vec<Manifest>, Vec<StoreError>), StoreError>;
+    /// Removes a snapshot (its chunks stay until garbage collection).
+    fn delete(&self, id: &SnapshotId) -> Result<(), StoreError>;
+    /// Takes the per-disk backup lock, or fails at once if it is held.
+    fn lock(&self, disk: &DiskName) -> Result<Box<dyn DiskLock>, StoreError>;
+    /// Bytes used by chunks and manifests.
+    fn usage(&self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,73 @@
+//! The conformance suite every [`Store`] implementation must pass: run it
+//! from the implementation's tests on an empty store.
+
+use super::{Store, StoreError};
+use crate::digest::ChunkDigest;
+use crate::format::manifest::{BackupKind, BackupStats, CbtRecord, Manifest, FORMAT};
+use crate::ids::{DiskName, SnapshotId};
+
+fn manifest(disk: &str, t: u64, pages: Vec<ChunkDigest>) -> Manifest {
+    let disk: DiskName = disk.parse().unwrap();
+    Manifest {
+        format: FORMAT,
+        id: SnapshotId::new(&disk, t),
+        disk,
+        time: crate::time::rfc3339(t),
+        time_unix: t,
+        parent: None,
+        kind: BackupKind::Full,
+        reason: "test".into(),
+        image_size: 65536 * pages.len() as u64,
+        chunk_size: 65536 * crate::format::index::PAGE_DIGESTS as u64,
+        pages,
+        cbt: CbtRecord {
+            granularity: 65536,
+            dirty_blocks: 0,
+            trusted: true,
+        },
+        stats: BackupStats::default(),
+        checksum: String::new(),
+    }
+}
+
+/// Runs the suite; panics on the first violation.
+pub fn run(s: &dyn Store) {
+    let a = ChunkDigest::of(b"a");
+    let b = ChunkDigest::of(b"b");
+    assert_eq!(s.missing(&[a, b]).unwrap(), vec![true, true]);
+    s.put_chunk(&a, b"chunk-a").unwrap();
+    assert_eq!(s.missing(&[a, b]).unwrap(), vec![false, true]);
+    // A second put of the same digest is accepted and stores nothing.
+    assert_eq!(s.put_chunk(&a, b"chunk-a").unwrap(), 0);
+    s.sync().unwrap();
+    assert_eq!(s.get_chunk(&a).unwrap(), b"chunk-a");
+    assert!(matches!(s.get_chunk(&b), Err(StoreError::MissingChunk(d)) if d == b));
+
+    let m1 = manifest("vm", 1_000, vec![a]);
+    let m2 = manifest("vm", 2_000, vec![a]);
+    let m3 = manifest("other", 1_500, vec![a]);
+    s.commit(&m2).unwrap();
+    s.commit(&m1).unwrap();
+    s.commit(&m3).unwrap();
+    assert!(matches!(s.commit(&m1), Err(StoreError::Exists(_))));
+    let (all, bad) = s.list(None).unwrap();
+    assert!(bad.is_empty());
+    assert_eq!(
+        all.iter().map(|m| m.time_unix).collect::<Vec<_>>(),
+        vec![1_000, 1_500, 2_000]
+    );
+    let (vm, _) = s.list(Some(&"vm".parse().unwrap())).unwrap();
+    assert_eq!(vm.len(), 2);
+    assert_eq!(s.manifest(&m1.id).unwrap().id, m1.id);
+    s.delete(&m1.id).unwrap();
+    assert!(matches!(s.manifest(&m1.id), Err(StoreError::NoSnapshot(_))));
+    assert!(matches!(s.delete(&m1.id), Err(StoreError::NoSnapshot(_))));
+
+    let disk: DiskName = "vm".parse().unwrap();
+    let lock = s.lock(&disk).unwrap();
+    assert!(matches!(s.lock(&disk), Err(StoreError::Locked(_))));
+    assert!(s.lock(&"other".parse().unwrap()).is_ok());
+    drop(lock);
+    assert!(s.lock(&disk).is_ok());
+    assert!(s.usage().unwrap() > 0);
+}
