@@ -1,7 +1,9 @@
 //! Command-line definitions (clap) and dispatch. One file per subcommand
 //! group; each talks to the agent through `novabackup_api::Client`.
 
+mod backup;
 mod disk;
+mod job;
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +39,29 @@ enum Command {
     /// Attach, list, inspect and detach disks.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Back up a disk (incremental when change tracking allows it).
+    Backup(backup::BackupArgs),
+    /// List snapshots.
+    Snapshots {
+        /// Only this disk's.
+        disk: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or delete a snapshot.
+    #[command(subcommand)]
+    Snapshot(backup::SnapshotCommand),
+    /// Restore a snapshot to a file or block device.
+    Restore(backup::RestoreArgs),
+    /// Re-read and re-hash every chunk of snapshots.
+    Verify(backup::VerifyArgs),
+    /// List the agent's jobs.
+    Jobs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Cli {
@@ -55,16 +80,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
             daemon::run(dir, opts)
         }
-        Command::Disk(c) => {
+        other => {
             let client = client(cli.data_dir.as_deref(), cli.api.as_deref())?;
-            disk::run(&client, c)
+            match other {
+                Command::Agent(_) => unreachable!("handled above"),
+                Command::Disk(c) => disk::run(&client, c),
+                Command::Backup(a) => backup::backup(&client, a),
+                Command::Snapshots { disk, json } => backup::snapshots(&client, disk, json),
+                Command::Snapshot(c) => backup::snapshot(&client, c),
+                Command::Restore(a) => backup::restore(&client, a),
+                Command::Verify(a) => backup::verify(&client, a),
+                Command::Jobs { json } => backup::jobs(&client, json),
+            }
         }
     }
 }
 
 /// Exit codes: 0 success, 1 an error the agent reported or any other
-/// failure, 2 bad command-line usage (clap), 3 the agent is unreachable,
-/// 4 no such disk.
+/// failure (a failed job, damage found by verify), 2 bad command-line usage
+/// (clap), 3 the agent is unreachable, 4 no such disk, snapshot or job.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => 3,

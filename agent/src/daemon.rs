@@ -4,8 +4,10 @@
 //! listeners close, every NBD connection answers what is in flight, and
 //! every bitmap is saved with the clean-shutdown mark.
 
+mod jobs;
 mod listen;
 mod state;
+mod work;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,15 @@ pub struct AgentOptions {
     /// NBD data engine: auto (io_uring when the kernel allows it), uring or pread.
     #[arg(long, default_value = "auto")]
     pub io_engine: String,
+    /// The backup store folder (default DATA_DIR/store).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Chunk size of new snapshots (at least the disk's CBT granularity).
+    #[arg(long, default_value = "64K", value_parser = novabackup_engine::size::parse_size)]
+    pub chunk_size: u64,
+    /// zstd compression level (1-19; negative levels are faster).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub zstd_level: i32,
     /// Where the boot id is read (tests point it at a file to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     pub boot_id_file: PathBuf,
@@ -84,7 +95,37 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         .trim()
         .to_string();
     let server = Server::new(engine);
-    let agent = Arc::new(Agent::new(dir.clone(), server.clone(), boot_id));
+    let store_dir = opts.store.clone().unwrap_or_else(|| dir.join("store"));
+    let store = novabackup_engine::store::local::LocalStore::open(&store_dir)
+        .with_context(|| format!("cannot open the store at {}", store_dir.display()))?;
+    let chunk = novabackup_engine::cbt::Granularity::new(opts.chunk_size).map_err(|_| {
+        anyhow::anyhow!(
+            "invalid --chunk-size {}: use a power of two from 4K to 4M",
+            opts.chunk_size
+        )
+    })?;
+    let settings = work::EngineSettings {
+        backup: novabackup_engine::backup::BackupOptions {
+            chunk_size: chunk.bytes(),
+            zstd_level: opts.zstd_level,
+            ..Default::default()
+        },
+        read: match engine {
+            IoEngine::Uring => novabackup_engine::read::ReadEngine::Uring,
+            IoEngine::Pread => novabackup_engine::read::ReadEngine::Pread,
+        },
+        workers: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+    };
+    tracing::info!(store = %store_dir.display(), "store opened");
+    let agent = Arc::new(Agent::new(
+        dir.clone(),
+        server.clone(),
+        boot_id,
+        Arc::new(store),
+        settings,
+    ));
     agent.restore()?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()

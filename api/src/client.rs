@@ -4,7 +4,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::types::{AttachRequest, CbtInfo, DiskInfo, Health};
+use crate::types::{
+    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, RestoreRequest, SnapshotInfo,
+    VerifyRequest,
+};
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +159,69 @@ impl Client {
         self.json(
             "POST",
             &format!("/api/v1/disks/{}/cbt/reset", enc(name)),
+            None::<&()>,
+        )
+    }
+}
+
+impl Client {
+    /// `POST /api/v1/backups`.
+    pub fn backup(&self, req: &BackupRequest) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/backups", Some(req))
+    }
+
+    /// `POST /api/v1/restores`.
+    pub fn restore(&self, req: &RestoreRequest) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/restores", Some(req))
+    }
+
+    /// `POST /api/v1/verify`.
+    pub fn verify(&self, req: &VerifyRequest) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/verify", Some(req))
+    }
+
+    /// `GET /api/v1/snapshots[?disk=]`.
+    pub fn snapshots(&self, disk: Option<&str>) -> Result<Vec<SnapshotInfo>, ClientError> {
+        let q = disk
+            .map(|d| format!("?disk={}", enc(d)))
+            .unwrap_or_default();
+        self.json("GET", &format!("/api/v1/snapshots{q}"), None::<&()>)
+    }
+
+    /// `GET /api/v1/snapshots/{id}`.
+    pub fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ClientError> {
+        self.json(
+            "GET",
+            &format!("/api/v1/snapshots/{}", enc(id)),
+            None::<&()>,
+        )
+    }
+
+    /// `DELETE /api/v1/snapshots/{id}`.
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
+        self.send(
+            "DELETE",
+            &format!("/api/v1/snapshots/{}", enc(id)),
+            None::<&()>,
+        )
+        .map(drop)
+    }
+
+    /// `GET /api/v1/jobs`.
+    pub fn jobs(&self) -> Result<Vec<JobInfo>, ClientError> {
+        self.json("GET", "/api/v1/jobs", None::<&()>)
+    }
+
+    /// `GET /api/v1/jobs/{id}`.
+    pub fn job(&self, id: &str) -> Result<JobInfo, ClientError> {
+        self.json("GET", &format!("/api/v1/jobs/{}", enc(id)), None::<&()>)
+    }
+
+    /// `POST /api/v1/jobs/{id}/cancel`.
+    pub fn cancel(&self, id: &str) -> Result<JobInfo, ClientError> {
+        self.json(
+            "POST",
+            &format!("/api/v1/jobs/{}/cancel", enc(id)),
             None::<&()>,
         )
     }

@@ -3,6 +3,7 @@
 //! the result into JSON.
 
 mod disks;
+mod jobs;
 
 use std::sync::Arc;
 
@@ -11,7 +12,10 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::types::{AttachRequest, CbtInfo, DiskInfo, Health};
+use crate::types::{
+    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, RestoreRequest, SnapshotInfo,
+    VerifyRequest,
+};
 
 /// What the agent must provide to the API.
 pub trait DiskService: Send + Sync + 'static {
@@ -29,6 +33,24 @@ pub trait DiskService: Send + Sync + 'static {
     fn cbt(&self, name: &str) -> Result<CbtInfo, ApiError>;
     /// Clears a disk's bitmap.
     fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ApiError>;
+    /// Starts a backup job.
+    fn backup(&self, req: BackupRequest) -> Result<JobInfo, ApiError>;
+    /// Snapshots, oldest first, optionally of one disk.
+    fn snapshots(&self, disk: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError>;
+    /// One snapshot.
+    fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ApiError>;
+    /// Deletes a snapshot.
+    fn delete_snapshot(&self, id: &str) -> Result<(), ApiError>;
+    /// Starts a verify job.
+    fn verify(&self, req: VerifyRequest) -> Result<JobInfo, ApiError>;
+    /// Starts a restore job.
+    fn restore(&self, req: RestoreRequest) -> Result<JobInfo, ApiError>;
+    /// All jobs, newest last.
+    fn jobs(&self) -> Vec<JobInfo>;
+    /// One job.
+    fn job(&self, id: &str) -> Result<JobInfo, ApiError>;
+    /// Asks a job to stop.
+    fn cancel(&self, id: &str) -> Result<JobInfo, ApiError>;
 }
 
 /// The control API. Everything but health needs `token`.
@@ -41,6 +63,18 @@ pub fn router(svc: Arc<dyn DiskService>, token: String) -> Router {
         )
         .route("/api/v1/disks/{name}/cbt", get(disks::cbt))
         .route("/api/v1/disks/{name}/cbt/reset", post(disks::cbt_reset))
+        .route("/api/v1/backups", post(jobs::backup))
+        .route("/api/v1/restores", post(jobs::restore))
+        .route("/api/v1/verify", post(jobs::verify_many))
+        .route("/api/v1/snapshots", get(jobs::snapshots))
+        .route(
+            "/api/v1/snapshots/{id}",
+            get(jobs::snapshot).delete(jobs::delete_snapshot),
+        )
+        .route("/api/v1/snapshots/{id}/verify", post(jobs::verify_one))
+        .route("/api/v1/jobs", get(jobs::jobs))
+        .route("/api/v1/jobs/{id}", get(jobs::job))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route_layer(middleware::from_fn_with_state(
             Arc::new(token),
             crate::auth::require_token,

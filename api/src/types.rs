@@ -69,3 +69,102 @@ pub struct DiskInfo {
     /// Change tracking.
     pub cbt: CbtInfo,
 }
+
+/// `POST /api/v1/backups`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// The disk to back up.
+    pub disk: String,
+    /// Read the whole disk even when an incremental is possible.
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// `POST /api/v1/restores`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Absolute path of the target file or block device.
+    pub target: String,
+    /// Overwrite an existing target.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /api/v1/verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Snapshot ids; none or absent means every snapshot.
+    #[serde(default)]
+    pub snapshots: Option<Vec<String>>,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Still running.
+    Running,
+    /// Finished; see `result`.
+    Succeeded,
+    /// Failed; see `error`.
+    Failed,
+    /// Cancelled by the operator.
+    Cancelled,
+}
+
+/// A long-running job: backup, restore or verify.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: String,
+    /// `backup`, `restore` or `verify`.
+    pub kind: String,
+    /// What it works on (disk, snapshot).
+    pub target: String,
+    /// State.
+    pub state: JobState,
+    /// Units done (bytes; chunks for verify).
+    pub done: u64,
+    /// Units in all (0 until known).
+    pub total: u64,
+    /// Units per second so far.
+    pub rate: f64,
+    /// Seconds left at the current rate.
+    pub eta_seconds: Option<f64>,
+    /// Start time, RFC 3339.
+    pub started: String,
+    /// Seconds since start (or until the end).
+    pub elapsed_seconds: f64,
+    /// The result, once succeeded.
+    pub result: Option<serde_json::Value>,
+    /// The error, once failed or cancelled.
+    pub error: Option<String>,
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Snapshot id.
+    pub id: String,
+    /// Disk.
+    pub disk: String,
+    /// Checkpoint time, RFC 3339.
+    pub time: String,
+    /// `full` or `incremental`.
+    pub kind: novabackup_engine::format::manifest::BackupKind,
+    /// Base of an incremental.
+    pub parent: Option<String>,
+    /// Why this kind.
+    pub reason: String,
+    /// Image size.
+    pub image_size: u64,
+    /// Chunk size.
+    pub chunk_size: u64,
+    /// What the backup did.
+    pub stats: novabackup_engine::format::manifest::BackupStats,
+}

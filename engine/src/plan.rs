@@ -69,23 +69,44 @@ impl BackupPlan {
     }
 }
 
+/// Why the backup must be full, or `None` if an incremental is possible.
+/// Depends only on the mode, the base and the trust, so the agent can ask
+/// before the checkpoint (a full backup protects every block).
+pub fn full_reason(
+    mode: Mode,
+    base: Option<&Manifest>,
+    no_base_reason: &str,
+    trust: &Trust,
+    size: u64,
+    chunk_size: u64,
+) -> Option<String> {
+    match (mode, base, trust) {
+        (Mode::Full, _, _) => Some("full backup requested".to_string()),
+        (_, None, _) => Some(no_base_reason.to_string()),
+        (_, _, Trust::Untrusted(r)) => Some(format!("change tracking is not trusted: {r}")),
+        (_, Some(b), _) if b.image_size != size => Some(format!(
+            "the image size changed from {} to {} bytes",
+            b.image_size, size
+        )),
+        (_, Some(b), _) if b.chunk_size != chunk_size => Some(format!(
+            "the chunk size changed from {} to {} bytes",
+            b.chunk_size, chunk_size
+        )),
+        _ => None,
+    }
+}
+
 /// Decides the kind and the chunks to read.
 pub fn plan(i: &PlanInput<'_>) -> BackupPlan {
     let chunks = i.size.div_ceil(i.chunk_size);
-    let full_reason = match (i.mode, i.base, i.trust) {
-        (Mode::Full, _, _) => Some("full backup requested".to_string()),
-        (_, None, _) => Some(i.no_base_reason.to_string()),
-        (_, _, Trust::Untrusted(r)) => Some(format!("change tracking is not trusted: {r}")),
-        (_, Some(b), _) if b.image_size != i.size => Some(format!(
-            "the image size changed from {} to {} bytes",
-            b.image_size, i.size
-        )),
-        (_, Some(b), _) if b.chunk_size != i.chunk_size => Some(format!(
-            "the chunk size changed from {} to {} bytes",
-            b.chunk_size, i.chunk_size
-        )),
-        _ => None,
-    };
+    let full_reason = full_reason(
+        i.mode,
+        i.base,
+        i.no_base_reason,
+        i.trust,
+        i.size,
+        i.chunk_size,
+    );
     let (kind, reason, extents): (_, _, Vec<(u64, u64)>) = match full_reason {
         Some(reason) => {
             let ext = match i.data {

@@ -22,15 +22,23 @@ use crate::tracking::{TrackError, Tracker};
 pub struct CheckpointShared {
     frozen: DirtyBitmap,
     trust: Trust,
+    /// Protect every block (a full backup), not only the frozen ones.
+    protect_all: bool,
     copies: CopyStore,
 }
 
 impl CheckpointShared {
-    pub(crate) fn new(frozen: DirtyBitmap, trust: Trust, dir: &Path) -> io::Result<Self> {
+    pub(crate) fn new(
+        frozen: DirtyBitmap,
+        trust: Trust,
+        protect_all: bool,
+        dir: &Path,
+    ) -> io::Result<Self> {
         let copies = CopyStore::new(dir, frozen.blocks())?;
         Ok(CheckpointShared {
             frozen,
             trust,
+            protect_all,
             copies,
         })
     }
@@ -46,7 +54,7 @@ impl CheckpointShared {
     /// Copies aside every frozen, not yet read block of the range.
     pub(crate) fn copy_before_write(&self, offset: u64, len: u64, image: &File) -> io::Result<()> {
         for block in self.frozen.block_range(offset, len) {
-            if self.frozen.is_dirty(block) {
+            if self.protect_all || self.frozen.is_dirty(block) {
                 self.copies.preserve(block, self.block_span(block), image)?;
             }
         }
@@ -100,30 +108,51 @@ impl Checkpoint {
         Ok(len)
     }
 
+    /// Settles a buffer read from the image at `offset` (block-aligned):
+    /// each block the guest overwrote since the checkpoint is replaced by
+    /// its copy, and every block is marked read, so later guest writes to
+    /// it need no copy.
+    pub fn settle(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let g = self.shared.frozen.granularity().bytes();
+        debug_assert_eq!(offset % g, 0, "reads are block-aligned");
+        for (i, part) in buf.chunks_mut(g as usize).enumerate() {
+            let block = (offset / g) as usize + i;
+            self.shared.copies.take_or_mark_read(block, part)?;
+        }
+        Ok(())
+    }
+
     /// Number of blocks copied aside since the checkpoint began.
     pub fn copies(&self) -> usize {
         self.shared.copies.count()
     }
 
-    /// The backup succeeded: drop the frozen bits and the copies.
-    pub fn commit(mut self) -> Result<(), TrackError> {
+    /// The backup committed `snapshot`: drop the frozen bits and the
+    /// copies; the live bits now hold every write since this snapshot.
+    pub fn commit(mut self, snapshot: &str) -> Result<(), TrackError> {
         self.finished = true;
-        self.tracker.end_checkpoint(false)
+        self.tracker.end_checkpoint(Ok(snapshot))
     }
 
     /// The backup failed: merge the frozen bits back into the live bitmap.
     pub fn abort(mut self) -> Result<(), TrackError> {
         self.finished = true;
-        self.tracker.end_checkpoint(true)
+        self.tracker.end_checkpoint(Err(()))
     }
 }
 
 impl Drop for Checkpoint {
     fn drop(&mut self) {
         if !self.finished {
-            if let Err(e) = self.tracker.end_checkpoint(true) {
+            if let Err(e) = self.tracker.end_checkpoint(Err(())) {
                 tracing::error!("merging back the bits of an abandoned checkpoint failed: {e}");
             }
         }
+    }
+}
+
+impl novabackup_engine::backup::PointInTime for Checkpoint {
+    fn settle(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        Checkpoint::settle(self, offset, buf)
     }
 }

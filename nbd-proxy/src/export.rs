@@ -186,6 +186,33 @@ impl Image {
         out
     }
 
+    /// Data extents `(offset, len)` of the whole image: what a full backup
+    /// must read. Holes of a file are left out; a block device is all data.
+    pub fn data_extents(&self) -> Vec<(u64, u64)> {
+        if self.kind == BackingKind::BlockDevice {
+            return vec![(0, self.size)];
+        }
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < self.size {
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(_) => return vec![(0, self.size)],
+            };
+            let hole = lseek(fd, data as i64, Whence::SeekHole)
+                .map(|h| h as u64)
+                .unwrap_or(self.size)
+                .min(self.size);
+            if hole > data {
+                out.push((data, hole - data));
+            }
+            pos = hole.max(data + 1);
+        }
+        out
+    }
+
     /// Flushes written data to stable storage.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()

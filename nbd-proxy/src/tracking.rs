@@ -55,6 +55,8 @@ pub struct CbtStatus {
     pub reason: Option<String>,
     /// A backup checkpoint is active.
     pub checkpoint_active: bool,
+    /// The snapshot the bits start from (writes since its checkpoint).
+    pub base: Option<String>,
 }
 
 /// Returned by [`Tracker::before_write`]; hand it to [`Tracker::after_write`].
@@ -70,6 +72,14 @@ pub(crate) struct State {
     pub(crate) trust: Trust,
     generation: u64,
     pub(crate) checkpoint: Option<Arc<CheckpointShared>>,
+    base: Option<String>,
+}
+
+impl State {
+    fn save(&mut self, clean: bool) -> Result<(), CbtError> {
+        self.file
+            .rewrite(&self.live, &self.trust, self.base.as_deref(), clean)
+    }
 }
 
 /// The CBT state of one disk.
@@ -102,13 +112,14 @@ impl Tracker {
             mut file,
             mut bitmap,
             mut trust,
+            base,
         } = BitmapFile::open(path, size, granularity, boot_id)?;
         let frozen_path = path.with_extension("frozen");
         match persist::load_frozen(&frozen_path) {
             Ok(None) => {}
             Ok(Some(f)) if f.size() == size && f.granularity() == granularity => {
                 bitmap.merge(&f);
-                file.rewrite(&bitmap, &trust, false)?;
+                file.rewrite(&bitmap, &trust, base.as_deref(), false)?;
             }
             Ok(Some(_)) | Err(CbtError::Corrupt { .. }) => {
                 bitmap.fill();
@@ -117,7 +128,7 @@ impl Tracker {
                      the next backup reads the whole disk"
                         .into(),
                 );
-                file.rewrite(&bitmap, &trust, false)?;
+                file.rewrite(&bitmap, &trust, base.as_deref(), false)?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -132,6 +143,7 @@ impl Tracker {
                 trust,
                 generation: 0,
                 checkpoint: None,
+                base,
             }),
             cbw_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             frozen_path,
@@ -184,8 +196,10 @@ impl Tracker {
         Ok(())
     }
 
-    /// Freezes the live bitmap for a backup and starts a fresh one.
-    pub fn checkpoint(self: &Arc<Self>) -> Result<Checkpoint, TrackError> {
+    /// Freezes the live bitmap for a backup and starts a fresh one. With
+    /// `protect_all` (a full backup, which reads every block) every block,
+    /// not only the frozen ones, is copied before the guest overwrites it.
+    pub fn checkpoint(self: &Arc<Self>, protect_all: bool) -> Result<Checkpoint, TrackError> {
         let mut s = self.lock();
         if s.checkpoint.is_some() {
             return Err(TrackError::CheckpointActive);
@@ -194,34 +208,42 @@ impl Tracker {
         persist::save_frozen(&self.frozen_path, &frozen, &self.boot_id)?;
         let trust = std::mem::replace(&mut s.trust, Trust::Trusted);
         s.live.clear();
-        let st = &mut *s;
-        if let Err(e) = st.file.rewrite(&st.live, &st.trust, false) {
-            st.live = frozen;
-            st.trust = trust;
+        if let Err(e) = s.save(false) {
+            s.live = frozen;
+            s.trust = trust;
             let _ = novabackup_engine::fsutil::remove_durable(&self.frozen_path);
             return Err(e.into());
         }
         s.generation += 1;
-        let shared =
-            Arc::new(CheckpointShared::new(frozen, trust, &self.cbw_dir).map_err(TrackError::Cbw)?);
+        let shared = Arc::new(
+            CheckpointShared::new(frozen, trust, protect_all, &self.cbw_dir)
+                .map_err(TrackError::Cbw)?,
+        );
         s.checkpoint = Some(shared.clone());
         Ok(Checkpoint::new(self.clone(), shared))
     }
 
-    /// Ends the active checkpoint. With `merge`, its frozen bits go back
-    /// into the live bitmap (a failed backup loses nothing).
-    pub(crate) fn end_checkpoint(&self, merge: bool) -> Result<(), TrackError> {
+    /// Ends the active checkpoint. `Ok(snapshot)`: the backup committed
+    /// that snapshot, which becomes the base of the live bits. `Err(())`:
+    /// it failed, and the frozen bits go back into the live bitmap (a
+    /// failed backup loses nothing).
+    pub(crate) fn end_checkpoint(&self, outcome: Result<&str, ()>) -> Result<(), TrackError> {
         let mut s = self.lock();
         let Some(cp) = s.checkpoint.take() else {
             return Ok(());
         };
-        if merge {
-            s.live.merge(cp.frozen());
-            if !cp.trust().is_trusted() {
-                s.trust = cp.trust().clone();
+        match outcome {
+            Ok(snapshot) => {
+                s.base = Some(snapshot.to_string());
+                s.save(false)?;
             }
-            let st = &mut *s;
-            st.file.rewrite(&st.live, &st.trust, false)?;
+            Err(()) => {
+                s.live.merge(cp.frozen());
+                if !cp.trust().is_trusted() {
+                    s.trust = cp.trust().clone();
+                }
+                s.save(false)?;
+            }
         }
         novabackup_engine::fsutil::remove_durable(&self.frozen_path).map_err(|source| {
             CbtError::Io {
@@ -237,18 +259,17 @@ impl Tracker {
         let mut s = self.lock();
         s.live.clear();
         s.trust = Trust::Trusted;
-        let st = &mut *s;
-        st.file.rewrite(&st.live, &st.trust, false)?;
+        // The bits no longer hold every write since the base's checkpoint.
+        s.base = None;
+        s.save(false)?;
         Ok(())
     }
 
     /// Saves the bitmap with the clean-shutdown mark. An active checkpoint
     /// is merged back first: its backup cannot finish without us.
     pub fn shutdown(&self) -> Result<(), TrackError> {
-        self.end_checkpoint(true)?;
-        let mut s = self.lock();
-        let st = &mut *s;
-        st.file.rewrite(&st.live, &st.trust, true)?;
+        self.end_checkpoint(Err(()))?;
+        self.lock().save(true)?;
         Ok(())
     }
 
@@ -266,7 +287,13 @@ impl Tracker {
                 Trust::Untrusted(r) => Some(r.clone()),
             },
             checkpoint_active: s.checkpoint.is_some(),
+            base: s.base.clone(),
         }
+    }
+
+    /// The snapshot the live bits start from.
+    pub fn base(&self) -> Option<String> {
+        self.lock().base.clone()
     }
 
     /// A copy of the live bitmap and its trust.
@@ -339,12 +366,15 @@ mod tests {
         let (t, f) = setup(dir.path(), 8);
         write(&t, &f, 0, &[1; 10]);
         write(&t, &f, 3 * G, &[1; 10]);
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         assert_eq!(cp.frozen().dirty_blocks().collect::<Vec<_>>(), vec![0, 3]);
         assert_eq!(t.status().dirty_blocks, 0);
-        assert!(matches!(t.checkpoint(), Err(TrackError::CheckpointActive)));
+        assert!(matches!(
+            t.checkpoint(false),
+            Err(TrackError::CheckpointActive)
+        ));
         write(&t, &f, 5 * G, &[1; 10]);
-        cp.commit().unwrap();
+        cp.commit("vm@20260101T000000Z").unwrap();
         let (live, _) = t.live();
         assert_eq!(live.dirty_blocks().collect::<Vec<_>>(), vec![5]);
         assert!(!dir.path().join("d.frozen").exists());
@@ -355,12 +385,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t, f) = setup(dir.path(), 8);
         write(&t, &f, G, &[1; 10]);
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         write(&t, &f, 6 * G, &[1; 10]);
         cp.abort().unwrap();
         assert_eq!(t.live().0.dirty_blocks().collect::<Vec<_>>(), vec![1, 6]);
         // Dropping a checkpoint without commit is an abort too.
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         drop(cp);
         assert_eq!(t.live().0.dirty_blocks().collect::<Vec<_>>(), vec![1, 6]);
     }
@@ -370,12 +400,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t, f) = setup(dir.path(), 8);
         let ticket = t.before_write(2 * G, 1, &f).unwrap();
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         f.write_all_at(&[9], 2 * G).unwrap();
         t.after_write(ticket, 2 * G, 1).unwrap();
         assert!(cp.frozen().is_dirty(2));
         assert!(t.live().0.is_dirty(2));
-        cp.commit().unwrap();
+        cp.commit("vm@20260101T000000Z").unwrap();
     }
 
     #[test]
@@ -386,7 +416,7 @@ mod tests {
         write(&t, &f, 4 * G, &[0xbb; 100]);
         let mut at_checkpoint = vec![0u8; G as usize];
         f.read_exact_at(&mut at_checkpoint, 2 * G).unwrap();
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         // The guest overwrites frozen block 2 before the backup reads it.
         write(&t, &f, 2 * G + 50, &[0xcc; 4000]);
         // A second write to the same block keeps the first copy.
@@ -403,7 +433,7 @@ mod tests {
         // Unfrozen blocks are never copied.
         write(&t, &f, 7 * G, &[1; 10]);
         assert_eq!(cp.copies(), 1);
-        cp.commit().unwrap();
+        cp.commit("vm@20260101T000000Z").unwrap();
     }
 
     #[test]
@@ -411,7 +441,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t, f) = setup(dir.path(), 8);
         write(&t, &f, G, &[1; 10]);
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         write(&t, &f, 7 * G, &[1; 10]);
         // Simulate kill -9: nothing runs on the way out.
         std::mem::forget(cp);
@@ -438,11 +468,14 @@ mod tests {
         // Host crash: new boot id, no clean shutdown.
         let t = Arc::new(Tracker::open(&p, 8 * G, Granularity::new(G).unwrap(), "boot2").unwrap());
         assert!(!t.status().trusted);
-        let cp = t.checkpoint().unwrap();
+        let cp = t.checkpoint(false).unwrap();
         assert!(!cp.trust().is_trusted());
         cp.abort().unwrap();
         assert!(!t.status().trusted);
-        t.checkpoint().unwrap().commit().unwrap();
+        t.checkpoint(true)
+            .unwrap()
+            .commit("vm@20260101T000000Z")
+            .unwrap();
         assert!(t.status().trusted);
         t.shutdown().unwrap();
         let t = Tracker::open(&p, 8 * G, Granularity::new(G).unwrap(), "boot3").unwrap();

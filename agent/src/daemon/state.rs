@@ -9,7 +9,17 @@ use std::sync::{Arc, Mutex};
 use nbd_proxy::export::ExportError;
 use nbd_proxy::server::ServerError;
 use nbd_proxy::{Export, Image, Server, Tracker};
-use novabackup_api::types::{AttachRequest, CbtInfo, DiskInfo, Health};
+use novabackup_api::types::{
+    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, RestoreRequest, SnapshotInfo,
+    VerifyRequest,
+};
+use novabackup_engine::format::manifest::Manifest;
+use novabackup_engine::ids::SnapshotId;
+use novabackup_engine::plan::Mode;
+use novabackup_engine::store::{Store, StoreError};
+
+use super::jobs::Jobs;
+use super::work::{self, EngineSettings};
 use novabackup_api::{ApiError, DiskService, ErrorCode};
 use novabackup_engine::cbt::Granularity;
 use novabackup_engine::fsutil;
@@ -42,6 +52,9 @@ pub struct Agent {
     /// Serializes attach and detach, and holds what disks.json says.
     records: Mutex<Vec<DiskRecord>>,
     endpoints: Mutex<Endpoints>,
+    store: Arc<dyn Store>,
+    jobs: Jobs,
+    settings: EngineSettings,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
@@ -50,13 +63,22 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
 
 impl Agent {
     /// An agent with no disks yet.
-    pub fn new(dir: PathBuf, server: Arc<Server>, boot_id: String) -> Agent {
+    pub fn new(
+        dir: PathBuf,
+        server: Arc<Server>,
+        boot_id: String,
+        store: Arc<dyn Store>,
+        settings: EngineSettings,
+    ) -> Agent {
         Agent {
             dir,
             server,
             boot_id,
             records: Mutex::new(Vec::new()),
             endpoints: Mutex::new(Endpoints::default()),
+            store,
+            jobs: Jobs::default(),
+            settings,
         }
     }
 
@@ -178,6 +200,36 @@ impl Agent {
                 Err(err) => tracing::error!(disk = %e.name, "saving the bitmap failed: {err}"),
             }
         }
+    }
+}
+
+fn store_err(e: StoreError) -> ApiError {
+    let code = match &e {
+        StoreError::NoSnapshot(_) | StoreError::MissingChunk(_) => ErrorCode::NotFound,
+        StoreError::Exists(_) | StoreError::Locked(_) => ErrorCode::Conflict,
+        _ => ErrorCode::Internal,
+    };
+    err(code, e.to_string())
+}
+
+fn snapshot_id(id: &str) -> Result<SnapshotId, ApiError> {
+    id.parse()
+        .map_err(|e: novabackup_engine::ids::BadSnapshotId| {
+            err(ErrorCode::BadRequest, e.to_string())
+        })
+}
+
+fn snapshot_info(m: Manifest) -> SnapshotInfo {
+    SnapshotInfo {
+        id: m.id.to_string(),
+        disk: m.disk.to_string(),
+        time: m.time,
+        kind: m.kind,
+        parent: m.parent.map(|p| p.to_string()),
+        reason: m.reason,
+        image_size: m.image_size,
+        chunk_size: m.chunk_size,
+        stats: m.stats,
     }
 }
 
@@ -310,6 +362,142 @@ impl DiskService for Agent {
             .map_err(|x| err(ErrorCode::Internal, x.to_string()))?;
         tracing::info!(disk = name, "bitmap reset by the operator");
         Ok(cbt_info(&e.tracker))
+    }
+
+    fn backup(&self, req: BackupRequest) -> Result<JobInfo, ApiError> {
+        let export = self.export(&req.disk)?;
+        if export.tracker.status().checkpoint_active {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!(
+                    "a backup of disk {} is already running; wait for it to finish",
+                    req.disk
+                ),
+            ));
+        }
+        let store = self.store.clone();
+        let settings = self.settings.clone();
+        let mode = if req.full { Mode::Full } else { Mode::Auto };
+        Ok(self.jobs.spawn("backup", &req.disk, move |p| {
+            work::backup(export, store, settings, mode, p)
+        }))
+    }
+
+    fn snapshots(&self, disk: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError> {
+        let disk = match disk {
+            Some(d) => Some(
+                d.parse::<DiskName>()
+                    .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let (list, damaged) = self.store.list(disk.as_ref()).map_err(store_err)?;
+        for d in damaged {
+            tracing::error!("{d}");
+        }
+        Ok(list.into_iter().map(snapshot_info).collect())
+    }
+
+    fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ApiError> {
+        self.store
+            .manifest(&snapshot_id(id)?)
+            .map(snapshot_info)
+            .map_err(store_err)
+    }
+
+    fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        let id = snapshot_id(id)?;
+        self.store.delete(&id).map_err(store_err)?;
+        tracing::info!(snapshot = %id, "snapshot deleted");
+        Ok(())
+    }
+
+    fn verify(&self, req: VerifyRequest) -> Result<JobInfo, ApiError> {
+        let ids = match req.snapshots {
+            Some(v) if !v.is_empty() => {
+                let ids = v
+                    .iter()
+                    .map(|i| snapshot_id(i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for id in &ids {
+                    self.store.manifest(id).map_err(store_err)?;
+                }
+                Some(ids)
+            }
+            _ => None,
+        };
+        let target = ids
+            .as_ref()
+            .map(|v| {
+                v.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_else(|| "all".into());
+        let store = self.store.clone();
+        let workers = self.settings.workers;
+        Ok(self.jobs.spawn("verify", &target, move |p| {
+            work::verify(store, ids, workers, p)
+        }))
+    }
+
+    fn restore(&self, req: RestoreRequest) -> Result<JobInfo, ApiError> {
+        let id = snapshot_id(&req.snapshot)?;
+        self.store.manifest(&id).map_err(store_err)?;
+        let target = PathBuf::from(&req.target);
+        if !target.is_absolute() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("target {:?} must be an absolute path", req.target),
+            ));
+        }
+        if let Some(d) = self
+            .server
+            .all()
+            .iter()
+            .find(|e| same_file(&e.image.path, &target))
+        {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!(
+                    "{} is the image of attached disk {}; detach it before restoring over it",
+                    target.display(),
+                    d.name
+                ),
+            ));
+        }
+        if target.exists() && !req.force {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("{} exists; pass --force to overwrite it", target.display()),
+            ));
+        }
+        let store = self.store.clone();
+        let workers = self.settings.workers;
+        let force = req.force;
+        Ok(self.jobs.spawn("restore", &id.to_string(), move |p| {
+            work::restore(store, &id, &target, force, workers, p)
+        }))
+    }
+
+    fn jobs(&self) -> Vec<JobInfo> {
+        self.jobs.list()
+    }
+
+    fn job(&self, id: &str) -> Result<JobInfo, ApiError> {
+        self.jobs.get(id).ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("no job {id:?}; `GET /api/v1/jobs` lists them"),
+            )
+        })
+    }
+
+    fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
+        self.jobs
+            .cancel(id)
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("no job {id:?}")))
     }
 }
 

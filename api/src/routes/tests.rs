@@ -76,6 +76,52 @@ impl DiskService for Mem {
     fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ApiError> {
         self.cbt(name)
     }
+    fn backup(&self, r: BackupRequest) -> Result<JobInfo, ApiError> {
+        self.get(&r.disk).map(|_| job())
+    }
+    fn snapshots(&self, _: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError> {
+        Ok(vec![])
+    }
+    fn snapshot(&self, _: &str) -> Result<SnapshotInfo, ApiError> {
+        Err(ApiError::new(ErrorCode::NotFound, "no snapshot"))
+    }
+    fn delete_snapshot(&self, _: &str) -> Result<(), ApiError> {
+        Err(ApiError::new(ErrorCode::NotFound, "no snapshot"))
+    }
+    fn verify(&self, _: VerifyRequest) -> Result<JobInfo, ApiError> {
+        Ok(job())
+    }
+    fn restore(&self, _: RestoreRequest) -> Result<JobInfo, ApiError> {
+        Err(ApiError::new(ErrorCode::NotFound, "no snapshot"))
+    }
+    fn jobs(&self) -> Vec<JobInfo> {
+        vec![job()]
+    }
+    fn job(&self, id: &str) -> Result<JobInfo, ApiError> {
+        (id == "job-1")
+            .then(job)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no job"))
+    }
+    fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
+        self.job(id)
+    }
+}
+
+fn job() -> JobInfo {
+    JobInfo {
+        id: "job-1".into(),
+        kind: "backup".into(),
+        target: "vm".into(),
+        state: crate::types::JobState::Running,
+        done: 0,
+        total: 0,
+        rate: 0.0,
+        eta_seconds: None,
+        started: String::new(),
+        elapsed_seconds: 0.0,
+        result: None,
+        error: None,
+    }
 }
 
 fn app() -> Router {
@@ -198,4 +244,51 @@ async fn attach_get_detach() {
     let (s, v) = call(&a, "GET", "/api/v1/nope", Some("secret"), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(v["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn job_endpoints() {
+    let a = app();
+    call(
+        &a,
+        "POST",
+        "/api/v1/disks",
+        Some("secret"),
+        r#"{"name":"vm","image":"/x"}"#,
+    )
+    .await;
+    let (s, v) = call(
+        &a,
+        "POST",
+        "/api/v1/backups",
+        Some("secret"),
+        r#"{"disk":"vm"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(v["state"], "running");
+    let (s, _) = call(
+        &a,
+        "POST",
+        "/api/v1/backups",
+        Some("secret"),
+        r#"{"disk":"vm","full":"yes"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        call(&a, "GET", "/api/v1/jobs/job-1", Some("secret"), "")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&a, "GET", "/api/v1/jobs/job-9", Some("secret"), "")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let (s, v) = call(&a, "GET", "/api/v1/snapshots?bogus=1", Some("secret"), "").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "bad_request");
 }

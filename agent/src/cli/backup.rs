@@ -1,0 +1,254 @@
+//! `novabackup backup`, `snapshots`, `snapshot delete`, `restore`, `verify`
+//! and `jobs`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use novabackup_api::types::{BackupRequest, RestoreRequest, VerifyRequest};
+use novabackup_api::Client;
+use novabackup_engine::size::format_size;
+
+use super::job;
+
+/// `novabackup backup DISK`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The disk to back up.
+    disk: String,
+    /// Read the whole disk even when an incremental backup is possible.
+    #[arg(long)]
+    full: bool,
+    /// Print the job id and return at once.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `novabackup restore ID --to PATH`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot id (see `novabackup snapshots`).
+    snapshot: String,
+    /// Target file or block device.
+    #[arg(long)]
+    to: PathBuf,
+    /// Overwrite an existing target.
+    #[arg(long)]
+    force: bool,
+    /// Print the job id and return at once.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `novabackup verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Snapshot ids to verify.
+    snapshots: Vec<String>,
+    /// Verify every snapshot.
+    #[arg(long, conflicts_with = "snapshots")]
+    all: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `novabackup snapshot ...`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Delete a snapshot (its data goes at the next garbage collection).
+    Delete {
+        /// Snapshot id.
+        id: String,
+    },
+    /// Show one snapshot.
+    Show {
+        /// Snapshot id.
+        id: String,
+    },
+}
+
+pub fn backup(client: &Client, a: BackupArgs) -> anyhow::Result<()> {
+    let j = client.backup(&BackupRequest {
+        disk: a.disk,
+        full: a.full,
+    })?;
+    if a.no_wait {
+        println!("{}", j.id);
+        return Ok(());
+    }
+    let j = job::wait(client, j, a.json, "bytes")?;
+    let r = job::result(&j)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let st = &r["stats"];
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    let secs = n("duration_ms") as f64 / 1000.0;
+    println!(
+        "snapshot {} ({})",
+        r["snapshot"].as_str().unwrap_or("?"),
+        r["kind"].as_str().unwrap_or("?")
+    );
+    println!("  why:        {}", r["reason"].as_str().unwrap_or(""));
+    println!(
+        "  read:       {} in {} chunks ({} all zero), {:.0} MiB/s",
+        format_size(n("bytes_read")),
+        n("chunks_read"),
+        n("zero_chunks"),
+        n("bytes_read") as f64 / secs.max(1e-3) / 1048576.0
+    );
+    println!(
+        "  new:        {} in {} chunks",
+        format_size(n("bytes_new")),
+        n("chunks_new")
+    );
+    println!(
+        "  stored:     {} after compression",
+        format_size(n("bytes_stored"))
+    );
+    println!(
+        "  dedup:      {:.2}x   compression: {:.2}x",
+        r["dedup_ratio"].as_f64().unwrap_or(0.0),
+        r["compression_ratio"].as_f64().unwrap_or(0.0)
+    );
+    println!("  duration:   {secs:.2} s");
+    Ok(())
+}
+
+pub fn snapshots(client: &Client, disk: Option<String>, json: bool) -> anyhow::Result<()> {
+    let list = client.snapshots(disk.as_deref())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if list.is_empty() {
+        println!("no snapshots; take one with `novabackup backup DISK`");
+    } else {
+        println!(
+            "{:<36} {:<11} {:>10} {:>10} {:>10}  PARENT",
+            "ID", "KIND", "SIZE", "READ", "STORED"
+        );
+        for s in list {
+            println!(
+                "{:<36} {:<11} {:>10} {:>10} {:>10}  {}",
+                s.id,
+                format!("{:?}", s.kind).to_lowercase(),
+                format_size(s.image_size),
+                format_size(s.stats.bytes_read),
+                format_size(s.stats.bytes_stored),
+                s.parent.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn snapshot(client: &Client, c: SnapshotCommand) -> anyhow::Result<()> {
+    match c {
+        SnapshotCommand::Delete { id } => {
+            client.delete_snapshot(&id)?;
+            println!("deleted {id}; its chunks are freed by the next garbage collection");
+        }
+        SnapshotCommand::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&client.snapshot(&id)?)?)
+        }
+    }
+    Ok(())
+}
+
+pub fn restore(client: &Client, a: RestoreArgs) -> anyhow::Result<()> {
+    let target =
+        std::path::absolute(&a.to).with_context(|| format!("bad target {}", a.to.display()))?;
+    let j = client.restore(&RestoreRequest {
+        snapshot: a.snapshot,
+        target: target.to_string_lossy().into_owned(),
+        force: a.force,
+    })?;
+    if a.no_wait {
+        println!("{}", j.id);
+        return Ok(());
+    }
+    let j = job::wait(client, j, false, "bytes")?;
+    let r = job::result(&j)?;
+    let ms = r["stats"]["duration_ms"].as_u64().unwrap_or(0);
+    let bytes = r["stats"]["bytes"].as_u64().unwrap_or(0);
+    println!(
+        "restored {} to {} ({}, every chunk verified) in {:.2} s",
+        r["snapshot"].as_str().unwrap_or("?"),
+        target.display(),
+        format_size(bytes),
+        ms as f64 / 1000.0
+    );
+    Ok(())
+}
+
+pub fn verify(client: &Client, a: VerifyArgs) -> anyhow::Result<()> {
+    if a.snapshots.is_empty() && !a.all {
+        anyhow::bail!("name the snapshots to verify, or pass --all");
+    }
+    let req = VerifyRequest {
+        snapshots: (!a.all).then_some(a.snapshots),
+    };
+    let j = job::wait(client, client.verify(&req)?, a.json, "chunks")?;
+    let r = job::result(&j)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        let rep = &r["report"];
+        for s in rep["snapshots"].as_array().into_iter().flatten() {
+            let id = s["id"].as_str().unwrap_or("?");
+            if s["ok"].as_bool() == Some(true) {
+                println!("{id}: ok");
+                continue;
+            }
+            println!("{id}: DAMAGED");
+            for p in s["bad_pages"].as_array().into_iter().flatten() {
+                println!("  index {}", p.as_str().unwrap_or(""));
+            }
+            for c in s["bad_chunks"].as_array().into_iter().flatten() {
+                println!(
+                    "  chunk {} at offset {}: {}",
+                    c["digest"].as_str().unwrap_or(""),
+                    c["offset"],
+                    c["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        for d in r["damaged_manifests"].as_array().into_iter().flatten() {
+            println!("{}", d.as_str().unwrap_or(""));
+        }
+        println!(
+            "{} chunks checked ({})",
+            rep["chunks_checked"],
+            format_size(rep["bytes_checked"].as_u64().unwrap_or(0))
+        );
+    }
+    if r["ok"].as_bool() != Some(true) {
+        anyhow::bail!("verify found damaged snapshots");
+    }
+    Ok(())
+}
+
+pub fn jobs(client: &Client, json: bool) -> anyhow::Result<()> {
+    let list = client.jobs()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    for j in list {
+        println!(
+            "{:<8} {:<8} {:<30} {:<10} {}/{} {}",
+            j.id,
+            j.kind,
+            j.target,
+            format!("{:?}", j.state).to_lowercase(),
+            j.done,
+            j.total,
+            j.error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Waiting for a job with a progress bar (bytes, rate, ETA) on stderr.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use novabackup_api::types::{JobInfo, JobState};
+use novabackup_api::Client;
+
+/// Polls `job` until it ends; shows a bar unless `quiet`. Units are bytes
+/// unless `unit` says otherwise.
+pub fn wait(client: &Client, mut job: JobInfo, quiet: bool, unit: &str) -> anyhow::Result<JobInfo> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    let template = if unit == "bytes" {
+        "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}"
+    } else {
+        "{msg} [{bar:30}] {pos}/{len} chunks {per_sec} ETA {eta}"
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} {}", job.kind, job.target));
+    loop {
+        bar.set_length(job.total);
+        bar.set_position(job.done);
+        if job.state != JobState::Running {
+            bar.finish_and_clear();
+            return Ok(job);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        job = client.job(&job.id)?;
+    }
+}
+
+/// Turns a failed or cancelled job into an error.
+pub fn result(job: &JobInfo) -> anyhow::Result<&serde_json::Value> {
+    match job.state {
+        JobState::Succeeded => Ok(job.result.as_ref().expect("a succeeded job has a result")),
+        JobState::Cancelled => anyhow::bail!(
+            "{} {} was cancelled: {}",
+            job.kind,
+            job.target,
+            job.error.as_deref().unwrap_or("")
+        ),
+        _ => anyhow::bail!(
+            "{} {} failed: {}",
+            job.kind,
+            job.target,
+            job.error.as_deref().unwrap_or("unknown error")
+        ),
+    }
+}

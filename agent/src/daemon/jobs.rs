@@ -1,0 +1,151 @@
+//! The job table: long work (backup, restore, verify) runs on its own
+//! thread with an id, progress (done, total, rate, ETA), and a final result
+//! or error; it can be cancelled. Finished jobs are kept (the last 200) so
+//! that clients can read their outcome.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use novabackup_api::types::{JobInfo, JobState};
+use novabackup_engine::progress::Progress;
+
+const KEEP: usize = 200;
+
+struct Job {
+    id: String,
+    kind: String,
+    target: String,
+    started_unix: u64,
+    started: Instant,
+    progress: Arc<Progress>,
+    outcome: Mutex<Option<(JobState, Result<serde_json::Value, String>, f64)>>,
+}
+
+/// The table.
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Mutex<Vec<Arc<Job>>>,
+    next: AtomicU64,
+}
+
+impl Jobs {
+    /// Starts `work` on a new thread and returns its job.
+    pub fn spawn(
+        &self,
+        kind: &str,
+        target: &str,
+        work: impl FnOnce(&Progress) -> Result<serde_json::Value, String> + Send + 'static,
+    ) -> JobInfo {
+        let id = format!("job-{}", self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        let job = Arc::new(Job {
+            id: id.clone(),
+            kind: kind.into(),
+            target: target.into(),
+            started_unix: novabackup_engine::time::now_unix(),
+            started: Instant::now(),
+            progress: Arc::new(Progress::default()),
+            outcome: Mutex::new(None),
+        });
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.push(job.clone());
+            let excess = jobs.len().saturating_sub(KEEP);
+            let mut removed = 0;
+            jobs.retain(|j| {
+                let finished = j.outcome.lock().map(|o| o.is_some()).unwrap_or(true);
+                if removed < excess && finished {
+                    removed += 1;
+                    return false;
+                }
+                true
+            });
+        }
+        let j = job.clone();
+        let span = tracing::info_span!("job", id = %id, kind, target);
+        std::thread::spawn(move || {
+            let _g = span.enter();
+            tracing::info!("job started");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&j.progress)))
+                .unwrap_or_else(|_| Err("the job crashed; see the agent's log".into()));
+            let state = match &r {
+                Ok(_) => JobState::Succeeded,
+                Err(_) if j.progress.cancelled() => JobState::Cancelled,
+                Err(_) => JobState::Failed,
+            };
+            match &r {
+                Ok(_) => tracing::info!(elapsed = ?j.started.elapsed(), "job succeeded"),
+                Err(e) => tracing::warn!(?state, "job ended: {e}"),
+            }
+            *j.outcome.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((state, r, j.started.elapsed().as_secs_f64()));
+        });
+        info(&job)
+    }
+
+    /// Every job, oldest first.
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|j| info(j))
+            .collect()
+    }
+
+    /// One job.
+    pub fn get(&self, id: &str) -> Option<JobInfo> {
+        self.find(id).map(|j| info(&j))
+    }
+
+    /// Asks a job to stop.
+    pub fn cancel(&self, id: &str) -> Option<JobInfo> {
+        let j = self.find(id)?;
+        j.progress.cancel();
+        Some(info(&j))
+    }
+
+    fn find(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|j| j.id == id)
+            .cloned()
+    }
+}
+
+fn info(j: &Job) -> JobInfo {
+    let (done, total) = j.progress.get();
+    let outcome = j.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let elapsed = outcome
+        .as_ref()
+        .map(|o| o.2)
+        .unwrap_or_else(|| j.started.elapsed().as_secs_f64());
+    let rate = if elapsed > 0.0 {
+        done as f64 / elapsed
+    } else {
+        0.0
+    };
+    let (state, result, error) = match outcome {
+        None => (JobState::Running, None, None),
+        Some((s, Ok(v), _)) => (s, Some(v), None),
+        Some((s, Err(e), _)) => (s, None, Some(e)),
+    };
+    let eta_seconds = (state == JobState::Running && rate > 0.0 && total >= done)
+        .then(|| (total - done) as f64 / rate);
+    JobInfo {
+        id: j.id.clone(),
+        kind: j.kind.clone(),
+        target: j.target.clone(),
+        state,
+        done,
+        total,
+        rate,
+        eta_seconds,
+        started: novabackup_engine::time::rfc3339(j.started_unix),
+        elapsed_seconds: elapsed,
+        result,
+        error,
+    }
+}

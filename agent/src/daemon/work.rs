@@ -1,0 +1,197 @@
+//! What the agent's jobs do: a backup ties the proxy's checkpoint to the
+//! engine's pipeline; restore and verify call the engine on the store.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use nbd_proxy::Export;
+use novabackup_engine::backup::{self, BackupOptions, BackupRequest};
+use novabackup_engine::format::manifest::{BackupKind, CbtRecord, Manifest};
+use novabackup_engine::ids::{DiskName, SnapshotId};
+use novabackup_engine::plan::{self, Mode, PlanInput};
+use novabackup_engine::progress::Progress;
+use novabackup_engine::read::ReadEngine;
+use novabackup_engine::store::{Store, StoreError};
+use novabackup_engine::{restore, time, verify};
+use serde_json::json;
+
+/// Engine settings shared by every job.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Pipeline tunables.
+    pub backup: BackupOptions,
+    /// Image reader.
+    pub read: ReadEngine,
+    /// Threads for restore and verify.
+    pub workers: usize,
+}
+
+/// Backs up one disk (see DESIGN.md "Point-in-time consistency").
+pub fn backup(
+    export: Arc<Export>,
+    store: Arc<dyn Store>,
+    s: EngineSettings,
+    mode: Mode,
+    progress: &Progress,
+) -> Result<serde_json::Value, String> {
+    let disk: DiskName = export.name.parse().map_err(|e| format!("{e}"))?;
+    let status = export.tracker.status();
+    let mut opts = s.backup.clone();
+    // A chunk never splits a CBT block, so copy-before-write copies line
+    // up with what the backup reads.
+    opts.chunk_size = opts.chunk_size.max(status.granularity);
+    let (base, no_base) = find_base(&*store, &disk, status.base.as_deref())?;
+    let (_, trust) = export.tracker.live();
+    let size = export.image.size;
+    let predicted_full =
+        plan::full_reason(mode, base.as_ref(), &no_base, &trust, size, opts.chunk_size).is_some();
+
+    // Snapshot ids have a one-second resolution: wait for a free second.
+    let t = loop {
+        let t = time::now_unix();
+        match store.manifest(&SnapshotId::new(&disk, t)) {
+            Err(StoreError::NoSnapshot(_)) => break t,
+            Err(e) => return Err(e.to_string()),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    };
+    let cp = export
+        .tracker
+        .checkpoint(predicted_full)
+        .map_err(|e| e.to_string())?;
+    let data = predicted_full.then(|| export.image.data_extents());
+    let p = plan::plan(&PlanInput {
+        size,
+        chunk_size: opts.chunk_size,
+        mode,
+        frozen: cp.frozen(),
+        trust: cp.trust(),
+        base: base.as_ref(),
+        no_base_reason: &no_base,
+        data: data.as_deref(),
+    });
+    if (p.kind == BackupKind::Full) != predicted_full {
+        // The trust changed between the two looks (it cannot today).
+        let _ = cp.abort();
+        return Err("change tracking changed state while the backup started; retry".into());
+    }
+    tracing::info!(kind = ?p.kind, reason = %p.reason, chunks = p.chunks_to_read(), "backup planned");
+    let req = BackupRequest {
+        disk: &disk,
+        image: &export.image.file,
+        size,
+        plan: &p,
+        base: base.as_ref(),
+        pit: &cp,
+        time_unix: t,
+        cbt: CbtRecord {
+            granularity: status.granularity,
+            dirty_blocks: cp.frozen().count_dirty() as u64,
+            trusted: cp.trust().is_trusted(),
+        },
+        engine: s.read,
+    };
+    match backup::run(&*store, &req, &opts, progress) {
+        Ok(m) => {
+            let copies = cp.copies();
+            cp.commit(&m.id.to_string()).map_err(|e| {
+                format!(
+                    "snapshot {} is stored, but saving the bitmap failed: {e}",
+                    m.id
+                )
+            })?;
+            Ok(summary(&m, copies))
+        }
+        Err(e) => {
+            if let Err(x) = cp.abort() {
+                tracing::error!("merging the frozen bits back failed: {x}");
+            }
+            Err(e.to_string())
+        }
+    }
+}
+
+fn find_base(
+    store: &dyn Store,
+    disk: &DiskName,
+    base: Option<&str>,
+) -> Result<(Option<Manifest>, String), String> {
+    let Some(id) = base else {
+        let (existing, _) = store.list(Some(disk)).map_err(|e| e.to_string())?;
+        let why = if existing.is_empty() {
+            "no previous snapshot of this disk".to_string()
+        } else {
+            "change tracking has no base snapshot (the disk was attached, or its bitmap reset, after the last snapshot)".to_string()
+        };
+        return Ok((None, why));
+    };
+    let id: SnapshotId = match id.parse() {
+        Ok(i) => i,
+        Err(_) => {
+            return Ok((
+                None,
+                format!("the bitmap names an invalid base snapshot {id:?}"),
+            ))
+        }
+    };
+    match store.manifest(&id) {
+        Ok(m) => Ok((Some(m), String::new())),
+        Err(StoreError::NoSnapshot(_)) => Ok((None, format!("the base snapshot {id} was deleted"))),
+        Err(e) => Ok((None, format!("the base snapshot {id} cannot be read: {e}"))),
+    }
+}
+
+fn summary(m: &Manifest, copies: usize) -> serde_json::Value {
+    let st = &m.stats;
+    let secs = (st.duration_ms as f64 / 1000.0).max(1e-3);
+    json!({
+        "snapshot": m.id,
+        "kind": m.kind,
+        "reason": m.reason,
+        "parent": m.parent,
+        "image_size": m.image_size,
+        "stats": st,
+        "read_rate": st.bytes_read as f64 / secs,
+        "dedup_ratio": if st.bytes_new > 0 { st.bytes_read as f64 / st.bytes_new as f64 } else { 0.0 },
+        "compression_ratio": if st.bytes_stored > 0 { st.bytes_new as f64 / st.bytes_stored as f64 } else { 0.0 },
+        "copy_before_write_blocks": copies,
+    })
+}
+
+/// Restores a snapshot to `target`.
+pub fn restore(
+    store: Arc<dyn Store>,
+    id: &SnapshotId,
+    target: &Path,
+    force: bool,
+    workers: usize,
+    progress: &Progress,
+) -> Result<serde_json::Value, String> {
+    let m = store.manifest(id).map_err(|e| e.to_string())?;
+    let st = restore::restore(&*store, &m, target, force, workers, progress)
+        .map_err(|e| e.to_string())?;
+    Ok(json!({ "snapshot": id, "target": target, "stats": st }))
+}
+
+/// Verifies the given snapshots, or all.
+pub fn verify(
+    store: Arc<dyn Store>,
+    ids: Option<Vec<SnapshotId>>,
+    workers: usize,
+    progress: &Progress,
+) -> Result<serde_json::Value, String> {
+    let (manifests, damaged) = match ids {
+        Some(ids) => {
+            let mut v = Vec::new();
+            for id in ids {
+                v.push(store.manifest(&id).map_err(|e| e.to_string())?);
+            }
+            (v, Vec::new())
+        }
+        None => store.list(None).map_err(|e| e.to_string())?,
+    };
+    let report = verify::verify(&*store, &manifests, workers, progress);
+    let damaged: Vec<String> = damaged.iter().map(|e| e.to_string()).collect();
+    let ok = report.ok() && damaged.is_empty();
+    Ok(json!({ "ok": ok, "report": report, "damaged_manifests": damaged }))
+}

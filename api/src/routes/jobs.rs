@@ -1,0 +1,105 @@
+//! Backups, restores, verify, snapshots and jobs.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+
+use super::{blocking, json_body, DiskService};
+use crate::error::ApiError;
+use crate::types::{BackupRequest, JobInfo, RestoreRequest, SnapshotInfo, VerifyRequest};
+
+type Svc = State<Arc<dyn DiskService>>;
+type Started = Result<(StatusCode, Json<JobInfo>), ApiError>;
+
+pub(super) async fn backup(
+    State(svc): Svc,
+    body: Result<Json<BackupRequest>, JsonRejection>,
+) -> Started {
+    let req = json_body(body)?;
+    let job = blocking(&svc, move |s| s.backup(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+pub(super) async fn restore(
+    State(svc): Svc,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Started {
+    let req = json_body(body)?;
+    let job = blocking(&svc, move |s| s.restore(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+pub(super) async fn verify_many(
+    State(svc): Svc,
+    body: Result<Json<VerifyRequest>, JsonRejection>,
+) -> Started {
+    let req = json_body(body)?;
+    let job = blocking(&svc, move |s| s.verify(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+pub(super) async fn verify_one(State(svc): Svc, Path(id): Path<String>) -> Started {
+    let req = VerifyRequest {
+        snapshots: Some(vec![id]),
+    };
+    let job = blocking(&svc, move |s| s.verify(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SnapshotQuery {
+    disk: Option<String>,
+}
+
+pub(super) async fn snapshots(
+    State(svc): Svc,
+    q: Result<Query<SnapshotQuery>, QueryRejection>,
+) -> Result<Json<Vec<SnapshotInfo>>, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            crate::error::ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    })?;
+    blocking(&svc, move |s| s.snapshots(q.disk.as_deref()))
+        .await
+        .map(Json)
+}
+
+pub(super) async fn snapshot(
+    State(svc): Svc,
+    Path(id): Path<String>,
+) -> Result<Json<SnapshotInfo>, ApiError> {
+    blocking(&svc, move |s| s.snapshot(&id)).await.map(Json)
+}
+
+pub(super) async fn delete_snapshot(
+    State(svc): Svc,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(&svc, move |s| s.delete_snapshot(&id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn jobs(State(svc): Svc) -> Result<Json<Vec<JobInfo>>, ApiError> {
+    blocking(&svc, |s| Ok(s.jobs())).await.map(Json)
+}
+
+pub(super) async fn job(
+    State(svc): Svc,
+    Path(id): Path<String>,
+) -> Result<Json<JobInfo>, ApiError> {
+    blocking(&svc, move |s| s.job(&id)).await.map(Json)
+}
+
+pub(super) async fn cancel(
+    State(svc): Svc,
+    Path(id): Path<String>,
+) -> Result<Json<JobInfo>, ApiError> {
+    blocking(&svc, move |s| s.cancel(&id)).await.map(Json)
+}
