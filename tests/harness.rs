@@ -14,6 +14,7 @@ pub struct Agent {
     pub engine: String,
     pub boot_file: PathBuf,
     child: Option<Child>,
+    extra: Vec<String>,
     pub api: String,
     pub socket: PathBuf,
     pub tcp: String,
@@ -30,6 +31,11 @@ struct Runtime {
 impl Agent {
     /// Starts an agent with its state in `dir` (created if needed).
     pub fn start(dir: &Path, engine: &str) -> Agent {
+        Self::start_with(dir, engine, &[])
+    }
+
+    /// Starts an agent with extra `agent` options.
+    pub fn start_with(dir: &Path, engine: &str, extra: &[&str]) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let boot_file = dir.join("boot_id");
         if !boot_file.exists() {
@@ -40,6 +46,7 @@ impl Agent {
             engine: engine.into(),
             boot_file,
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             api: String::new(),
             socket: PathBuf::new(),
             tcp: String::new(),
@@ -73,6 +80,7 @@ impl Agent {
                 "--boot-id-file",
             ])
             .arg(&self.boot_file)
+            .args(&self.extra)
             .env("NOVABACKUP_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)

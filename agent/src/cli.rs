@@ -2,6 +2,7 @@
 //! group; each talks to the agent through `novabackup_api::Client`.
 
 mod backup;
+mod demo;
 mod disk;
 mod job;
 
@@ -56,6 +57,9 @@ enum Command {
     Restore(backup::RestoreArgs),
     /// Re-read and re-hash every chunk of snapshots.
     Verify(backup::VerifyArgs),
+    /// Run the whole product on a temporary folder: agent, disk, NBD writes,
+    /// full and incremental backups, restores checked byte for byte.
+    Demo(demo::DemoArgs),
     /// List the agent's jobs.
     Jobs {
         /// Print JSON.
@@ -80,10 +84,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
             daemon::run(dir, opts)
         }
+        Command::Demo(a) => demo::run(a),
         other => {
             let client = client(cli.data_dir.as_deref(), cli.api.as_deref())?;
             match other {
-                Command::Agent(_) => unreachable!("handled above"),
+                Command::Agent(_) | Command::Demo(_) => unreachable!("handled above"),
                 Command::Disk(c) => disk::run(&client, c),
                 Command::Backup(a) => backup::backup(&client, a),
                 Command::Snapshots { disk, json } => backup::snapshots(&client, disk, json),

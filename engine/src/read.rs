@@ -116,7 +116,7 @@ mod tests {
             file: &f,
             size: size as u64,
             chunk_size: 4096,
-            ranges: &[0..30],
+            ranges: &[0..15, 15..30],
             depth: 8,
         };
         let r = read_chunks(ReadEngine::Uring, &job, &mut |_, _| Err("stop"));

@@ -11,6 +11,7 @@
 
 pub mod cbw;
 pub mod checkpoint;
+pub mod client;
 pub mod export;
 pub mod proto;
 pub mod server;

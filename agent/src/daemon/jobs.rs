@@ -12,6 +12,9 @@ use novabackup_engine::progress::Progress;
 
 const KEEP: usize = 200;
 
+/// How a job ended: its state, result or error, and seconds taken.
+type Outcome = (JobState, Result<serde_json::Value, String>, f64);
+
 struct Job {
     id: String,
     kind: String,
@@ -19,7 +22,7 @@ struct Job {
     started_unix: u64,
     started: Instant,
     progress: Arc<Progress>,
-    outcome: Mutex<Option<(JobState, Result<serde_json::Value, String>, f64)>>,
+    outcome: Mutex<Option<Outcome>>,
 }
 
 /// The table.

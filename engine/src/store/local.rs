@@ -225,7 +225,7 @@ impl Store for LocalStore {
                 }
             }
         }
-        out.sort_by(|a, b| (a.time_unix, a.id.to_string()).cmp(&(b.time_unix, b.id.to_string())));
+        out.sort_by_key(|m| (m.time_unix, m.id.to_string()));
         Ok((out, bad))
     }
 

@@ -1,0 +1,367 @@
+//! Backups and restores through the real agent, with real clients writing.
+
+#[path = "harness.rs"]
+mod harness;
+
+use std::path::Path;
+
+use harness::*;
+
+fn backup(a: &Agent, disk: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["backup", disk, "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&a.ok(&args)).unwrap()
+}
+
+fn restore(a: &Agent, id: &str, to: &Path) {
+    a.ok(&["restore", id, "--to", to.to_str().unwrap()]);
+}
+
+fn compare(a: &Path, b: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn chain_of_six_backups_restores_every_point_in_time() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 48 << 20, 1);
+    let a = Agent::start(&t.path().join("a"), "uring");
+    a.attach("vm", &img, &[]);
+    let mut points = Vec::new();
+    for round in 0..6u64 {
+        if round > 0 {
+            // Random writes of assorted sizes and patterns through NBD.
+            let mut cmds = Vec::new();
+            for i in 0..12u64 {
+                let x = (round * 7919 + i * 104_729) % (47 << 20);
+                let len = [4096, 65536, 100_000, 1 << 20][(i % 4) as usize];
+                cmds.push(format!(
+                    "aio_write -P {} {} {}",
+                    (round * 16 + i) % 255 + 1,
+                    x,
+                    len
+                ));
+            }
+            cmds.push("aio_flush".into());
+            if round == 3 {
+                cmds.push("write -z 0 2M".into());
+            }
+            let mut args = vec!["-f".to_string(), "raw".to_string()];
+            for c in cmds {
+                args.push("-c".into());
+                args.push(c);
+            }
+            args.push(a.uri("vm"));
+            run(
+                "qemu-io",
+                &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            );
+        }
+        let copy = t.path().join(format!("at{round}.img"));
+        std::fs::copy(&img, &copy).unwrap();
+        let r = backup(&a, "vm", &[]);
+        let kind = r["kind"].as_str().unwrap();
+        assert_eq!(kind, if round == 0 { "full" } else { "incremental" }, "{r}");
+        if round > 0 {
+            // Only what changed is read.
+            assert!(r["stats"]["bytes_read"].as_u64().unwrap() < 12 << 20, "{r}");
+        }
+        points.push((r["snapshot"].as_str().unwrap().to_string(), copy));
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&a.ok(&["snapshots", "vm", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 6);
+    for (id, copy) in &points {
+        let out = t.path().join(format!("restored-{id}.img"));
+        restore(&a, id, &out);
+        compare(&out, copy);
+    }
+    // --full re-reads everything but stores nothing new.
+    let r = backup(&a, "vm", &["--full"]);
+    assert_eq!(r["kind"], "full");
+    assert_eq!(r["stats"]["chunks_new"], 0, "{r}");
+    assert!(a.ok(&["verify", "--all"]).contains(": ok"));
+    // Restore refuses to overwrite without --force.
+    let o = a.cli(&[
+        "restore",
+        &points[0].0,
+        "--to",
+        points[0].1.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+}
+
+/// A writer sweeps a region block by block with generation numbers while
+/// a backup runs. A point-in-time image shows one generation g on a prefix
+/// of the region and g-1 on the rest (one block may be torn: the write in
+/// flight at the checkpoint).
+fn assert_point_in_time(data: &[u8], start: usize, blocks: usize) {
+    let gens: Vec<u8> = (0..blocks)
+        .map(|b| {
+            let blk = &data[start + b * 65536..start + (b + 1) * 65536];
+            if blk.iter().all(|x| *x == blk[0]) {
+                blk[0]
+            } else {
+                0
+            }
+        })
+        .collect();
+    let torn = gens.iter().filter(|g| **g == 0).count();
+    assert!(torn <= 1, "more than one torn block: {gens:?}");
+    let vals: Vec<u8> = gens.iter().copied().filter(|g| *g != 0).collect();
+    let hi = *vals.iter().max().unwrap();
+    let split = gens
+        .iter()
+        .position(|g| *g != hi && *g != 0)
+        .unwrap_or(blocks);
+    for (i, g) in gens.iter().enumerate() {
+        if *g == 0 {
+            continue;
+        }
+        let want = if i < split { hi } else { hi.wrapping_sub(1) };
+        assert_eq!(
+            *g, want,
+            "block {i} is from another point in time: {gens:?}"
+        );
+    }
+}
+
+#[test]
+fn backups_are_point_in_time_while_a_client_writes() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 96 << 20, 2);
+    let a = Agent::start(&t.path().join("a"), "uring");
+    a.attach("vm", &img, &[]);
+    // The swept region is at the end: the backup reads it last, after the
+    // writer has overwritten it many times.
+    let start: u64 = 80 << 20;
+    let blocks = 128u64;
+    let script = format!(
+        "import time\nstop = time.time() + 60\ng = 1\nwhile time.time() < stop and not __import__('os').path.exists('{stop}'):\n    b = bytes([g]) * 65536\n    for i in range({blocks}):\n        h.pwrite(b, {start} + i * 65536)\n    g = g % 250 + 1\n",
+        stop = t.path().join("stop").display()
+    );
+    // Generation 250 everywhere first, so "g-1" exists from the start.
+    run("nbdsh", &["-u", &a.uri("vm"), "-c", &format!("b = bytes([250]) * 65536\nfor i in range({blocks}):\n    h.pwrite(b, {start} + i * 65536)\n")]);
+    let mut writer = peer("nbdsh")
+        .args(["-u", &a.uri("vm"), "-c", &script])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let full = backup(&a, "vm", &[]);
+    let inc = backup(&a, "vm", &[]);
+    std::fs::write(t.path().join("stop"), b"").unwrap();
+    writer.wait().unwrap();
+    assert_eq!(full["kind"], "full");
+    assert_eq!(inc["kind"], "incremental");
+    let copies = full["copy_before_write_blocks"].as_u64().unwrap()
+        + inc["copy_before_write_blocks"].as_u64().unwrap();
+    assert!(
+        copies > 0,
+        "the writer never raced the backup; the test proves nothing: {full} {inc}"
+    );
+    for r in [&full, &inc] {
+        let out = t.path().join("out.img");
+        restore(&a, r["snapshot"].as_str().unwrap(), &out);
+        let data = std::fs::read(&out).unwrap();
+        assert_point_in_time(&data, start as usize, blocks as usize);
+        // Outside the swept region the disk never changed.
+        let orig = {
+            let p = t.path().join("orig.img");
+            random_file(&p, 96 << 20, 2);
+            std::fs::read(&p).unwrap()
+        };
+        assert!(data[..start as usize] == orig[..start as usize]);
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+#[test]
+fn kill_9_during_a_backup_loses_nothing() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 256 << 20, 3);
+    let mut a = Agent::start(&t.path().join("a"), "uring");
+    a.attach("vm", &img, &[]);
+    let first = backup(&a, "vm", &[]);
+    // Writes the next backups must carry.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 1M 3M",
+            "-c",
+            "write -P 0x43 200M 1M",
+            &a.uri("vm"),
+        ],
+    );
+    let before = a.cbt("vm")["dirty_blocks"].as_u64().unwrap();
+    assert_eq!(before, 64);
+    // A full backup reads 256 MiB; kill the agent once it has started.
+    let job = a
+        .ok(&["backup", "vm", "--full", "--no-wait"])
+        .trim()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let jobs: serde_json::Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
+        let j = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == job.as_str())
+            .unwrap()
+            .clone();
+        if j["done"].as_u64().unwrap() > 0 || j["state"] != "running" {
+            assert_eq!(
+                j["state"], "running",
+                "the backup finished before the kill: {j}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    a.kill9();
+    a.restart();
+    let list: serde_json::Value = serde_json::from_str(&a.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "a partial snapshot is visible: {list}"
+    );
+    assert_eq!(
+        a.cbt("vm")["dirty_blocks"].as_u64().unwrap(),
+        before,
+        "the frozen bits were not merged back"
+    );
+    assert!(a.ok(&["verify", "--all"]).contains(": ok"));
+    let next = backup(&a, "vm", &[]);
+    assert_eq!(next["kind"], "incremental", "{next}");
+    assert_eq!(next["parent"], first["snapshot"]);
+    let out = t.path().join("out.img");
+    restore(&a, next["snapshot"].as_str().unwrap(), &out);
+    compare(&out, &img);
+}
+
+#[test]
+fn a_corrupted_chunk_is_named_by_verify_and_stops_restore() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 8 << 20, 4);
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("vm", &img, &[]);
+    let r = backup(&a, "vm", &[]);
+    let id = r["snapshot"].as_str().unwrap();
+    // Damage one data chunk file (the largest ones are data, not index).
+    let chunks = t.path().join("a/state/store/chunks");
+    let mut files: Vec<_> = walk(&chunks);
+    files.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let victim = files.last().unwrap().clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+    let o = a.cli(&["verify", id]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("{id}: DAMAGED")) && out.contains(&name),
+        "{out}"
+    );
+    let target = t.path().join("restored.img");
+    let o = a.cli(&["restore", id, "--to", target.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&name) && err.contains("was not completed"),
+        "{err}"
+    );
+    assert!(!target.exists());
+    assert!(!t.path().join("restored.img.partial").exists());
+}
+
+fn walk(p: &Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            v.extend(walk(&e.path()));
+        } else {
+            v.push(e.path());
+        }
+    }
+    v
+}
+
+#[test]
+fn a_full_store_fails_cleanly_and_keeps_the_dirty_bits() {
+    let t = tempdir();
+    let mnt = t.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=6m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ],
+    );
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let img = t.path().join("disk.img");
+    random_file(&img, 4 << 20, 5);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut a = Agent::start_with(
+        &t.path().join("a"),
+        "uring",
+        &["--store", mnt.join("store").to_str().unwrap()],
+    );
+    a.attach("vm", &img, &[]);
+    let first = backup(&a, "vm", &[]);
+    // 12 MiB of new incompressible data cannot fit in what is left.
+    let src = t.path().join("noise.img");
+    random_file(&src, 12 << 20, 6);
+    run("nbdcopy", &[src.to_str().unwrap(), &a.uri("vm"), "--flush"]);
+    let o = a.cli(&["backup", "vm"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("out of space"), "{err}");
+    assert_eq!(a.cbt("vm")["dirty_blocks"], 192, "the dirty bits were lost");
+    let list: serde_json::Value = serde_json::from_str(&a.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(a.ok(&["verify", "--all"]).contains(": ok"));
+    // After a restart, what the failed backup staged is cleaned up.
+    a.stop();
+    a.restart();
+    let used = walk(&mnt.join("store/tmp")).len();
+    assert_eq!(used, 0);
+    let _ = first;
+}
