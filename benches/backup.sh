@@ -14,6 +14,7 @@
 #   ./benches/backup.sh                      # all three tools, 1 run
 #   RUNS=3 TOOLS="novabackup restic" ./benches/backup.sh
 #   SMOKE=1 ./benches/backup.sh              # 256 MiB synthetic disk, novabackup only
+#   CHUNK_SIZE=256K ZSTD_LEVEL=3 TOOLS=novabackup ./benches/backup.sh
 #
 # Page cache warm, as in BASELINE.md (inputs are read once before each step).
 set -euo pipefail
@@ -80,7 +81,8 @@ for run in $(seq "$RUNS"); do
     case $tool in
       novabackup)
         store=$D/state/store
-        "$BIN" --data-dir "$D/state" agent --nbd-listen none --api-listen 127.0.0.1:0 2> "$D/agent.log" &
+        "$BIN" --data-dir "$D/state" agent --nbd-listen none --api-listen 127.0.0.1:0 \
+          --chunk-size "${CHUNK_SIZE:-64K}" --zstd-level "${ZSTD_LEVEL:-1}" 2> "$D/agent.log" &
         AGENT=$!
         for _ in $(seq 100); do [ -f "$D/state/agent.json" ] && break; sleep 0.05; done
         nb() { "$BIN" --data-dir "$D/state" "$@"; }

@@ -263,7 +263,7 @@ pub fn run(
     }
     let paged = started.elapsed();
     store.sync()?;
-    tracing::info!(pipeline = ?piped, pages = ?(paged - piped), sync = ?(started.elapsed() - paged), "backup phases");
+    tracing::debug!(pipeline = ?piped, pages = ?(paged - piped), sync = ?(started.elapsed() - paged), "backup phases");
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let manifest = Manifest {
         format: FORMAT,

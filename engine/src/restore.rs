@@ -142,52 +142,27 @@ pub fn restore(
     };
     let chunks = AtomicUsize::new(0);
     let zeros = AtomicUsize::new(0);
-    let cs = m.chunk_size;
+    // Twice the cores: a worker waiting on a chunk file's read or on page
+    // cache allocation leaves its core to another.
     std::thread::scope(|s| {
-        for _ in 0..workers.max(1) {
-            s.spawn(|| loop {
-                if failure.lock().unwrap().is_some() {
-                    return;
-                }
-                if progress.cancelled() {
-                    failure
-                        .lock()
-                        .unwrap()
-                        .get_or_insert(RestoreError::Cancelled);
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(d) = digests.get(i) else { return };
-                let off = i as u64 * cs;
-                let len = (m.image_size - off).min(cs);
-                let r = if d.is_zero() {
-                    zeros.fetch_add(1, Ordering::Relaxed);
-                    if is_dev {
-                        write_zeroes(&out, off, len)
-                    } else {
-                        Ok(())
-                    }
-                    .map_err(|e| werr(&written_path, e))
-                } else {
-                    chunks.fetch_add(1, Ordering::Relaxed);
-                    fetch(store, d, len)
-                        .map_err(|why| RestoreError::BadChunk {
-                            snapshot: m.id.to_string(),
-                            digest: *d,
-                            offset: off,
-                            why,
-                            target: target.display().to_string(),
-                        })
-                        .and_then(|data| {
-                            out.write_all_at(&data, off)
-                                .map_err(|e| werr(&written_path, e))
-                        })
-                };
-                if let Err(e) = r {
+        for _ in 0..workers.max(1) * 2 {
+            s.spawn(|| {
+                if let Err(e) = worker(&Worker {
+                    store,
+                    m,
+                    digests: &digests,
+                    next: &next,
+                    progress,
+                    out: &out,
+                    is_dev,
+                    written_path: &written_path,
+                    target,
+                    chunks: &chunks,
+                    zeros: &zeros,
+                    failure: &failure,
+                }) {
                     failure.lock().unwrap().get_or_insert(e);
-                    return;
                 }
-                progress.add(len);
             });
         }
     });
@@ -214,16 +189,75 @@ pub fn restore(
     Ok(stats)
 }
 
-fn fetch(store: &dyn Store, d: &ChunkDigest, len: u64) -> Result<Vec<u8>, String> {
+struct Worker<'a> {
+    store: &'a dyn Store,
+    m: &'a Manifest,
+    digests: &'a [ChunkDigest],
+    next: &'a AtomicUsize,
+    progress: &'a Progress,
+    out: &'a File,
+    is_dev: bool,
+    written_path: &'a Path,
+    target: &'a Path,
+    chunks: &'a AtomicUsize,
+    zeros: &'a AtomicUsize,
+    failure: &'a Mutex<Option<RestoreError>>,
+}
+
+/// Takes chunks until none are left or another worker failed.
+fn worker(w: &Worker<'_>) -> Result<(), RestoreError> {
+    let werr = |source| RestoreError::Write {
+        path: w.written_path.to_path_buf(),
+        source,
+    };
+    let cs = w.m.chunk_size as usize;
+    let mut dctx = zstd::bulk::Decompressor::new().map_err(werr)?;
+    let mut buf = vec![0u8; cs];
+    loop {
+        if w.failure.lock().unwrap().is_some() {
+            return Ok(());
+        }
+        if w.progress.cancelled() {
+            return Err(RestoreError::Cancelled);
+        }
+        let i = w.next.fetch_add(1, Ordering::Relaxed);
+        let Some(d) = w.digests.get(i) else {
+            return Ok(());
+        };
+        let off = (i * cs) as u64;
+        let len = (w.m.image_size - off).min(cs as u64) as usize;
+        if d.is_zero() {
+            w.zeros.fetch_add(1, Ordering::Relaxed);
+            if w.is_dev {
+                write_zeroes(w.out, off, len as u64).map_err(werr)?;
+            }
+        } else {
+            w.chunks.fetch_add(1, Ordering::Relaxed);
+            let data = &mut buf[..len];
+            fetch_into(w.store, d, data, &mut dctx).map_err(|why| RestoreError::BadChunk {
+                snapshot: w.m.id.to_string(),
+                digest: *d,
+                offset: off,
+                why,
+                target: w.target.display().to_string(),
+            })?;
+            w.out.write_all_at(data, off).map_err(werr)?;
+        }
+        w.progress.add(len as u64);
+    }
+}
+
+fn fetch_into(
+    store: &dyn Store,
+    d: &ChunkDigest,
+    out: &mut [u8],
+    dctx: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<(), String> {
     let file = store.get_chunk(d).map_err(|e| match e {
         StoreError::MissingChunk(_) => "missing from the store".to_string(),
         e => e.to_string(),
     })?;
-    let data = chunk::decode_verified(&file, d).map_err(|e| e.to_string())?;
-    if data.len() as u64 != len {
-        return Err(format!("holds {} bytes, the index needs {len}", data.len()));
-    }
-    Ok(data)
+    chunk::decode_verified_into(&file, d, out, dctx).map_err(|e| e.to_string())
 }
 
 fn write_zeroes(f: &File, off: u64, len: u64) -> io::Result<()> {

@@ -34,7 +34,11 @@ pub fn wait(client: &Client, mut job: JobInfo, quiet: bool, unit: &str) -> anyho
             return Ok(job);
         }
         // Short jobs (a small incremental) should not wait on the poll.
-        let pause = if started.elapsed() < Duration::from_secs(2) { 20 } else { 200 };
+        let pause = if started.elapsed() < Duration::from_secs(2) {
+            20
+        } else {
+            200
+        };
         std::thread::sleep(Duration::from_millis(pause));
         job = client.job(&job.id)?;
     }
