@@ -8,6 +8,9 @@
 //! $NBBENCH/corpus/vm.img exists, else a synthetic mix of text, noise and
 //! zeroes.
 
+// criterion_group! generates undocumented public items.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
