@@ -16,6 +16,8 @@ have nbdkit || need+=(nbdkit)
 have fio || need+=(fio)
 have losetup || need+=(mount)
 have openssl || need+=(openssl)
+have mke2fs || need+=(e2fsprogs)
+have bc || need+=(bc)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "== installing ${need[*]}"
@@ -35,4 +37,6 @@ echo "== cargo test"
 cargo test
 echo "== benchmark smoke runs"
 SMOKE=1 bash benches/nbd.sh
+SMOKE=1 bash benches/backup.sh
+SMOKE=1 bash benches/pipeline.sh
 echo "== all tests passed"

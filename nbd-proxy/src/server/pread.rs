@@ -11,7 +11,6 @@ use bytes::BytesMut;
 
 use super::session::{Next, Session, Work};
 use super::Conn;
-use crate::proto::request::{decode, Decoded, HEADER_LEN};
 
 const WORKERS: usize = 4;
 const READ_CHUNK: usize = 256 * 1024;
@@ -37,33 +36,15 @@ pub(super) fn run(conn: &Conn, session: &Session, mut rbuf: BytesMut) -> io::Res
         let mut tmp = vec![0u8; READ_CHUNK];
         'conn: loop {
             loop {
-                match decode(&rbuf, &session.limits) {
-                    Ok(Decoded::Incomplete(_)) => break,
-                    Ok(Decoded::Reject {
-                        cookie,
-                        error,
-                        total,
-                        why,
-                    }) => {
-                        let _ = rbuf.split_to(total);
-                        send(&session.error(cookie, error, why));
-                    }
-                    Ok(Decoded::Request { req, total }) => {
-                        let payload = rbuf.split_to(total).freeze().slice(HEADER_LEN..);
-                        match session.handle(req, payload) {
-                            Next::Work(w) => {
-                                if tx.send(w).is_err() {
-                                    break 'conn;
-                                }
-                            }
-                            Next::Reply(r) => send(&r),
-                            Next::Disconnect => break 'conn,
+                match session.next(&mut rbuf) {
+                    Next::NeedMore => break,
+                    Next::Work(w) => {
+                        if tx.send(w).is_err() {
+                            break 'conn;
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!("closing connection: {e}");
-                        break 'conn;
-                    }
+                    Next::Reply(r) => send(&r),
+                    Next::Disconnect => break 'conn,
                 }
             }
             match (&*conn).read(&mut tmp) {

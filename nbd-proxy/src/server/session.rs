@@ -8,12 +8,12 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::export::{Export, MAX_PAYLOAD};
 use crate::proto::handshake::{MetaContext, Negotiated};
 use crate::proto::reply;
-use crate::proto::request::{Command, Limits, Request};
+use crate::proto::request::{decode, Command, Decoded, Limits, Request, HEADER_LEN};
 use crate::proto::NbdError;
 use crate::tracking::WriteTicket;
 
@@ -40,11 +40,16 @@ pub(crate) enum Work {
     },
 }
 
-/// What to do after [`Session::handle`].
+/// What to do next with a connection's buffered input.
 pub(crate) enum Next {
+    /// Hand this I/O to the engine.
     Work(Work),
+    /// Send this reply.
     Reply(Vec<u8>),
+    /// Answer what is in flight, then close (DISC, or a protocol error).
     Disconnect,
+    /// Read more bytes.
+    NeedMore,
 }
 
 pub(crate) struct Session {
@@ -92,7 +97,32 @@ impl Session {
         reply::read_header_len(self.structured)
     }
 
-    pub(crate) fn handle(&self, req: Request, payload: Bytes) -> Next {
+    /// Decodes the request at the front of `rbuf` and takes it (and its
+    /// payload, zero-copy) out of the buffer.
+    pub(crate) fn next(&self, rbuf: &mut BytesMut) -> Next {
+        match decode(rbuf, &self.limits) {
+            Ok(Decoded::Incomplete(_)) => Next::NeedMore,
+            Ok(Decoded::Reject {
+                cookie,
+                error,
+                total,
+                why,
+            }) => {
+                let _ = rbuf.split_to(total);
+                Next::Reply(self.error(cookie, error, why))
+            }
+            Ok(Decoded::Request { req, total }) => {
+                let payload = rbuf.split_to(total).freeze().slice(HEADER_LEN..);
+                self.handle(req, payload)
+            }
+            Err(e) => {
+                tracing::warn!("closing connection: {e}");
+                Next::Disconnect
+            }
+        }
+    }
+
+    fn handle(&self, req: Request, payload: Bytes) -> Next {
         let Request {
             cookie,
             offset,

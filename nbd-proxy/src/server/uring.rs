@@ -26,7 +26,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::session::{Next, Session, Work};
 use super::Conn;
-use crate::proto::request::{decode, Decoded, HEADER_LEN};
+use crate::proto::request::{decode, Decoded};
 use crate::tracking::WriteTicket;
 
 const RING_ENTRIES: u32 = 256;
@@ -212,30 +212,11 @@ impl Loop<'_> {
 
     fn decode_all(&mut self) -> io::Result<()> {
         while self.reading {
-            match decode(&self.rbuf, &self.session.limits) {
-                Ok(Decoded::Incomplete(_)) => break,
-                Ok(Decoded::Reject {
-                    cookie,
-                    error,
-                    total,
-                    why,
-                }) => {
-                    let _ = self.rbuf.split_to(total);
-                    let r = self.session.error(cookie, error, why);
-                    self.enqueue(r);
-                }
-                Ok(Decoded::Request { req, total }) => {
-                    let payload = self.rbuf.split_to(total).freeze().slice(HEADER_LEN..);
-                    match self.session.handle(req, payload) {
-                        Next::Work(w) => self.start(w)?,
-                        Next::Reply(r) => self.enqueue(r),
-                        Next::Disconnect => self.reading = false,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("closing connection: {e}");
-                    self.reading = false;
-                }
+            match self.session.next(&mut self.rbuf) {
+                Next::NeedMore => break,
+                Next::Work(w) => self.start(w)?,
+                Next::Reply(r) => self.enqueue(r),
+                Next::Disconnect => self.reading = false,
             }
         }
         Ok(())
