@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use novabackup_engine::cbt::persist::{self, BitmapFile, Trust};
@@ -85,6 +86,10 @@ impl State {
 /// The CBT state of one disk.
 pub struct Tracker {
     state: Mutex<State>,
+    /// A copy of `State::generation`, written under the lock, so that the
+    /// common case of `after_write` (no checkpoint since the write was
+    /// marked) takes no lock.
+    generation: AtomicU64,
     frozen_path: PathBuf,
     cbw_dir: PathBuf,
     boot_id: String,
@@ -137,6 +142,7 @@ impl Tracker {
             source,
         })?;
         Ok(Tracker {
+            generation: AtomicU64::new(0),
             state: Mutex::new(State {
                 live: bitmap,
                 file,
@@ -188,6 +194,9 @@ impl Tracker {
         offset: u64,
         len: u64,
     ) -> Result<(), TrackError> {
+        if self.generation.load(Ordering::SeqCst) == ticket.generation {
+            return Ok(());
+        }
         let mut s = self.lock();
         if s.generation != ticket.generation {
             let words = s.live.mark(offset, len);
@@ -215,6 +224,7 @@ impl Tracker {
             return Err(e.into());
         }
         s.generation += 1;
+        self.generation.store(s.generation, Ordering::SeqCst);
         let shared = Arc::new(
             CheckpointShared::new(frozen, trust, protect_all, &self.cbw_dir)
                 .map_err(TrackError::Cbw)?,
