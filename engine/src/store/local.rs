@@ -9,8 +9,8 @@
 //! ```
 //!
 //! Chunks are written to `tmp/` without fsync; [`Store::sync`] then makes
-//! them all durable at once with `syncfs`, renames them into `chunks/`, and
-//! calls `syncfs` again so the renames are durable too. A chunk file under
+//! them all durable at once through [`fsutil::publish`] (`syncfs`, rename
+//! into `chunks/`, `syncfs` again). A chunk file under
 //! its final name is therefore always complete, even after a power cut, and
 //! a backup of N chunks costs two filesystem syncs, not N fsyncs (the same
 //! choice as Proxmox Backup Server's default "filesystem" sync level). The
@@ -21,8 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -110,12 +109,6 @@ impl LocalStore {
         self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn syncfs(&self) -> Result<(), StoreError> {
-        let f = File::open(&self.root).map_err(|e| StoreError::io(&self.root, e))?;
-        nix::unistd::syncfs(f.as_raw_fd())
-            .map_err(|e| StoreError::io(&self.root, io::Error::from_raw_os_error(e as i32)))
-    }
-
     fn read_manifest(&self, path: &Path) -> Result<Manifest, StoreError> {
         let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
         Manifest::decode(&bytes).map_err(|why| StoreError::BadManifest {
@@ -145,14 +138,7 @@ impl Store for LocalStore {
             .join("tmp")
             .join(&hex[..2])
             .join(format!("{hex}.{}.{n}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(file)
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::io(&tmp, e));
-        }
+        fsutil::write_staged(&tmp, file).map_err(|e| StoreError::io(&tmp, e))?;
         self.staged().insert(*digest, tmp);
         Ok(file.len() as u64)
     }
@@ -172,16 +158,16 @@ impl Store for LocalStore {
     fn sync(&self) -> Result<(), StoreError> {
         let batch: Vec<(ChunkDigest, PathBuf)> =
             self.staged().iter().map(|(d, p)| (*d, p.clone())).collect();
-        if batch.is_empty() {
-            return Ok(());
+        let moves: Vec<(PathBuf, PathBuf)> = batch
+            .iter()
+            .map(|(d, p)| (p.clone(), self.chunk_path(d)))
+            .collect();
+        fsutil::publish(&self.root, &moves).map_err(|e| StoreError::io(&self.root, e))?;
+        let mut staged = self.staged();
+        for (d, _) in &batch {
+            staged.remove(d);
         }
-        self.syncfs()?;
-        for (d, tmp) in &batch {
-            let dst = self.chunk_path(d);
-            fs::rename(tmp, &dst).map_err(|e| StoreError::io(&dst, e))?;
-            self.staged().remove(d);
-        }
-        self.syncfs()
+        Ok(())
     }
 
     fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
