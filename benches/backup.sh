@@ -90,7 +90,19 @@ for run in $(seq "$RUNS"); do
         nb disk attach vm2 --image "$CORPUS/vm2.img" --read-only > /dev/null
         URI="nbd+unix:///vm?socket=$D/state/nbd.sock"
         backup() { nb backup "$1"; }
-        mutate() { NBBENCH=$NB "$SHARED/mutate-nbd.sh" "$1" "$2" "$URI"; }
+        if [ "${SMOKE:-0}" = 1 ]; then
+          # Self-contained: the shared scripts may not sit beside a CI clone.
+          mutate() {
+            PATH=/usr/bin:$PATH nbdsh -u "$URI" -c "
+import random
+r = random.Random($2); n = h.get_size() // 65536
+for b in r.sample(range(n), max(1, n * $1 // 100)):
+    h.pwrite(r.randbytes(65536), b * 65536)
+h.flush()"
+          }
+        else
+          mutate() { NBBENCH=$NB "$SHARED/mutate-nbd.sh" "$1" "$2" "$URI"; }
+        fi
         restore() { nb restore "$(nb snapshots vm --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')" --to "$D/restore/vm.img"; }
         restored=$D/restore/vm.img ;;
       restic)
