@@ -43,8 +43,8 @@ const MAX_INFLIGHT: usize = 128;
 const MAX_QUEUED: usize = 64 << 20;
 const RECV_CHUNK: usize = 256 * 1024;
 const MAX_IOV: usize = 64;
-/// Reads at least this long are issued asynchronously (see `submit_op`).
-const ASYNC_READ: usize = 256 * 1024;
+/// Reads and writes at least this long run on an io-wq worker (module doc).
+const ASYNC_IO: usize = 256 * 1024;
 
 /// Checks that a ring can be created and a no-op completes.
 pub(super) fn probe() -> io::Result<()> {
@@ -237,7 +237,7 @@ impl Loop<'_> {
             ticket,
         } = w
         {
-            if data.len() >= ASYNC_READ {
+            if data.len() >= ASYNC_IO {
                 return self.start_op(Op::Write {
                     cookie,
                     offset,
@@ -312,7 +312,7 @@ impl Loop<'_> {
                     .build();
                 // Large reads go to an io-wq worker at once, so their copy
                 // out of the page cache overlaps with this thread's sends.
-                if rest.len() >= ASYNC_READ {
+                if rest.len() >= ASYNC_IO {
                     e.flags(squeue::Flags::ASYNC)
                 } else {
                     e
@@ -332,7 +332,7 @@ impl Loop<'_> {
                     .build();
                 // Large writes copy on an io-wq worker while this thread
                 // receives the next payload.
-                if rest.len() >= ASYNC_READ {
+                if rest.len() >= ASYNC_IO {
                     e.flags(squeue::Flags::ASYNC)
                 } else {
                     e
