@@ -103,10 +103,7 @@ pub fn restore(
     if is_dev && !force {
         return Err(RestoreError::Exists(target.to_path_buf()));
     }
-    let mut digests = Vec::with_capacity(m.chunks() as usize);
-    for p in 0..m.pages.len() as u64 {
-        digests.extend(load_page(store, m, p)?);
-    }
+    let digests = read_index(store, m)?;
     let (out, partial) = if is_dev {
         let f = OpenOptions::new()
             .write(true)
