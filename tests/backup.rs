@@ -268,22 +268,26 @@ fn a_corrupted_chunk_is_named_by_verify_and_stops_restore() {
     a.attach("vm", &img, &[]);
     let r = backup(&a, "vm", &[]);
     let id = r["snapshot"].as_str().unwrap();
-    // Damage one data chunk file (the largest ones are data, not index).
-    let chunks = t.path().join("a/state/store/chunks");
-    let mut files: Vec<_> = walk(&chunks);
+    // Damage one data chunk: the first one in the largest pack (index
+    // pages are stored after the data, so the first chunk of a pack is data).
+    let packs = t.path().join("a/state/store/packs");
+    let mut files: Vec<_> = walk(&packs);
     files.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
     let victim = files.last().unwrap().clone();
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[100] ^= 0x01;
     std::fs::write(&victim, bytes).unwrap();
-    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
     let o = a.cli(&["verify", id]);
     assert!(!o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains(&format!("{id}: DAMAGED")) && out.contains(&name),
-        "{out}"
-    );
+    assert!(out.contains(&format!("{id}: DAMAGED")), "{out}");
+    let bad: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chunk "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(bad.len(), 1, "exactly the damaged chunk is named: {out}");
+    let name = bad[0].to_string();
     let target = t.path().join("restored.img");
     let o = a.cli(&["restore", id, "--to", target.to_str().unwrap()]);
     assert!(!o.status.success());

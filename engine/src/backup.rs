@@ -484,10 +484,9 @@ mod tests {
         // Damage the chunk at offset 0 of the changed set: find it via the index.
         let idx = crate::restore::read_index(&store, &inc).unwrap();
         let victim = idx[1];
-        let f = store.chunk_path(&victim);
+        let (f, off, len) = store.locate(&victim).unwrap();
         let mut bytes = std::fs::read(&f).unwrap();
-        let n = bytes.len();
-        bytes[n - 1] ^= 0xff;
+        bytes[(off + len as u64 - 1) as usize] ^= 0xff;
         std::fs::write(&f, bytes).unwrap();
         let r = crate::verify::verify(
             &store,

@@ -1,7 +1,8 @@
 //! On-disk formats of the store, each documented in its module and frozen
-//! by golden tests: chunk files ([`chunk`]), index pages ([`index`]) and
-//! snapshot manifests ([`manifest`]).
+//! by golden tests: chunk files ([`chunk`]), the packs that hold them
+//! ([`pack`]), index pages ([`index`]) and snapshot manifests ([`manifest`]).
 
 pub mod chunk;
 pub mod index;
 pub mod manifest;
+pub mod pack;

@@ -11,6 +11,10 @@
 //! holds a partial file) for two filesystem syncs instead of one fsync per
 //! file.
 
+mod writeback;
+
+pub use writeback::start_writeback;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;

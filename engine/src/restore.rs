@@ -201,15 +201,21 @@ struct Worker<'a> {
     failure: &'a Mutex<Option<RestoreError>>,
 }
 
-/// Takes chunks until none are left or another worker failed.
+/// Chunks a worker claims at once: about 1 MiB, written with one `pwrite`
+/// per run of non-zero chunks (fewer syscalls, less contention on the
+/// target's inode lock than one write per chunk).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Takes batches of chunks until none are left or another worker failed.
 fn worker(w: &Worker<'_>) -> Result<(), RestoreError> {
     let werr = |source| RestoreError::Write {
         path: w.written_path.to_path_buf(),
         source,
     };
     let cs = w.m.chunk_size as usize;
+    let batch = (BATCH_BYTES / cs).max(1);
     let mut dctx = zstd::bulk::Decompressor::new().map_err(werr)?;
-    let mut buf = vec![0u8; cs];
+    let mut buf = vec![0u8; cs * batch];
     loop {
         if w.failure.lock().unwrap().is_some() {
             return Ok(());
@@ -217,20 +223,38 @@ fn worker(w: &Worker<'_>) -> Result<(), RestoreError> {
         if w.progress.cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        let i = w.next.fetch_add(1, Ordering::Relaxed);
-        let Some(d) = w.digests.get(i) else {
+        let first = w.next.fetch_add(batch, Ordering::Relaxed);
+        if first >= w.digests.len() {
             return Ok(());
-        };
-        let off = (i * cs) as u64;
-        let len = (w.m.image_size - off).min(cs as u64) as usize;
-        if d.is_zero() {
-            w.zeros.fetch_add(1, Ordering::Relaxed);
-            if w.is_dev {
-                write_zeroes(w.out, off, len as u64).map_err(werr)?;
+        }
+        let last = (first + batch).min(w.digests.len());
+        // The pending run of decoded chunks: [run, i) in chunk numbers.
+        let mut run = first;
+        let mut filled = 0usize;
+        for i in first..=last {
+            let d = w.digests.get(i).filter(|_| i < last);
+            if d.is_none_or(|d| d.is_zero()) && filled > 0 {
+                w.out
+                    .write_all_at(&buf[..filled], (run * cs) as u64)
+                    .map_err(werr)?;
+                crate::fsutil::start_writeback(w.out, (run * cs) as u64, filled as u64);
+                w.progress.add(filled as u64);
+                filled = 0;
             }
-        } else {
+            let Some(d) = d else { break };
+            let off = (i * cs) as u64;
+            let len = (w.m.image_size - off).min(cs as u64) as usize;
+            if d.is_zero() {
+                w.zeros.fetch_add(1, Ordering::Relaxed);
+                if w.is_dev {
+                    write_zeroes(w.out, off, len as u64).map_err(werr)?;
+                }
+                w.progress.add(len as u64);
+                run = i + 1;
+                continue;
+            }
             w.chunks.fetch_add(1, Ordering::Relaxed);
-            let data = &mut buf[..len];
+            let data = &mut buf[filled..filled + len];
             fetch_into(w.store, d, data, &mut dctx).map_err(|why| RestoreError::BadChunk {
                 snapshot: w.m.id.to_string(),
                 digest: *d,
@@ -238,9 +262,8 @@ fn worker(w: &Worker<'_>) -> Result<(), RestoreError> {
                 why,
                 target: w.target.display().to_string(),
             })?;
-            w.out.write_all_at(data, off).map_err(werr)?;
+            filled += len;
         }
-        w.progress.add(len as u64);
     }
 }
 

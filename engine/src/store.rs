@@ -48,6 +48,14 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The folder holds a store this version cannot use.
+    #[error("cannot use the store described by {path}: {why}")]
+    Unsupported {
+        /// The store's marker file.
+        path: String,
+        /// Why, and what to do.
+        why: String,
+    },
     /// Any other I/O error.
     #[error("store I/O error on {path}: {source}")]
     Io {
