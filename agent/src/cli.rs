@@ -5,6 +5,7 @@ mod backup;
 mod demo;
 mod disk;
 mod job;
+mod store;
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,9 @@ enum Command {
     /// Run the whole product on a temporary folder: agent, disk, NBD writes,
     /// full and incremental backups, restores checked byte for byte.
     Demo(demo::DemoArgs),
+    /// Run a store server that many agents back up to.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// List the agent's jobs.
     Jobs {
         /// Print JSON.
@@ -71,7 +75,7 @@ enum Command {
 impl Cli {
     /// Whether this invocation runs the daemon (which logs at info).
     pub fn is_agent(&self) -> bool {
-        matches!(self.command, Command::Agent(_))
+        matches!(self.command, Command::Agent(_) | Command::Store(_))
     }
 }
 
@@ -85,10 +89,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             daemon::run(dir, opts)
         }
         Command::Demo(a) => demo::run(a),
+        Command::Store(c) => store::run(c),
         other => {
             let client = client(cli.data_dir.as_deref(), cli.api.as_deref())?;
             match other {
-                Command::Agent(_) | Command::Demo(_) => unreachable!("handled above"),
+                Command::Agent(_) | Command::Demo(_) | Command::Store(_) => {
+                    unreachable!("handled above")
+                }
                 Command::Disk(c) => disk::run(&client, c),
                 Command::Backup(a) => backup::backup(&client, a),
                 Command::Snapshots { disk, json } => backup::snapshots(&client, disk, json),

@@ -17,6 +17,8 @@ use std::time::Duration;
 use anyhow::Context;
 use nbd_proxy::{IoEngine, Server};
 use novabackup_engine::fsutil;
+use novabackup_engine::store::local::LocalStore;
+use novabackup_engine::store::Store;
 use serde::{Deserialize, Serialize};
 
 pub use state::Agent;
@@ -41,9 +43,13 @@ pub struct AgentOptions {
     /// NBD data engine: auto (io_uring when the kernel allows it), uring or pread.
     #[arg(long, default_value = "auto")]
     pub io_engine: String,
-    /// The backup store folder (default DATA_DIR/store).
+    /// The backup store: a folder (default DATA_DIR/store), or the URL of a
+    /// store server (`http://host:7820`, see `novabackup store serve`).
     #[arg(long)]
-    pub store: Option<PathBuf>,
+    pub store: Option<String>,
+    /// The store server's token (default: the NOVABACKUP_STORE_TOKEN variable).
+    #[arg(long)]
+    pub store_token_file: Option<PathBuf>,
     /// Chunk size of new snapshots (at least the disk's CBT granularity).
     #[arg(long, default_value = "64K", value_parser = novabackup_engine::size::parse_size)]
     pub chunk_size: u64,
@@ -95,9 +101,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         .trim()
         .to_string();
     let server = Server::new(engine);
-    let store_dir = opts.store.clone().unwrap_or_else(|| dir.join("store"));
-    let store = novabackup_engine::store::local::LocalStore::open(&store_dir)
-        .with_context(|| format!("cannot open the store at {}", store_dir.display()))?;
+    let store = open_store(&dir, &opts)?;
     let chunk = novabackup_engine::cbt::Granularity::new(opts.chunk_size).map_err(|_| {
         anyhow::anyhow!(
             "invalid --chunk-size {}: use a power of two from 4K to 4M",
@@ -118,12 +122,11 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(2),
     };
-    tracing::info!(store = %store_dir.display(), "store opened");
     let agent = Arc::new(Agent::new(
         dir.clone(),
         server.clone(),
         boot_id,
-        Arc::new(store),
+        store,
         settings,
     ));
     agent.restore()?;
@@ -226,7 +229,7 @@ fn tokio_util_cancel() -> Stop {
     Stop(tokio::sync::watch::channel(false).0)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -237,8 +240,45 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>> {
+    let where_ = opts
+        .store
+        .clone()
+        .unwrap_or_else(|| dir.join("store").display().to_string());
+    if where_.starts_with("http://") || where_.starts_with("https://") {
+        let token = match &opts.store_token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the store token {}", p.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("NOVABACKUP_STORE_TOKEN").map_err(|_| {
+                anyhow::anyhow!(
+                    "--store {where_} needs the store server's token: \
+                     pass --store-token-file (the server's server.token) or set NOVABACKUP_STORE_TOKEN"
+                )
+            })?,
+        };
+        let s = novabackup_api::remote::RemoteStore::connect(&where_, &token)
+            .with_context(|| format!("cannot use the store server {where_}"))?;
+        tracing::info!(store = %where_, "store server connected");
+        return Ok(Arc::new(s));
+    }
+    let s = LocalStore::open(Path::new(&where_))
+        .with_context(|| format!("cannot open the store at {where_}"))?;
+    for d in s.damaged_packs() {
+        tracing::warn!(pack = %d, "damaged pack");
+    }
+    tracing::info!(store = %where_, "store opened");
+    Ok(Arc::new(s))
+}
+
 fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
-    let p = dir.join(TOKEN_FILE);
+    load_or_create_token_at(&dir.join(TOKEN_FILE))
+}
+
+/// Reads the token at `p`, or creates a random one there (mode 0600).
+pub(crate) fn load_or_create_token_at(p: &Path) -> anyhow::Result<String> {
+    let p = p.to_path_buf();
     match std::fs::read_to_string(&p) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
         Ok(_) => {}

@@ -20,6 +20,8 @@ pub enum ErrorCode {
     Conflict,
     /// The request is well-formed but cannot be done (e.g. image missing).
     Unprocessable,
+    /// The store is out of space.
+    InsufficientStorage,
     /// Something failed inside the agent.
     Internal,
 }
@@ -32,6 +34,7 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

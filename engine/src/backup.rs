@@ -172,9 +172,27 @@ pub fn run(
                         return;
                     }
                 };
-                for (idx, buf) in rx {
-                    let r = process(store, &mut comp, idx, &buf);
-                    if tx.send(r).is_err() {
+                // Whatever is queued (up to BATCH chunks) is hashed and then
+                // asked about in one `missing` call: one round trip per
+                // batch to a remote store instead of one per chunk.
+                let mut batch = Vec::with_capacity(BATCH);
+                while let Ok(first) = rx.recv() {
+                    batch.push(first);
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    let r = process(store, &mut comp, &batch);
+                    batch.clear();
+                    let failed = r.is_err();
+                    for d in r.map_or_else(|e| vec![Err(e)], |v| v.into_iter().map(Ok).collect()) {
+                        if tx.send(d).is_err() {
+                            return;
+                        }
+                    }
+                    if failed {
                         return;
                     }
                 }
@@ -288,36 +306,45 @@ pub fn run(
     Ok(manifest)
 }
 
+/// Most chunks one worker hashes before asking the store which it lacks.
+const BATCH: usize = 16;
+
 fn process(
     store: &dyn Store,
     comp: &mut zstd::bulk::Compressor<'_>,
-    idx: u64,
-    buf: &[u8],
-) -> Result<Done, BackupError> {
-    let bytes = buf.len() as u64;
-    if is_all_zero(buf) {
-        return Ok(Done {
-            idx,
-            digest: ChunkDigest::ZERO,
-            bytes,
+    batch: &[(u64, Vec<u8>)],
+) -> Result<Vec<Done>, BackupError> {
+    let mut done: Vec<Done> = batch
+        .iter()
+        .map(|(idx, buf)| Done {
+            idx: *idx,
+            digest: if is_all_zero(buf) {
+                ChunkDigest::ZERO
+            } else {
+                ChunkDigest::of(buf)
+            },
+            bytes: buf.len() as u64,
             new: None,
-        });
+        })
+        .collect();
+    let asked: Vec<usize> = (0..done.len())
+        .filter(|&i| !done[i].digest.is_zero())
+        .collect();
+    if asked.is_empty() {
+        return Ok(done);
     }
-    let digest = ChunkDigest::of(buf);
-    let mut new = None;
-    if store.missing(&[digest])?[0] {
-        let (file, _) = chunk::encode(buf, comp);
-        let stored = store.put_chunk(&digest, &file)?;
-        if stored > 0 {
-            new = Some((bytes, stored));
+    let digests: Vec<ChunkDigest> = asked.iter().map(|&i| done[i].digest).collect();
+    let missing = store.missing(&digests)?;
+    for (&i, lacks) in asked.iter().zip(missing) {
+        if lacks {
+            let (file, _) = chunk::encode(&batch[i].1, comp);
+            let stored = store.put_chunk(&done[i].digest, &file)?;
+            if stored > 0 {
+                done[i].new = Some((done[i].bytes, stored));
+            }
         }
     }
-    Ok(Done {
-        idx,
-        digest,
-        bytes,
-        new,
-    })
+    Ok(done)
 }
 
 fn store_page(

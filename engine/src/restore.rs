@@ -169,7 +169,9 @@ pub fn restore(
         }
         return Err(e);
     }
+    let decoded = started.elapsed();
     out.sync_all().map_err(|e| werr(&written_path, e))?;
+    tracing::debug!(decode = ?decoded, fsync = ?(started.elapsed() - decoded), "restore phases");
     if let Some(p) = &partial {
         std::fs::rename(p, target).map_err(|e| werr(target, e))?;
         if let Some(dir) = target.parent() {

@@ -56,6 +56,14 @@ pub enum StoreError {
         /// Why, and what to do.
         why: String,
     },
+    /// A store server failed or could not be reached.
+    #[error("the store server at {url} failed: {why}")]
+    Remote {
+        /// The server.
+        url: String,
+        /// What went wrong, with the server's own message when it sent one.
+        why: String,
+    },
     /// Any other I/O error.
     #[error("store I/O error on {path}: {source}")]
     Io {

@@ -77,7 +77,11 @@ pub fn backup(client: &Client, a: BackupArgs) -> anyhow::Result<()> {
         full: a.full,
     })?;
     if a.no_wait {
-        println!("{}", j.id);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            println!("{}", j.id);
+        }
         return Ok(());
     }
     let j = job::wait(client, j, a.json, "bytes")?;

@@ -22,6 +22,9 @@ struct Job {
     started_unix: u64,
     started: Instant,
     progress: Arc<Progress>,
+    /// Set by a user's cancel; the engine also raises the progress's
+    /// cancel switch itself to stop its threads after an error.
+    cancelled: std::sync::atomic::AtomicBool,
     outcome: Mutex<Option<Outcome>>,
 }
 
@@ -48,6 +51,7 @@ impl Jobs {
             started_unix: novabackup_engine::time::now_unix(),
             started: Instant::now(),
             progress: Arc::new(Progress::default()),
+            cancelled: Default::default(),
             outcome: Mutex::new(None),
         });
         {
@@ -73,7 +77,9 @@ impl Jobs {
                 .unwrap_or_else(|_| Err("the job crashed; see the agent's log".into()));
             let state = match &r {
                 Ok(_) => JobState::Succeeded,
-                Err(_) if j.progress.cancelled() => JobState::Cancelled,
+                Err(_) if j.cancelled.load(std::sync::atomic::Ordering::Relaxed) => {
+                    JobState::Cancelled
+                }
                 Err(_) => JobState::Failed,
             };
             match &r {
@@ -104,6 +110,8 @@ impl Jobs {
     /// Asks a job to stop.
     pub fn cancel(&self, id: &str) -> Option<JobInfo> {
         let j = self.find(id)?;
+        j.cancelled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         j.progress.cancel();
         Some(info(&j))
     }

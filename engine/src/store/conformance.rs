@@ -17,8 +17,9 @@ fn manifest(disk: &str, t: u64, pages: Vec<ChunkDigest>) -> Manifest {
         parent: None,
         kind: BackupKind::Full,
         reason: "test".into(),
-        image_size: 65536 * pages.len() as u64,
-        chunk_size: 65536 * crate::format::index::PAGE_DIGESTS as u64,
+        // One chunk, so one index page.
+        image_size: 65536,
+        chunk_size: 65536,
         pages,
         cbt: CbtRecord {
             granularity: 65536,
@@ -32,20 +33,28 @@ fn manifest(disk: &str, t: u64, pages: Vec<ChunkDigest>) -> Manifest {
 
 /// Runs the suite; panics on the first violation.
 pub fn run(s: &dyn Store) {
+    // Real chunk files: a store server checks what it is sent.
+    let mut z = zstd::bulk::Compressor::new(1).unwrap();
+    let (file_a, _) = crate::format::chunk::encode(b"a", &mut z);
     let a = ChunkDigest::of(b"a");
     let b = ChunkDigest::of(b"b");
     assert_eq!(s.missing(&[a, b]).unwrap(), vec![true, true]);
-    s.put_chunk(&a, b"chunk-a").unwrap();
+    s.put_chunk(&a, &file_a).unwrap();
     assert_eq!(s.missing(&[a, b]).unwrap(), vec![false, true]);
     // A second put of the same digest is accepted and stores nothing.
-    assert_eq!(s.put_chunk(&a, b"chunk-a").unwrap(), 0);
+    assert_eq!(s.put_chunk(&a, &file_a).unwrap(), 0);
+    // An index page naming chunk a: snapshots reference it.
+    let page = crate::format::index::encode_page(&[a]);
+    let (file_p, _) = crate::format::chunk::encode(&page, &mut z);
+    let p = ChunkDigest::of(&page);
+    s.put_chunk(&p, &file_p).unwrap();
     s.sync().unwrap();
-    assert_eq!(s.get_chunk(&a).unwrap(), b"chunk-a");
+    assert_eq!(s.get_chunk(&a).unwrap(), file_a);
     assert!(matches!(s.get_chunk(&b), Err(StoreError::MissingChunk(d)) if d == b));
 
-    let m1 = manifest("vm", 1_000, vec![a]);
-    let m2 = manifest("vm", 2_000, vec![a]);
-    let m3 = manifest("other", 1_500, vec![a]);
+    let m1 = manifest("vm", 1_000, vec![p]);
+    let m2 = manifest("vm", 2_000, vec![p]);
+    let m3 = manifest("other", 1_500, vec![p]);
     s.commit(&m2).unwrap();
     s.commit(&m1).unwrap();
     s.commit(&m3).unwrap();

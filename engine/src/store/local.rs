@@ -45,6 +45,10 @@ use crate::ids::{DiskName, SnapshotId};
 /// backup creates few files, small enough that garbage collection can
 /// rewrite a pack cheaply.
 pub const PACK_TARGET: u64 = 32 << 20;
+/// Writeback of a pack is started every this many bytes, so the disk
+/// writes overlap the backup instead of all waiting for the final syncfs
+/// (which took 0.9 s of a 9 s full backup before).
+const WRITEBACK_STEP: u64 = 8 << 20;
 /// Published packs kept open for reading at most (a cache, not a limit on
 /// the store).
 const MAX_OPEN_PACKS: usize = 256;
@@ -83,6 +87,8 @@ struct Writer {
     pack: u32,
     file: Arc<File>,
     len: u64,
+    /// Bytes whose writeback was started already.
+    flushed: u64,
     entries: Vec<pack::Entry>,
 }
 
@@ -290,6 +296,7 @@ impl LocalStore {
                 pack: packs.len() as u32 - 1,
                 file,
                 len: pack::HEADER_LEN,
+                flushed: 0,
                 entries: Vec::new(),
             });
         }
@@ -430,6 +437,10 @@ impl Store for LocalStore {
                     len,
                 },
             );
+        if w.len - w.flushed >= WRITEBACK_STEP {
+            fsutil::start_writeback(&w.file, w.flushed, w.len - w.flushed);
+            w.flushed = w.len;
+        }
         if w.len >= PACK_TARGET {
             self.seal(w)?;
             *slot = None;

@@ -1,0 +1,544 @@
+//! [`RemoteStore`]: the [`Store`] of a store server (`novabackup store
+//! serve`), spoken over the protocol in [`crate::store_server`].
+//!
+//! Uploads run on a pool of threads so that many are in flight while the
+//! backup's workers go on hashing and compressing: `put_chunk` queues and
+//! returns, `sync` waits for the queue to drain and fails if any upload
+//! failed. A chunk queued for upload counts as present (like a staged chunk
+//! in a local store), so one backup never sends the same chunk twice.
+//!
+//! A failed upload is reported to the next `put_chunk` or `sync`, which
+//! fails that backup; the chunk is not marked present, so a later backup
+//! sends it again. Failures left over when the next backup takes its lock
+//! belonged to a backup that already failed and are dropped. Should a
+//! failure reach a different backup than the one that lost the chunk, the
+//! server still refuses any snapshot whose chunks it does not hold: a
+//! manifest never names a lost chunk.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use novabackup_engine::digest::ChunkDigest;
+use novabackup_engine::format::manifest::Manifest;
+use novabackup_engine::ids::{DiskName, SnapshotId};
+use novabackup_engine::store::{DiskLock, Store, StoreError};
+
+use crate::error::ErrorBody;
+use crate::store_server::{Lease, SnapshotList};
+
+/// Uploads in flight at most.
+const UPLOADERS: usize = 8;
+
+#[derive(Default)]
+struct Pending {
+    queued: HashSet<ChunkDigest>,
+    failed: Option<String>,
+}
+
+struct Inner {
+    base: String,
+    token: String,
+    http: ureq::Agent,
+    pending: Mutex<Pending>,
+    drained: Condvar,
+}
+
+/// A store server's store (module doc).
+pub struct RemoteStore {
+    inner: Arc<Inner>,
+    uploads: Option<crossbeam_channel::Sender<(ChunkDigest, Vec<u8>)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("base", &self.inner.base)
+            .finish()
+    }
+}
+
+impl RemoteStore {
+    /// A client of the store server at `base` (`http://host:port`), checked
+    /// with one health request so a wrong address fails at start, not at
+    /// the first backup.
+    pub fn connect(base: &str, token: &str) -> Result<RemoteStore, StoreError> {
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout_read(Duration::from_secs(300))
+            .max_idle_connections_per_host(UPLOADERS * 2)
+            .build();
+        let inner = Arc::new(Inner {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+            pending: Mutex::new(Pending::default()),
+            drained: Condvar::new(),
+        });
+        let (tx, rx) = crossbeam_channel::bounded::<(ChunkDigest, Vec<u8>)>(UPLOADERS * 4);
+        let threads = (0..UPLOADERS)
+            .map(|_| {
+                let (inner, rx) = (inner.clone(), rx.clone());
+                std::thread::spawn(move || {
+                    for (d, file) in rx {
+                        let r = inner.send("PUT", &format!("/store/v1/chunks/{d}"), Some(&file));
+                        let failed = match r {
+                            Ok(_) => None,
+                            Err(e) => Some(match inner.error(e) {
+                                StoreError::Remote { why, .. } => why,
+                                other => other.to_string(),
+                            }),
+                        };
+                        let mut p = inner.pending();
+                        p.queued.remove(&d);
+                        if let Some(f) = failed {
+                            p.failed.get_or_insert(f);
+                        }
+                        if p.queued.is_empty() {
+                            inner.drained.notify_all();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let s = RemoteStore {
+            inner,
+            uploads: Some(tx),
+            threads,
+        };
+        let h: serde_json::Value = s
+            .inner
+            .send("GET", "/store/v1/health", None)
+            .map_err(|e| s.inner.error(e))
+            .and_then(|r| r.into_json().map_err(|e| s.inner.remote(e.to_string())))?;
+        if h["format"] != 2 {
+            return Err(s.inner.remote(format!(
+                "the server speaks store format {}, this agent format 2; upgrade the older one",
+                h["format"]
+            )));
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for RemoteStore {
+    fn drop(&mut self) {
+        self.uploads.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn call(&self, method: &str, path: &str) -> ureq::Request {
+        self.http
+            .request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    /// Sends a request; a transport failure is retried twice on a fresh
+    /// connection (a pooled one may be stale after the server restarted;
+    /// every request of this protocol may be repeated safely). The error
+    /// is ureq's own, large but short-lived: it is mapped at once.
+    #[allow(clippy::result_large_err)]
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<ureq::Response, ureq::Error> {
+        let mut delay = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            let req = self.call(method, path);
+            let r = match body {
+                Some(b) => req
+                    .set("Content-Type", "application/octet-stream")
+                    .send_bytes(b),
+                None => req.call(),
+            };
+            match r {
+                Err(ureq::Error::Transport(_)) if tries < 2 => {
+                    tries += 1;
+                    std::thread::sleep(delay);
+                    delay *= 4;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remote(&self, why: String) -> StoreError {
+        StoreError::Remote {
+            url: self.base.clone(),
+            why,
+        }
+    }
+
+    /// Turns an HTTP failure into a store error, keeping the server's message.
+    fn error(&self, e: ureq::Error) -> StoreError {
+        match e {
+            ureq::Error::Status(status, resp) => {
+                let msg = resp
+                    .into_json::<ErrorBody>()
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| "no error body".into());
+                if status == 507 {
+                    StoreError::Full {
+                        path: self.base.clone(),
+                        source: std::io::Error::other(msg),
+                    }
+                } else {
+                    self.remote(format!("HTTP {status}: {msg}"))
+                }
+            }
+            ureq::Error::Transport(t) => self.remote(t.to_string()),
+        }
+    }
+}
+
+fn read_body(r: ureq::Response, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.into_reader().take(limit).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+struct RemoteLock {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DiskLock for RemoteLock {}
+
+impl Drop for RemoteLock {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Store for RemoteStore {
+    fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(digests.len());
+        for batch in digests.chunks(crate::store_server::MAX_QUERY) {
+            let body: Vec<u8> = batch.iter().flat_map(|d| d.0).collect();
+            let r = self
+                .inner
+                .send("POST", "/store/v1/missing", Some(&body))
+                .map_err(|e| self.inner.error(e))?;
+            let answer = read_body(r, batch.len() as u64 + 1)
+                .map_err(|e| self.inner.remote(e.to_string()))?;
+            if answer.len() != batch.len() {
+                return Err(self.inner.remote(format!(
+                    "asked about {} digests, got {} answers",
+                    batch.len(),
+                    answer.len()
+                )));
+            }
+            let queued = &self.inner.pending().queued;
+            out.extend(
+                batch
+                    .iter()
+                    .zip(answer)
+                    .map(|(d, a)| a == 1 && !queued.contains(d)),
+            );
+        }
+        Ok(out)
+    }
+
+    fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
+        {
+            let mut p = self.inner.pending();
+            if let Some(f) = p.failed.take() {
+                return Err(self.inner.remote(f));
+            }
+            if !p.queued.insert(*digest) {
+                return Ok(0);
+            }
+        }
+        self.uploads
+            .as_ref()
+            .expect("open until drop")
+            .send((*digest, file.to_vec()))
+            .map_err(|_| self.inner.remote("the upload threads stopped".into()))?;
+        Ok(file.len() as u64)
+    }
+
+    fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
+        match self
+            .inner
+            .send("GET", &format!("/store/v1/chunks/{digest}"), None)
+        {
+            Ok(r) => read_body(r, novabackup_engine::format::chunk::MAX_PLAIN as u64 + 4096)
+                .map_err(|e| self.inner.remote(e.to_string())),
+            Err(ureq::Error::Status(404, _)) => Err(StoreError::MissingChunk(*digest)),
+            Err(e) => Err(self.inner.error(e)),
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        let mut p = self.inner.pending();
+        while !p.queued.is_empty() {
+            p = self
+                .inner
+                .drained
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        // The failure is reported once; the chunks it lost are not marked
+        // present, so the next backup sends them again.
+        if let Some(f) = p.failed.take() {
+            return Err(self.inner.remote(f));
+        }
+        drop(p);
+        self.inner
+            .send("POST", "/store/v1/sync", None)
+            .map_err(|e| self.inner.error(e))?;
+        Ok(())
+    }
+
+    fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
+        match self
+            .inner
+            .send("POST", "/store/v1/snapshots", Some(&m.encode()))
+        {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(409, _)) => Err(StoreError::Exists(m.id.clone())),
+            Err(e) => Err(self.inner.error(e)),
+        }
+    }
+
+    fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
+        match self
+            .inner
+            .send("GET", &format!("/store/v1/snapshots/{id}"), None)
+        {
+            Ok(r) => {
+                let bytes = read_body(r, 64 << 20).map_err(|e| self.inner.remote(e.to_string()))?;
+                Manifest::decode(&bytes).map_err(|why| StoreError::BadManifest {
+                    path: format!("{}/store/v1/snapshots/{id}", self.inner.base),
+                    why,
+                })
+            }
+            Err(ureq::Error::Status(404, _)) => Err(StoreError::NoSnapshot(id.clone())),
+            Err(e) => Err(self.inner.error(e)),
+        }
+    }
+
+    fn list(
+        &self,
+        disk: Option<&DiskName>,
+    ) -> Result<(Vec<Manifest>, Vec<StoreError>), StoreError> {
+        let mut req = self.inner.call("GET", "/store/v1/snapshots");
+        if let Some(d) = disk {
+            req = req.query("disk", d.as_str());
+        }
+        let l: SnapshotList = req
+            .call()
+            .map_err(|e| self.inner.error(e))?
+            .into_json()
+            .map_err(|e| self.inner.remote(e.to_string()))?;
+        let damaged = l
+            .damaged
+            .into_iter()
+            .map(|why| StoreError::BadManifest {
+                path: self.inner.base.clone(),
+                why,
+            })
+            .collect();
+        Ok((l.snapshots, damaged))
+    }
+
+    fn delete(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        match self
+            .inner
+            .send("DELETE", &format!("/store/v1/snapshots/{id}"), None)
+        {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(404, _)) => Err(StoreError::NoSnapshot(id.clone())),
+            Err(e) => Err(self.inner.error(e)),
+        }
+    }
+
+    fn lock(&self, disk: &DiskName) -> Result<Box<dyn DiskLock>, StoreError> {
+        // A backup starts here: uploads left from one that failed finish
+        // first, and their failures, which belonged to it, are dropped.
+        {
+            let mut p = self.inner.pending();
+            while !p.queued.is_empty() {
+                p = self
+                    .inner
+                    .drained
+                    .wait(p)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            p.failed = None;
+        }
+        let lease: Lease = match self
+            .inner
+            .send("POST", &format!("/store/v1/locks/{disk}"), None)
+        {
+            Ok(r) => r
+                .into_json()
+                .map_err(|e| self.inner.remote(e.to_string()))?,
+            Err(ureq::Error::Status(409, _)) => return Err(StoreError::Locked(disk.clone())),
+            Err(e) => return Err(self.inner.error(e)),
+        };
+        // Renewed at a third of its life; released when the guard drops.
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let inner = self.inner.clone();
+        let path = format!("/store/v1/locks/{disk}/{}", lease.lease);
+        let every = Duration::from_secs(lease.ttl_s.max(3) / 3);
+        let renewer = std::thread::spawn(move || loop {
+            match stopped.recv_timeout(every) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = inner.call("POST", &path).call() {
+                        tracing::warn!(error = %inner.error(e), "could not renew a backup lock");
+                    }
+                }
+                _ => {
+                    let _ = inner.call("DELETE", &path).call();
+                    return;
+                }
+            }
+        });
+        Ok(Box::new(RemoteLock {
+            stop: Some(stop),
+            renewer: Some(renewer),
+        }))
+    }
+
+    fn usage(&self) -> Result<u64, StoreError> {
+        let v: serde_json::Value = self
+            .inner
+            .send("GET", "/store/v1/usage", None)
+            .map_err(|e| self.inner.error(e))?
+            .into_json()
+            .map_err(|e| self.inner.remote(e.to_string()))?;
+        v["bytes"]
+            .as_u64()
+            .ok_or_else(|| self.inner.remote("usage without bytes".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novabackup_engine::store::local::LocalStore;
+
+    /// A store server on a random loopback port, for the life of the runtime.
+    fn serve(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = LocalStore::open(dir).unwrap();
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let app = crate::store_server::router(store, "secret".into());
+        rt.spawn(async move { axum::serve(l, app).await });
+        (url, rt)
+    }
+
+    #[test]
+    fn remote_store_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        novabackup_engine::store::conformance::run(&s);
+    }
+
+    #[test]
+    fn a_wrong_token_or_address_fails_at_connect_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "wrong").unwrap();
+        let e = s.usage().unwrap_err().to_string();
+        assert!(e.contains("401") && e.contains("token"), "{e}");
+        let e = RemoteStore::connect("http://127.0.0.1:1", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store server at http://127.0.0.1:1"), "{e}");
+    }
+
+    #[test]
+    fn a_tampered_upload_is_rejected_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let (file, _) = novabackup_engine::format::chunk::encode(b"real data", &mut z);
+        let claimed = ChunkDigest::of(b"other data");
+        let r = ureq::put(&format!("{url}/store/v1/chunks/{claimed}"))
+            .set("Authorization", "Bearer secret")
+            .send_bytes(&file);
+        match r {
+            Err(ureq::Error::Status(400, resp)) => {
+                let b: ErrorBody = resp.into_json().unwrap();
+                assert!(b.error.message.contains("rejected"), "{}", b.error.message);
+            }
+            other => panic!("expected 400, got {other:?}"),
+        }
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        assert_eq!(s.missing(&[claimed]).unwrap(), vec![true]);
+        // Through the client, a failed upload fails the sync.
+        s.put_chunk(&claimed, &file).unwrap();
+        let e = s.sync().unwrap_err().to_string();
+        assert!(e.contains("rejected"), "{e}");
+        assert_eq!(s.missing(&[claimed]).unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn a_snapshot_missing_its_chunks_is_refused() {
+        use novabackup_engine::format::index;
+        use novabackup_engine::format::manifest::{BackupKind, BackupStats, CbtRecord, FORMAT};
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let absent = ChunkDigest::of(b"never uploaded");
+        let page = index::encode_page(&[absent]);
+        let (pf, _) = novabackup_engine::format::chunk::encode(&page, &mut z);
+        let pd = ChunkDigest::of(&page);
+        s.put_chunk(&pd, &pf).unwrap();
+        s.sync().unwrap();
+        let disk: DiskName = "vm".parse().unwrap();
+        let m = Manifest {
+            format: FORMAT,
+            id: SnapshotId::new(&disk, 5),
+            disk,
+            time: novabackup_engine::time::rfc3339(5),
+            time_unix: 5,
+            parent: None,
+            kind: BackupKind::Full,
+            reason: "test".into(),
+            image_size: 65536,
+            chunk_size: 65536,
+            pages: vec![pd],
+            cbt: CbtRecord {
+                granularity: 65536,
+                dirty_blocks: 0,
+                trusted: true,
+            },
+            stats: BackupStats::default(),
+            checksum: String::new(),
+        };
+        let e = s.commit(&m).unwrap_err().to_string();
+        assert!(
+            e.contains(&absent.hex()) && e.contains("upload it first"),
+            "{e}"
+        );
+        assert!(matches!(s.manifest(&m.id), Err(StoreError::NoSnapshot(_))));
+    }
+}

@@ -1,0 +1,372 @@
+//! The store server's HTTP protocol (`novabackup store serve`): a local
+//! store behind the remote protocol of DESIGN.md. The client asks which of a
+//! batch of digests are missing, then uploads only those; the server checks
+//! each upload against its digest before storing it, and accepts a
+//! snapshot only when every index page and chunk it references is present.
+//!
+//! ```text
+//! GET    /store/v1/health                      {"status": "ok", "format": 2}
+//! POST   /store/v1/missing                     N x 32-byte digests -> N bytes, 1 = missing
+//! PUT    /store/v1/chunks/{digest}             a chunk file -> {"stored": bytes}
+//! GET    /store/v1/chunks/{digest}             the chunk file
+//! POST   /store/v1/sync                        make every uploaded chunk durable
+//! POST   /store/v1/snapshots                   commit a manifest (JSON as stored)
+//! GET    /store/v1/snapshots[?disk=]           {"snapshots": [...], "damaged": [...]}
+//! GET    /store/v1/snapshots/{id}              one manifest
+//! DELETE /store/v1/snapshots/{id}
+//! POST   /store/v1/locks/{disk}                take the disk's backup lock -> {"lease": ...}
+//! POST   /store/v1/locks/{disk}/{lease}        renew it
+//! DELETE /store/v1/locks/{disk}/{lease}        release it
+//! GET    /store/v1/usage                       {"bytes": n}
+//! ```
+//!
+//! Binary bodies (digests, chunk files) travel as `application/octet-stream`;
+//! everything else is JSON, and every error the usual JSON error body. A
+//! lock is a lease: a client that dies stops renewing it and it lapses
+//! after [`LEASE`], so a killed agent never blocks a disk for good.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{middleware, Json, Router};
+use novabackup_engine::digest::ChunkDigest;
+use novabackup_engine::format::chunk;
+use novabackup_engine::format::index;
+use novabackup_engine::format::manifest::Manifest;
+use novabackup_engine::ids::{DiskName, SnapshotId};
+use novabackup_engine::store::local::LocalStore;
+use novabackup_engine::store::{DiskLock, Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ErrorCode};
+
+/// How long a lock lives without renewal.
+pub const LEASE: Duration = Duration::from_secs(60);
+/// Most digests one `missing` query may carry.
+pub const MAX_QUERY: usize = 1 << 16;
+/// Largest accepted request body: one chunk at the largest plain size, plus slack.
+const MAX_BODY: usize = chunk::MAX_PLAIN + (1 << 20);
+
+/// Answer of `POST /store/v1/locks/{disk}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lease {
+    /// Pass it to renew or release.
+    pub lease: String,
+    /// Seconds the lease lasts without renewal.
+    pub ttl_s: u64,
+}
+
+/// Answer of `GET /store/v1/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// Manifests, oldest first.
+    pub snapshots: Vec<Manifest>,
+    /// Manifests that could not be read, with why.
+    pub damaged: Vec<String>,
+}
+
+struct Held {
+    lease: String,
+    until: Instant,
+    _guard: Box<dyn DiskLock>,
+}
+
+struct Served {
+    store: LocalStore,
+    locks: Mutex<HashMap<DiskName, Held>>,
+}
+
+type Shared = Arc<Served>;
+
+/// The router of a store server over the store at `store`, guarded by `token`.
+pub fn router(store: LocalStore, token: String) -> Router {
+    let state: Shared = Arc::new(Served {
+        store,
+        locks: Mutex::new(HashMap::new()),
+    });
+    let protected = Router::new()
+        .route("/store/v1/missing", post(missing))
+        .route("/store/v1/chunks/{digest}", put(put_chunk).get(get_chunk))
+        .route("/store/v1/sync", post(sync))
+        .route("/store/v1/snapshots", post(commit).get(list))
+        .route("/store/v1/snapshots/{id}", get(manifest).delete(delete))
+        .route("/store/v1/locks/{disk}", post(lock))
+        .route("/store/v1/locks/{disk}/{lease}", post(renew).delete(unlock))
+        .route("/store/v1/usage", get(usage))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::new(token),
+            crate::auth::require_token,
+        ))
+        .with_state(state);
+    Router::new()
+        .route(
+            "/store/v1/health",
+            get(|| async { Json(serde_json::json!({"status": "ok", "format": 2})) }),
+        )
+        .merge(protected)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .fallback(|| async {
+            ApiError::new(
+                ErrorCode::NotFound,
+                "no such store endpoint; see /store/v1/health",
+            )
+        })
+}
+
+/// Maps store errors to the JSON error body.
+fn store_error(e: StoreError) -> ApiError {
+    let code = match &e {
+        StoreError::MissingChunk(_) | StoreError::NoSnapshot(_) => ErrorCode::NotFound,
+        StoreError::Exists(_) | StoreError::Locked(_) => ErrorCode::Conflict,
+        StoreError::Full { .. } => ErrorCode::InsufficientStorage,
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, e.to_string())
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::new(ErrorCode::Internal, e.to_string())))
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, msg)
+}
+
+fn parse_digest(s: &str) -> Result<ChunkDigest, ApiError> {
+    s.parse()
+        .map_err(|_| bad(format!("{s:?} is not a chunk digest (64 hex digits)")))
+}
+
+fn parse_id(s: &str) -> Result<SnapshotId, ApiError> {
+    s.parse()
+        .map_err(|e| bad(format!("{s:?} is not a snapshot id: {e}")))
+}
+
+fn parse_disk(s: &str) -> Result<DiskName, ApiError> {
+    s.parse()
+        .map_err(|e| bad(format!("{s:?} is not a disk name: {e}")))
+}
+
+async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    if !body.len().is_multiple_of(32) || body.len() / 32 > MAX_QUERY {
+        return Err(bad(format!(
+            "the body must be whole 32-byte digests, at most {MAX_QUERY}; got {} bytes",
+            body.len()
+        )));
+    }
+    let digests: Vec<ChunkDigest> = body
+        .chunks_exact(32)
+        .map(|c| ChunkDigest(c.try_into().expect("32 bytes")))
+        .collect();
+    let m = blocking(move || s.store.missing(&digests).map_err(store_error)).await?;
+    let out: Vec<u8> = m.into_iter().map(u8::from).collect();
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
+}
+
+async fn put_chunk(
+    State(s): State<Shared>,
+    Path(digest): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = parse_digest(&digest)?;
+    blocking(move || {
+        // Checked before anything is written: a tampered or damaged upload
+        // never enters the store.
+        chunk::decode_verified(&body, &d).map_err(|e| {
+            bad(format!(
+                "chunk {d} rejected: {e}; nothing was stored (the client's data or the network is damaged)"
+            ))
+        })?;
+        let n = s.store.put_chunk(&d, &body).map_err(store_error)?;
+        Ok(Json(serde_json::json!({ "stored": n })))
+    })
+    .await
+}
+
+async fn get_chunk(
+    State(s): State<Shared>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let d = parse_digest(&digest)?;
+    let bytes = blocking(move || s.store.get_chunk(&d).map_err(store_error)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn sync(State(s): State<Shared>) -> Result<StatusCode, ApiError> {
+    blocking(move || s.store.sync().map_err(store_error)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn commit(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    let m = Manifest::decode(&body).map_err(|e| bad(format!("bad manifest: {e}")))?;
+    blocking(move || {
+        complete(&s.store, &m)?;
+        s.store.sync().map_err(store_error)?;
+        s.store.commit(&m).map_err(store_error)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(serde_json::json!({"snapshot": m.id})),
+        )
+            .into_response())
+    })
+    .await
+}
+
+/// Fails unless every page and chunk of `m` is in the store.
+fn complete(store: &LocalStore, m: &Manifest) -> Result<(), ApiError> {
+    let unprocessable = |msg: String| ApiError::new(ErrorCode::Unprocessable, msg);
+    if m.pages.len() as u64 != index::page_count(m.chunks()) {
+        return Err(bad(format!(
+            "manifest {} lists {} index pages for {} chunks",
+            m.id,
+            m.pages.len(),
+            m.chunks()
+        )));
+    }
+    let lacks = store.missing(&m.pages).map_err(store_error)?;
+    if let Some(i) = lacks.iter().position(|l| *l) {
+        return Err(unprocessable(format!(
+            "snapshot {} refused: index page {} is not in the store; upload it first",
+            m.id, m.pages[i]
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (p, d) in m.pages.iter().enumerate() {
+        if !seen.insert(*d) {
+            continue;
+        }
+        let file = store.get_chunk(d).map_err(store_error)?;
+        let bytes = chunk::decode_verified(&file, d)
+            .map_err(|e| unprocessable(format!("index page {d} is damaged: {e}")))?;
+        let digests = index::decode_page(&bytes, index::page_len(m.chunks(), p as u64))
+            .map_err(|e| unprocessable(format!("index page {d}: {e}")))?;
+        let wanted: Vec<ChunkDigest> = digests.into_iter().filter(|d| !d.is_zero()).collect();
+        let lacks = store.missing(&wanted).map_err(store_error)?;
+        if let Some(i) = lacks.iter().position(|l| *l) {
+            return Err(unprocessable(format!(
+                "snapshot {} refused: chunk {} is not in the store; upload it first",
+                m.id, wanted[i]
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    disk: Option<String>,
+}
+
+async fn list(
+    State(s): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<SnapshotList>, ApiError> {
+    let disk = q.disk.as_deref().map(parse_disk).transpose()?;
+    blocking(move || {
+        let (snapshots, bad) = s.store.list(disk.as_ref()).map_err(store_error)?;
+        Ok(Json(SnapshotList {
+            snapshots,
+            damaged: bad.iter().map(|e| e.to_string()).collect(),
+        }))
+    })
+    .await
+}
+
+async fn manifest(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let m = blocking(move || s.store.manifest(&id).map_err(store_error)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], m.encode()).into_response())
+}
+
+async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    blocking(move || s.store.delete(&id).map_err(store_error)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn locks(s: &Served) -> std::sync::MutexGuard<'_, HashMap<DiskName, Held>> {
+    s.locks.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn lock(State(s): State<Shared>, Path(disk): Path<String>) -> Result<Json<Lease>, ApiError> {
+    let disk = parse_disk(&disk)?;
+    blocking(move || {
+        let mut held = locks(&s);
+        if held.get(&disk).is_some_and(|h| h.until < Instant::now()) {
+            tracing::warn!(%disk, "a backup lock lapsed (its client stopped renewing it)");
+            held.remove(&disk);
+        }
+        if held.contains_key(&disk) {
+            return Err(store_error(StoreError::Locked(disk)));
+        }
+        let guard = s.store.lock(&disk).map_err(store_error)?;
+        let mut raw = [0u8; 16];
+        getrandom::getrandom(&mut raw)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let lease: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        held.insert(
+            disk,
+            Held {
+                lease: lease.clone(),
+                until: Instant::now() + LEASE,
+                _guard: guard,
+            },
+        );
+        Ok(Json(Lease {
+            lease,
+            ttl_s: LEASE.as_secs(),
+        }))
+    })
+    .await
+}
+
+fn find_lease<'a>(
+    held: &'a mut HashMap<DiskName, Held>,
+    disk: &DiskName,
+    lease: &str,
+) -> Result<&'a mut Held, ApiError> {
+    match held.get_mut(disk) {
+        Some(h) if h.lease == lease => Ok(h),
+        _ => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no lease {lease} on disk {disk} (it lapsed or was released)"),
+        )),
+    }
+}
+
+async fn renew(
+    State(s): State<Shared>,
+    Path((disk, lease)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let disk = parse_disk(&disk)?;
+    let mut held = locks(&s);
+    find_lease(&mut held, &disk, &lease)?.until = Instant::now() + LEASE;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn unlock(
+    State(s): State<Shared>,
+    Path((disk, lease)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let disk = parse_disk(&disk)?;
+    let mut held = locks(&s);
+    find_lease(&mut held, &disk, &lease)?;
+    held.remove(&disk);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn usage(State(s): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+    let n = blocking(move || s.store.usage().map_err(store_error)).await?;
+    Ok(Json(serde_json::json!({ "bytes": n })))
+}

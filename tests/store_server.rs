@@ -1,0 +1,274 @@
+//! Several agents backing up to one store server (`novabackup store serve`):
+//! real processes on loopback, real NBD writes, restores on the other host.
+
+#[path = "harness.rs"]
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::*;
+
+struct StoreServer {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl StoreServer {
+    fn start(dir: &Path) -> StoreServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = StoreServer {
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(BIN)
+                .args(["store", "serve", "--dir"])
+                .arg(&self.dir)
+                .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ureq::get(&format!("{}/store/v1/health", self.url()))
+            .call()
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the store server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.join("server.token")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// An agent in `dir` whose store is this server.
+    fn agent(&self, dir: &Path) -> Agent {
+        let url = self.url();
+        let token = self.token_file();
+        Agent::start_with(
+            dir,
+            "uring",
+            &[
+                "--store",
+                &url,
+                "--store-token-file",
+                token.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn backup(a: &Agent, disk: &str) -> serde_json::Value {
+    serde_json::from_str(&a.ok(&["backup", disk, "--json"])).unwrap()
+}
+
+fn compare(a: &Path, b: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+}
+
+fn du(p: &Path) -> u64 {
+    let out = run("du", &["-sb", p.to_str().unwrap()]);
+    out.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn two_hosts_share_a_store_dedup_across_hosts_and_restore_each_others_disks() {
+    let t = tempdir();
+    let server = StoreServer::start(&t.path().join("store"));
+    let a = server.agent(&t.path().join("host-a"));
+    let b = server.agent(&t.path().join("host-b"));
+
+    // Host A: a disk, written through NBD, backed up.
+    let img_a = t.path().join("a.img");
+    random_file(&img_a, 32 << 20, 11);
+    a.attach("web", &img_a, &[]);
+    run(
+        "qemu-io",
+        &["-f", "raw", &a.uri("web"), "-c", "write -P 0x5a 1M 3M"],
+    );
+    let first = backup(&a, "web");
+    assert_eq!(first["kind"], "full", "{first}");
+    let after_a = du(&server.dir);
+
+    // Host B: a clone of that disk (a VM made from the same template).
+    let img_b = t.path().join("b.img");
+    std::fs::copy(&img_a, &img_b).unwrap();
+    b.attach("web-clone", &img_b, &[]);
+    let clone = backup(&b, "web-clone");
+    let size = 32u64 << 20;
+    let sent = clone["stats"]["bytes_new"].as_u64().unwrap();
+    assert!(
+        sent <= size / 10,
+        "host B sent {sent} bytes for a clone of {size} already in the store"
+    );
+    let grew = du(&server.dir) - after_a;
+    assert!(
+        grew <= size / 10,
+        "the store grew by {grew} bytes for a clone"
+    );
+
+    // Both hosts see both disks; each restores the other's.
+    let listed = a.ok(&["snapshots"]);
+    assert!(
+        listed.contains("web-clone@") && listed.contains("web@"),
+        "{listed}"
+    );
+    let out_b = t.path().join("b-restored-on-a.img");
+    a.ok(&[
+        "restore",
+        clone["snapshot"].as_str().unwrap(),
+        "--to",
+        out_b.to_str().unwrap(),
+    ]);
+    compare(&out_b, &img_b);
+    let out_a = t.path().join("a-restored-on-b.img");
+    b.ok(&[
+        "restore",
+        first["snapshot"].as_str().unwrap(),
+        "--to",
+        out_a.to_str().unwrap(),
+    ]);
+    compare(&out_a, &img_a);
+
+    // An incremental from A goes to the same store and restores on B.
+    run(
+        "qemu-io",
+        &["-f", "raw", &a.uri("web"), "-c", "write -P 0x77 20M 64k"],
+    );
+    let inc = backup(&a, "web");
+    assert_eq!(inc["kind"], "incremental", "{inc}");
+    assert!(inc["stats"]["bytes_new"].as_u64().unwrap() <= 64 << 10);
+    let out = t.path().join("inc-on-b.img");
+    b.ok(&[
+        "restore",
+        inc["snapshot"].as_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    compare(&out, &img_a);
+    assert!(b.ok(&["verify", "--all"]).contains(": ok"));
+}
+
+#[test]
+fn a_store_server_killed_mid_backup_fails_it_cleanly_and_the_next_backup_succeeds() {
+    let t = tempdir();
+    let mut server = StoreServer::start(&t.path().join("store"));
+    let a = server.agent(&t.path().join("host"));
+    let img = t.path().join("disk.img");
+    random_file(&img, 256 << 20, 12);
+    a.attach("vm", &img, &[]);
+    let started: serde_json::Value =
+        serde_json::from_str(&a.ok(&["backup", "vm", "--no-wait", "--json"])).unwrap();
+    let job = started["id"].as_str().unwrap().to_string();
+    // Kill the server once data is flowing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j: serde_json::Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
+        let j = j
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == job.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(
+            j["state"], "running",
+            "the backup ended before the kill: {j}"
+        );
+        if j["done"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.kill9();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let j: serde_json::Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
+        let j = j
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == job.as_str())
+            .unwrap()
+            .clone();
+        if j["state"] != "running" {
+            break j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup hangs without its store"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ended["state"], "failed", "{ended}");
+    let why = ended["error"].as_str().unwrap();
+    assert!(why.contains("store server"), "{why}");
+    // Nothing was lost: the bits are back, and the server comes back clean.
+    server.spawn();
+    let next = backup(&a, "vm");
+    assert_eq!(next["kind"], "full", "no snapshot existed yet: {next}");
+    let out = t.path().join("out.img");
+    a.ok(&[
+        "restore",
+        next["snapshot"].as_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    compare(&out, &img);
+    let list: serde_json::Value = serde_json::from_str(&a.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "no partial snapshot: {list}"
+    );
+}
