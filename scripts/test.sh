@@ -39,4 +39,5 @@ echo "== benchmark smoke runs"
 SMOKE=1 bash benches/nbd.sh
 SMOKE=1 bash benches/backup.sh
 SMOKE=1 bash benches/pipeline.sh
+SMOKE=1 bash benches/remote.sh
 echo "== all tests passed"

@@ -34,6 +34,8 @@ const UPLOADERS: usize = 8;
 #[derive(Default)]
 struct Pending {
     queued: HashSet<ChunkDigest>,
+    /// Uploaded since the last backup started (a repeated put is a no-op).
+    uploaded: HashSet<ChunkDigest>,
     failed: Option<String>,
 }
 
@@ -93,6 +95,9 @@ impl RemoteStore {
                         };
                         let mut p = inner.pending();
                         p.queued.remove(&d);
+                        if failed.is_none() {
+                            p.uploaded.insert(d);
+                        }
                         if let Some(f) = failed {
                             p.failed.get_or_insert(f);
                         }
@@ -261,7 +266,7 @@ impl Store for RemoteStore {
             if let Some(f) = p.failed.take() {
                 return Err(self.inner.remote(f));
             }
-            if !p.queued.insert(*digest) {
+            if p.uploaded.contains(digest) || !p.queued.insert(*digest) {
                 return Ok(0);
             }
         }
@@ -382,6 +387,7 @@ impl Store for RemoteStore {
                     .unwrap_or_else(|e| e.into_inner());
             }
             p.failed = None;
+            p.uploaded.clear();
         }
         let lease: Lease = match self
             .inner
@@ -431,18 +437,15 @@ impl Store for RemoteStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use novabackup_engine::store::local::LocalStore;
-
+mod tests_support {
     /// A store server on a random loopback port, for the life of the runtime.
-    fn serve(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
+    pub fn serve(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let store = LocalStore::open(dir).unwrap();
+        let store = novabackup_engine::store::local::LocalStore::open(dir).unwrap();
         let l = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
@@ -451,6 +454,13 @@ mod tests {
         rt.spawn(async move { axum::serve(l, app).await });
         (url, rt)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::tests_support::serve;
 
     #[test]
     fn remote_store_conformance() {
@@ -540,5 +550,90 @@ mod tests {
             "{e}"
         );
         assert!(matches!(s.manifest(&m.id), Err(StoreError::NoSnapshot(_))));
+    }
+}
+
+#[cfg(test)]
+mod malformed {
+    use super::tests_support::serve;
+    use crate::error::ErrorBody;
+
+    fn status_and_code(r: Result<ureq::Response, ureq::Error>) -> (u16, String) {
+        match r {
+            Err(ureq::Error::Status(s, resp)) => {
+                let b: ErrorBody = resp.into_json().expect("a JSON error body");
+                (
+                    s,
+                    serde_json::to_value(b.error.code)
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                )
+            }
+            other => panic!("expected an error status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_json_errors_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let auth = |r: ureq::Request| r.set("Authorization", "Bearer secret");
+        let cases: Vec<(Result<ureq::Response, ureq::Error>, u16, &str)> = vec![
+            (
+                ureq::get(&format!("{url}/store/v1/usage")).call(),
+                401,
+                "unauthorized",
+            ),
+            (
+                auth(ureq::post(&format!("{url}/store/v1/missing"))).send_bytes(&[0u8; 33]),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::put(&format!("{url}/store/v1/chunks/nothex"))).send_bytes(b"x"),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::get(&format!(
+                    "{url}/store/v1/chunks/{}",
+                    "ab".repeat(32)
+                )))
+                .call(),
+                404,
+                "not_found",
+            ),
+            (
+                auth(ureq::post(&format!("{url}/store/v1/snapshots"))).send_bytes(b"{not json"),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::get(&format!("{url}/store/v1/snapshots/vm@nonsense"))).call(),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::post(&format!("{url}/store/v1/locks/vm/nolease"))).call(),
+                404,
+                "not_found",
+            ),
+            (
+                auth(ureq::get(&format!("{url}/store/v1/nowhere"))).call(),
+                404,
+                "not_found",
+            ),
+        ];
+        for (i, (r, status, code)) in cases.into_iter().enumerate() {
+            assert_eq!(status_and_code(r), (status, code.to_string()), "case {i}");
+        }
+        let packs = dir.path().join("packs");
+        let n: usize = std::fs::read_dir(&packs)
+            .unwrap()
+            .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum();
+        assert_eq!(n, 0, "nothing was stored");
     }
 }
