@@ -369,3 +369,53 @@ fn a_full_store_fails_cleanly_and_keeps_the_dirty_bits() {
     assert_eq!(used, 0);
     let _ = first;
 }
+
+#[test]
+fn status_shows_the_store_and_each_disks_last_backup() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 4 << 20, 21);
+    let other = t.path().join("other.img");
+    sparse_file(&other, 8 << 20);
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("vm", &img, &[]);
+    a.attach("idle", &other, &[]);
+    let r = backup(&a, "vm", &[]);
+    let out = a.ok(&["status"]);
+    assert!(
+        out.contains("store:") && out.contains("1 snapshots"),
+        "{out}"
+    );
+    let vm = out.lines().find(|l| l.starts_with("vm ")).unwrap();
+    assert!(vm.contains("(full)") && vm.contains("trusted"), "{out}");
+    let idle = out.lines().find(|l| l.starts_with("idle ")).unwrap();
+    assert!(idle.contains("never"), "{out}");
+    let j: serde_json::Value = serde_json::from_str(&a.ok(&["status", "--json"])).unwrap();
+    assert_eq!(j["store"]["snapshots"], 1);
+    let disks = j["disks"].as_array().unwrap();
+    let vm = disks.iter().find(|d| d["disk"]["name"] == "vm").unwrap();
+    assert_eq!(vm["last_backup"]["id"], r["snapshot"]);
+    assert!(j["store"]["bytes_used"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_command_definitions() {
+    let bash = std::process::Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    let bash = String::from_utf8(bash.stdout).unwrap();
+    assert!(bash.contains("_novabackup()") && bash.contains("restore"));
+    let man = std::process::Command::new(BIN).arg("man").output().unwrap();
+    assert!(man.status.success());
+    let man = String::from_utf8(man.stdout).unwrap();
+    assert!(
+        man.contains(".TH novabackup 1") && man.contains("Exit codes"),
+        "{man}"
+    );
+    let o = std::process::Command::new(BIN)
+        .args(["completions", "nosuchshell"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "bad usage exits 2");
+}

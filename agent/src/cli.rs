@@ -5,6 +5,7 @@ mod backup;
 mod demo;
 mod disk;
 mod job;
+mod status;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,15 @@ pub const DEFAULT_API: &str = "127.0.0.1:7810";
 
 /// novabackup: incremental block-level backups of running VM disks.
 #[derive(Debug, Parser)]
-#[command(name = "novabackup", version, about, long_about = None)]
+#[command(
+    name = "novabackup",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit codes: 0 success; 1 an error the agent reported, a failed job, or damage found \
+                  by verify; 2 bad command-line usage; 3 the agent is unreachable; 4 no such disk, \
+                  snapshot or job."
+)]
 pub struct Cli {
     /// The agent's state folder; the CLI reads the API address and token there.
     #[arg(long, global = true, env = "NOVABACKUP_DATA_DIR")]
@@ -61,6 +70,19 @@ enum Command {
     /// Run the whole product on a temporary folder: agent, disk, NBD writes,
     /// full and incremental backups, restores checked byte for byte.
     Demo(demo::DemoArgs),
+    /// The agent, its store, and every disk's change tracking and last backup.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `novabackup man > novabackup.1`.
+    Man,
     /// Run a store server that many agents back up to.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -90,10 +112,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(a) => demo::run(a),
         Command::Store(c) => store::run(c),
+        Command::Completions { shell } => {
+            status::completions(shell);
+            Ok(())
+        }
+        Command::Man => status::man(),
         other => {
             let client = client(cli.data_dir.as_deref(), cli.api.as_deref())?;
             match other {
-                Command::Agent(_) | Command::Demo(_) | Command::Store(_) => {
+                Command::Agent(_)
+                | Command::Demo(_)
+                | Command::Store(_)
+                | Command::Completions { .. }
+                | Command::Man => {
                     unreachable!("handled above")
                 }
                 Command::Disk(c) => disk::run(&client, c),
@@ -103,6 +134,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Restore(a) => backup::restore(&client, a),
                 Command::Verify(a) => backup::verify(&client, a),
                 Command::Jobs { json } => backup::jobs(&client, json),
+                Command::Status { json } => status::status(&client, json),
             }
         }
     }

@@ -120,6 +120,11 @@ impl Client {
         self.json("GET", "/api/v1/health", None::<&()>)
     }
 
+    /// `GET /api/v1/store`.
+    pub fn store_info(&self) -> Result<crate::types::StoreInfo, ClientError> {
+        self.json("GET", "/api/v1/store", None::<&()>)
+    }
+
     /// `GET /api/v1/disks`.
     pub fn disks(&self) -> Result<Vec<DiskInfo>, ClientError> {
         self.json("GET", "/api/v1/disks", None::<&()>)

@@ -423,6 +423,10 @@ impl Store for RemoteStore {
         }))
     }
 
+    fn describe(&self) -> String {
+        self.inner.base.clone()
+    }
+
     fn usage(&self) -> Result<u64, StoreError> {
         let v: serde_json::Value = self
             .inner

@@ -168,3 +168,14 @@ pub struct SnapshotInfo {
     /// What the backup did.
     pub stats: novabackup_engine::format::manifest::BackupStats,
 }
+
+/// `GET /api/v1/store`: the store the agent backs up to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// A folder, or the URL of a store server.
+    pub location: String,
+    /// Bytes used by packs and manifests.
+    pub bytes_used: u64,
+    /// Snapshots in the store, of every disk.
+    pub snapshots: usize,
+}

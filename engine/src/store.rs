@@ -113,4 +113,6 @@ pub trait Store: Send + Sync {
     fn lock(&self, disk: &DiskName) -> Result<Box<dyn DiskLock>, StoreError>;
     /// Bytes used by chunks and manifests.
     fn usage(&self) -> Result<u64, StoreError>;
+    /// Where the store is (a folder or a URL), for people.
+    fn describe(&self) -> String;
 }

@@ -499,6 +499,15 @@ impl DiskService for Agent {
             .cancel(id)
             .ok_or_else(|| err(ErrorCode::NotFound, format!("no job {id:?}")))
     }
+
+    fn store_info(&self) -> Result<novabackup_api::types::StoreInfo, ApiError> {
+        let (list, _) = self.store.list(None).map_err(store_err)?;
+        Ok(novabackup_api::types::StoreInfo {
+            location: self.store.describe(),
+            bytes_used: self.store.usage().map_err(store_err)?,
+            snapshots: list.len(),
+        })
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -86,6 +86,10 @@ pub(super) async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+pub(super) async fn store_info(State(svc): Svc) -> Result<Json<crate::types::StoreInfo>, ApiError> {
+    blocking(&svc, |s| s.store_info()).await.map(Json)
+}
+
 pub(super) async fn jobs(State(svc): Svc) -> Result<Json<Vec<JobInfo>>, ApiError> {
     blocking(&svc, |s| Ok(s.jobs())).await.map(Json)
 }

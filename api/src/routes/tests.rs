@@ -105,6 +105,13 @@ impl DiskService for Mem {
     fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
         self.job(id)
     }
+    fn store_info(&self) -> Result<crate::types::StoreInfo, ApiError> {
+        Ok(crate::types::StoreInfo {
+            location: "/mem".into(),
+            bytes_used: 1,
+            snapshots: 0,
+        })
+    }
 }
 
 fn job() -> JobInfo {

@@ -579,6 +579,10 @@ impl Store for LocalStore {
         }
     }
 
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
     fn usage(&self) -> Result<u64, StoreError> {
         fn walk(p: &Path, total: &mut u64) {
             if let Ok(rd) = fs::read_dir(p) {

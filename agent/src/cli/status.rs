@@ -1,0 +1,92 @@
+//! `novabackup status`, `novabackup completions` and `novabackup man`.
+
+use std::collections::HashMap;
+
+use clap::CommandFactory;
+use novabackup_api::Client;
+use novabackup_engine::size::format_size;
+
+/// One screen: the agent, its store, and every disk with its change
+/// tracking and last backup.
+pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
+    let health = client.health()?;
+    let store = client.store_info()?;
+    let disks = client.disks()?;
+    let snaps = client.snapshots(None)?;
+    let mut last: HashMap<&str, &novabackup_api::types::SnapshotInfo> = HashMap::new();
+    for s in &snaps {
+        // Listed oldest first: the last one wins.
+        last.insert(s.disk.as_str(), s);
+    }
+    if json {
+        let disks: Vec<serde_json::Value> = disks
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "disk": d,
+                    "last_backup": last.get(d.name.as_str()),
+                    "next_backup": null,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "agent": health,
+            "store": store,
+            "disks": disks,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "agent:  {} (version {}, NBD engine {})",
+        health.status, health.version, health.io_engine
+    );
+    println!(
+        "store:  {} ({} used, {} snapshots)",
+        store.location,
+        format_size(store.bytes_used),
+        store.snapshots
+    );
+    if disks.is_empty() {
+        println!("disks:  none attached (`novabackup disk attach NAME --image PATH`)");
+        return Ok(());
+    }
+    println!(
+        "\n{:<16} {:>9} {:>5} {:>14} {:<9} {:<28} NEXT BACKUP",
+        "DISK", "SIZE", "CONNS", "CBT DIRTY", "CBT", "LAST BACKUP"
+    );
+    for d in &disks {
+        let trust = if d.cbt.trusted {
+            "trusted"
+        } else {
+            "untrusted"
+        };
+        let lastb = match last.get(d.name.as_str()) {
+            Some(s) => format!("{} ({:?})", s.time, s.kind).to_lowercase(),
+            None => "never".into(),
+        };
+        println!(
+            "{:<16} {:>9} {:>5} {:>14} {:<9} {:<28} not scheduled",
+            d.name,
+            format_size(d.size),
+            d.connections,
+            format_size(d.cbt.dirty_bytes),
+            trust,
+            lastb
+        );
+    }
+    Ok(())
+}
+
+/// Prints a completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) {
+    let mut cmd = super::Cli::command();
+    clap_complete::generate(shell, &mut cmd, "novabackup", &mut std::io::stdout());
+}
+
+/// Prints the man page (roff) built from the command-line definitions.
+pub fn man() -> anyhow::Result<()> {
+    let cmd = super::Cli::command();
+    clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+    Ok(())
+}
