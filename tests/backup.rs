@@ -419,3 +419,78 @@ fn completions_and_man_page_come_from_the_command_definitions() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "bad usage exits 2");
 }
+
+#[test]
+fn metrics_count_nbd_requests_backups_and_the_store() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 4 << 20, 22);
+    let a = Agent::start(&t.path().join("a"), "uring");
+    a.attach("vm", &img, &[]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &a.uri("vm"),
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "read 0 128k",
+        ],
+    );
+    backup(&a, "vm", &[]);
+    let url = format!("http://{}/metrics", a.api);
+    match ureq::get(&url).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("metrics without a token: {other:?}"),
+    }
+    let token = std::fs::read_to_string(t.path().join("a/state/api.token")).unwrap();
+    let r = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap();
+    assert!(r.content_type().starts_with("text/plain"));
+    let m = r.into_string().unwrap();
+    let value = |line: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {line} in:\n{m}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(value("novabackup_nbd_requests_total{disk=\"vm\",command=\"write\"}") >= 1.0);
+    assert!(value("novabackup_nbd_requests_total{disk=\"vm\",command=\"read\"}") >= 1.0);
+    assert!(value("novabackup_nbd_written_bytes_total{disk=\"vm\"}") >= 65536.0);
+    assert_eq!(
+        value("novabackup_jobs_total{kind=\"backup\",state=\"succeeded\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("novabackup_backup_read_bytes_total"),
+        (4 << 20) as f64
+    );
+    assert_eq!(
+        value("novabackup_job_duration_seconds_count{kind=\"backup\"}"),
+        1.0
+    );
+    assert_eq!(value("novabackup_store_snapshots"), 1.0);
+    assert!(value("novabackup_store_chunks") >= 64.0);
+    assert_eq!(value("novabackup_cbt_dirty_bytes{disk=\"vm\"}"), 0.0);
+    // Every sample line belongs to a declared metric.
+    let declared: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    for l in m.lines().filter(|l| !l.starts_with('#')) {
+        let name = l.split(['{', ' ']).next().unwrap();
+        assert!(
+            declared.iter().any(|d| name.starts_with(d)),
+            "undeclared sample {l}"
+        );
+    }
+}

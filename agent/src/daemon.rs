@@ -6,6 +6,7 @@
 
 mod jobs;
 mod listen;
+mod metrics;
 mod state;
 mod work;
 

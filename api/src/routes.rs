@@ -51,6 +51,8 @@ pub trait DiskService: Send + Sync + 'static {
     fn job(&self, id: &str) -> Result<JobInfo, ApiError>;
     /// Asks a job to stop.
     fn cancel(&self, id: &str) -> Result<JobInfo, ApiError>;
+    /// The Prometheus text exposition of `/metrics`.
+    fn metrics(&self) -> Result<String, ApiError>;
     /// The store: where, how big, how many snapshots.
     fn store_info(&self) -> Result<crate::types::StoreInfo, ApiError>;
 }
@@ -78,6 +80,7 @@ pub fn router(svc: Arc<dyn DiskService>, token: String) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/store", get(jobs::store_info))
+        .route("/metrics", get(jobs::metrics))
         .route_layer(middleware::from_fn_with_state(
             Arc::new(token),
             crate::auth::require_token,

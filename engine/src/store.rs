@@ -115,4 +115,8 @@ pub trait Store: Send + Sync {
     fn usage(&self) -> Result<u64, StoreError>;
     /// Where the store is (a folder or a URL), for people.
     fn describe(&self) -> String;
+    /// Distinct chunks stored, when that is cheap to know.
+    fn chunk_count(&self) -> Option<u64> {
+        None
+    }
 }

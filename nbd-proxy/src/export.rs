@@ -233,6 +233,8 @@ pub struct Export {
     pub image: Image,
     /// The CBT tracker recording every write.
     pub tracker: Arc<Tracker>,
+    /// Request counters.
+    pub stats: crate::stats::ExportStats,
 }
 
 impl Export {

@@ -15,6 +15,7 @@ pub mod client;
 pub mod export;
 pub mod proto;
 pub mod server;
+pub mod stats;
 pub mod tracking;
 
 /// The name of the CBT bitmap as NBD clients see it:

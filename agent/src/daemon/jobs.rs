@@ -33,6 +33,22 @@ struct Job {
 pub struct Jobs {
     jobs: Mutex<Vec<Arc<Job>>>,
     next: AtomicU64,
+    totals: Arc<Mutex<Totals>>,
+}
+
+/// Upper bounds (seconds) of the job-duration histogram buckets.
+pub const DURATION_BUCKETS: [f64; 7] = [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0];
+
+/// What finished jobs add up to, for `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// Finished jobs by (kind, state).
+    pub outcomes: std::collections::BTreeMap<(String, String), u64>,
+    /// Per kind: counts per bucket of [`DURATION_BUCKETS`] (cumulative is
+    /// computed when rendered), the count above the last, and the sum.
+    pub durations: std::collections::BTreeMap<String, ([u64; 8], f64)>,
+    /// Successful backups' bytes read, new and stored.
+    pub backup_bytes: [u64; 3],
 }
 
 impl Jobs {
@@ -69,6 +85,7 @@ impl Jobs {
             });
         }
         let j = job.clone();
+        let totals = self.totals.clone();
         let span = tracing::info_span!("job", id = %id, kind, target);
         std::thread::spawn(move || {
             let _g = span.enter();
@@ -86,10 +103,41 @@ impl Jobs {
                 Ok(_) => tracing::info!(elapsed = ?j.started.elapsed(), "job succeeded"),
                 Err(e) => tracing::warn!(?state, "job ended: {e}"),
             }
-            *j.outcome.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((state, r, j.started.elapsed().as_secs_f64()));
+            let secs = j.started.elapsed().as_secs_f64();
+            {
+                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                let st = serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                *t.outcomes.entry((j.kind.clone(), st)).or_default() += 1;
+                let d = t.durations.entry(j.kind.clone()).or_default();
+                let b = DURATION_BUCKETS
+                    .iter()
+                    .position(|&u| secs <= u)
+                    .unwrap_or(DURATION_BUCKETS.len());
+                d.0[b] += 1;
+                d.1 += secs;
+                if let (Ok(v), "backup") = (&r, j.kind.as_str()) {
+                    for (i, k) in ["bytes_read", "bytes_new", "bytes_stored"]
+                        .iter()
+                        .enumerate()
+                    {
+                        t.backup_bytes[i] += v["stats"][k].as_u64().unwrap_or(0);
+                    }
+                }
+            }
+            *j.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some((state, r, secs));
         });
         info(&job)
+    }
+
+    /// What finished jobs add up to.
+    pub fn totals(&self) -> Totals {
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every job, oldest first.

@@ -142,6 +142,7 @@ impl Agent {
             name: r.name.to_string(),
             image,
             tracker: Arc::new(tracker),
+            stats: Default::default(),
         }))
     }
 
@@ -498,6 +499,30 @@ impl DiskService for Agent {
         self.jobs
             .cancel(id)
             .ok_or_else(|| err(ErrorCode::NotFound, format!("no job {id:?}")))
+    }
+
+    fn metrics(&self) -> Result<String, ApiError> {
+        use super::metrics::{render, DiskSample, StoreSample};
+        let disks: Vec<DiskSample> = self
+            .server
+            .all()
+            .iter()
+            .map(|e| DiskSample {
+                name: e.name.clone(),
+                requests: e.stats.requests(),
+                bytes_read: e.stats.bytes_read(),
+                bytes_written: e.stats.bytes_written(),
+                dirty_bytes: cbt_info(&e.tracker).dirty_bytes,
+                connections: self.server.connections(&e.name),
+            })
+            .collect();
+        let (list, _) = self.store.list(None).map_err(store_err)?;
+        let store = StoreSample {
+            bytes: self.store.usage().map_err(store_err)?,
+            snapshots: list.len(),
+            chunks: self.store.chunk_count(),
+        };
+        Ok(render(&self.jobs.totals(), &disks, &store))
     }
 
     fn store_info(&self) -> Result<novabackup_api::types::StoreInfo, ApiError> {

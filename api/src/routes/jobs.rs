@@ -86,6 +86,19 @@ pub(super) async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+pub(super) async fn metrics(State(svc): Svc) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let text = blocking(&svc, |s| s.metrics()).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 pub(super) async fn store_info(State(svc): Svc) -> Result<Json<crate::types::StoreInfo>, ApiError> {
     blocking(&svc, |s| s.store_info()).await.map(Json)
 }

@@ -105,6 +105,9 @@ impl DiskService for Mem {
     fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
         self.job(id)
     }
+    fn metrics(&self) -> Result<String, ApiError> {
+        Ok("novabackup_store_bytes 1\n".into())
+    }
     fn store_info(&self) -> Result<crate::types::StoreInfo, ApiError> {
         Ok(crate::types::StoreInfo {
             location: "/mem".into(),

@@ -579,6 +579,10 @@ impl Store for LocalStore {
         }
     }
 
+    fn chunk_count(&self) -> Option<u64> {
+        Some(self.index.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
+    }
+
     fn describe(&self) -> String {
         self.root.display().to_string()
     }

@@ -109,6 +109,7 @@ impl Session {
                 why,
             }) => {
                 let _ = rbuf.split_to(total);
+                self.export.stats.count(7, 0, 0);
                 Next::Reply(self.error(cookie, error, why))
             }
             Ok(Decoded::Request { req, total }) => {
@@ -130,6 +131,19 @@ impl Session {
             ..
         } = req;
         let image = &self.export.image;
+        let (which, read, written) = match req.command {
+            Command::Read => (0, len as u64, 0),
+            Command::Write { .. } => (1, 0, len as u64),
+            Command::Flush => (2, 0, 0),
+            Command::Trim { .. } => (3, 0, len as u64),
+            Command::WriteZeroes { .. } => (4, 0, len as u64),
+            Command::Cache => (5, 0, 0),
+            Command::BlockStatus { .. } => (6, 0, 0),
+            Command::Disc => (usize::MAX, 0, 0),
+        };
+        if which != usize::MAX {
+            self.export.stats.count(which, read, written);
+        }
         match req.command {
             Command::Disc => Next::Disconnect,
             Command::Read if len == 0 => {
