@@ -7,6 +7,7 @@ mod disk;
 mod job;
 mod status;
 mod store;
+mod token;
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +84,9 @@ enum Command {
     },
     /// Print the man page (roff), e.g. `novabackup man > novabackup.1`.
     Man,
+    /// Create, list and revoke API tokens (roles: admin, backup, read-only).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Run a store server that many agents back up to.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -135,6 +139,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Verify(a) => backup::verify(&client, a),
                 Command::Jobs { json } => backup::jobs(&client, json),
                 Command::Status { json } => status::status(&client, json),
+                Command::Token(c) => token::run(&client, c),
             }
         }
     }

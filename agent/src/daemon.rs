@@ -190,7 +190,9 @@ async fn serve(
     )?;
     tracing::info!(api = %api_addr, nbd_tcp = ?nbd_tcp, nbd_socket = ?socket, "agent ready");
 
-    let app = novabackup_api::router(agent.clone(), token);
+    let tokens = novabackup_api::auth::Tokens::open(Some(&dir.join("tokens.json")), &token)
+        .context("cannot load the API tokens")?;
+    let app = novabackup_api::router(agent.clone(), Arc::new(tokens));
     let stop2 = stop.clone();
     let http = tokio::spawn(async move {
         axum::serve(api, app)

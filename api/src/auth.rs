@@ -1,31 +1,369 @@
-//! Bearer-token authentication for everything but `/api/v1/health`.
+//! Bearer tokens with roles. The agent's first token (`api.token`, created
+//! 0600 at first start) is an admin token; more are made with `novabackup
+//! token create` or `POST /api/v1/tokens`, and only their SHA-256 is kept
+//! (`tokens.json`), so reading the state folder does not reveal them.
+//!
+//! Roles:
+//! - `admin`: everything.
+//! - `backup`: read anything, back up, restore, verify and cancel jobs,
+//!   limited to the disks the token lists (all disks when it lists none);
+//!   no attaching, detaching, deleting, resetting or token management.
+//! - `read-only`: `GET` only (monitoring, `/metrics`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ErrorCode};
 
-/// Middleware: rejects a request without `Authorization: Bearer <token>`.
-pub async fn require_token(
-    State(token): State<std::sync::Arc<String>>,
-    req: Request,
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Back up and restore (its disks).
+    Backup,
+    /// Look, do not touch.
+    ReadOnly,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "backup" => Ok(Role::Backup),
+            "read-only" => Ok(Role::ReadOnly),
+            _ => Err(format!(
+                "unknown role {s:?}: use admin, backup or read-only"
+            )),
+        }
+    }
+}
+
+/// A token as stored and listed (never the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Short id, used to revoke it.
+    pub id: String,
+    /// What the operator called it.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Disks a backup token is limited to (empty: all).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// Creation time (RFC 3339).
+    pub created: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    #[serde(flatten)]
+    info: TokenInfo,
+    sha256: String,
+}
+
+/// `POST /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// A name for people.
+    pub name: String,
+    /// `admin`, `backup` or `read-only`.
+    pub role: Role,
+    /// For a backup token: the disks it may back up and restore (empty: all).
+    #[serde(default)]
+    pub disks: Vec<String>,
+}
+
+/// The answer to a create: the secret, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    /// The token's record.
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    /// Pass as `Authorization: Bearer <token>`; not stored anywhere.
+    pub token: String,
+}
+
+/// Who is calling, put into each authenticated request's extensions.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Disks it is limited to (empty: all).
+    pub disks: Vec<String>,
+}
+
+impl Caller {
+    /// Whether this caller may act on `disk`.
+    pub fn may_use(&self, disk: &str) -> bool {
+        self.role == Role::Admin || self.disks.is_empty() || self.disks.iter().any(|d| d == disk)
+    }
+
+    /// Fails with 403 for a token limited to some disks.
+    pub fn check_every_disk(&self) -> Result<(), ApiError> {
+        if self.role == Role::Admin || self.disks.is_empty() {
+            Ok(())
+        } else {
+            self.check_disk("(every disk)")
+        }
+    }
+
+    /// Fails with 403 unless [`Caller::may_use`].
+    pub fn check_disk(&self, disk: &str) -> Result<(), ApiError> {
+        if self.may_use(disk) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "token {:?} may not act on disk {disk:?}; it is limited to {:?}",
+                    self.name, self.disks
+                ),
+            ))
+        }
+    }
+}
+
+/// Errors of the token file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Reading or writing the file failed.
+    #[error("token file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not what we wrote.
+    #[error("token file {path} is damaged ({why}); fix or remove it (all tokens but api.token are then gone)")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The token registry (module doc).
+pub struct Tokens {
+    path: Option<PathBuf>,
+    bootstrap: [u8; 32],
+    records: RwLock<Vec<Record>>,
+}
+
+fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Tokens {
+    /// The registry in `path` (created when the first token is), with
+    /// `bootstrap` as an admin token that is not in the file.
+    pub fn open(path: Option<&Path>, bootstrap: &str) -> Result<Tokens, TokenError> {
+        let records = match path {
+            Some(p) => match std::fs::read(p) {
+                Ok(b) => serde_json::from_slice(&b).map_err(|e| TokenError::Damaged {
+                    path: p.into(),
+                    why: e.to_string(),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(source) => {
+                    return Err(TokenError::Io {
+                        path: p.into(),
+                        source,
+                    })
+                }
+            },
+            None => Vec::new(),
+        };
+        Ok(Tokens {
+            path: path.map(Path::to_path_buf),
+            bootstrap: hash(bootstrap),
+            records: RwLock::new(records),
+        })
+    }
+
+    /// Who `token` is, if anyone.
+    pub fn check(&self, token: &str) -> Option<Caller> {
+        let h = hash(token);
+        if constant_time_eq(&h, &self.bootstrap) {
+            return Some(Caller {
+                name: "api.token".into(),
+                role: Role::Admin,
+                disks: Vec::new(),
+            });
+        }
+        let hx = hex(&h);
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        records
+            .iter()
+            .find(|r| constant_time_eq(r.sha256.as_bytes(), hx.as_bytes()))
+            .map(|r| Caller {
+                name: r.info.name.clone(),
+                role: r.info.role,
+                disks: r.info.disks.clone(),
+            })
+    }
+
+    /// Every token, without secrets.
+    pub fn list(&self) -> Vec<TokenInfo> {
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        records.iter().map(|r| r.info.clone()).collect()
+    }
+
+    /// Makes a token; the secret is returned once and only its hash kept.
+    pub fn create(&self, req: CreateToken) -> Result<CreatedToken, ApiError> {
+        if req.name.trim().is_empty() || req.name.len() > 100 {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "a token needs a name of 1 to 100 characters",
+            ));
+        }
+        if req.role != Role::Backup && !req.disks.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "only backup tokens are limited to disks",
+            ));
+        }
+        let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).map_err(|e| internal(e.to_string()))?;
+        let token = hex(&raw);
+        let info = TokenInfo {
+            id: hex(&hash(&token)[..4]),
+            name: req.name,
+            role: req.role,
+            disks: req.disks,
+            created: novabackup_engine::time::rfc3339(novabackup_engine::time::now_unix()),
+        };
+        let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+        records.push(Record {
+            info: info.clone(),
+            sha256: hex(&hash(&token)),
+        });
+        if let Err(e) = self.save(&records) {
+            records.pop();
+            return Err(internal(e.to_string()));
+        }
+        Ok(CreatedToken { info, token })
+    }
+
+    /// Revokes the token with `id`; false if there is none.
+    pub fn revoke(&self, id: &str) -> Result<bool, ApiError> {
+        let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+        let before = records.clone();
+        records.retain(|r| r.info.id != id);
+        if records.len() == before.len() {
+            return Ok(false);
+        }
+        if let Err(e) = self.save(&records) {
+            *records = before;
+            return Err(ApiError::new(ErrorCode::Internal, e.to_string()));
+        }
+        Ok(true)
+    }
+
+    fn save(&self, records: &[Record]) -> Result<(), TokenError> {
+        let Some(p) = &self.path else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec_pretty(records).expect("records serialize");
+        novabackup_engine::fsutil::write_atomic(p, &bytes, 0o600).map_err(|source| TokenError::Io {
+            path: p.clone(),
+            source,
+        })
+    }
+}
+
+/// What a role may call: read-only only reads; backup also starts and
+/// cancels work, but never changes disks, snapshots or tokens.
+fn allowed(role: Role, method: &Method, path: &str) -> bool {
+    match role {
+        Role::Admin => true,
+        Role::ReadOnly => method == Method::GET || method == Method::HEAD,
+        Role::Backup => {
+            if path.starts_with("/api/v1/tokens") {
+                return false;
+            }
+            if method == Method::GET || method == Method::HEAD {
+                return true;
+            }
+            method == Method::POST
+                && (path == "/api/v1/backups"
+                    || path == "/api/v1/restores"
+                    || path == "/api/v1/verify"
+                    || (path.starts_with("/api/v1/snapshots/") && path.ends_with("/verify"))
+                    || (path.starts_with("/api/v1/jobs/") && path.ends_with("/cancel")))
+        }
+    }
+}
+
+/// Middleware: 401 without a known token, 403 when its role may not make
+/// this call; otherwise the [`Caller`] goes into the request's extensions.
+pub async fn require_role(
+    State(tokens): State<Arc<Tokens>>,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    let given = req
-        .headers()
+    let caller = bearer(&req).and_then(|t| tokens.check(t));
+    let Some(caller) = caller else {
+        return unauthorized().into_response();
+    };
+    if !allowed(caller.role, req.method(), req.uri().path()) {
+        return ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "token {:?} ({:?}) may not {} {}",
+                caller.name,
+                caller.role,
+                req.method(),
+                req.uri().path()
+            ),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Middleware for a single shared secret (the store server).
+pub async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    match bearer(&req) {
+        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => unauthorized().into_response(),
+    }
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => next.run(req).await,
-        _ => ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing or wrong bearer token: pass the token from the agent's api.token file \
-             (the CLI reads it with --data-dir or NOVABACKUP_TOKEN)",
-        )
-        .into_response(),
-    }
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unauthorized,
+        "missing or wrong bearer token: pass the token from the agent's api.token file \
+         (the CLI reads it with --data-dir or NOVABACKUP_TOKEN), or one made with \
+         `novabackup token create`",
+    )
 }
 
 /// Compares without an early exit, so timing does not reveal the token.
@@ -35,10 +373,55 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn eq() {
-        assert!(super::constant_time_eq(b"abc", b"abc"));
-        assert!(!super::constant_time_eq(b"abc", b"abd"));
-        assert!(!super::constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn tokens_are_stored_hashed_survive_reopen_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokens.json");
+        let t = Tokens::open(Some(&p), "boot").unwrap();
+        assert_eq!(t.check("boot").unwrap().role, Role::Admin);
+        let c = t
+            .create(CreateToken {
+                name: "ci".into(),
+                role: Role::Backup,
+                disks: vec!["web".into()],
+            })
+            .unwrap();
+        let file = std::fs::read_to_string(&p).unwrap();
+        assert!(!file.contains(&c.token), "the secret is not stored");
+        let t = Tokens::open(Some(&p), "boot").unwrap();
+        let caller = t.check(&c.token).unwrap();
+        assert_eq!(caller.role, Role::Backup);
+        assert!(caller.may_use("web") && !caller.may_use("db"));
+        assert!(t.check("nope").is_none());
+        assert!(t.revoke(&c.info.id).unwrap());
+        assert!(!t.revoke(&c.info.id).unwrap());
+        assert!(t.check(&c.token).is_none());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn roles_allow_what_the_module_doc_says() {
+        use Method as M;
+        assert!(allowed(Role::ReadOnly, &M::GET, "/metrics"));
+        assert!(!allowed(Role::ReadOnly, &M::POST, "/api/v1/backups"));
+        assert!(allowed(Role::Backup, &M::POST, "/api/v1/backups"));
+        assert!(allowed(Role::Backup, &M::POST, "/api/v1/jobs/job-1/cancel"));
+        assert!(!allowed(Role::Backup, &M::DELETE, "/api/v1/snapshots/vm@x"));
+        assert!(!allowed(Role::Backup, &M::POST, "/api/v1/disks"));
+        assert!(!allowed(Role::Backup, &M::GET, "/api/v1/tokens"));
+        assert!(allowed(Role::Admin, &M::DELETE, "/api/v1/tokens/ab"));
     }
 }

@@ -120,6 +120,29 @@ impl Client {
         self.json("GET", "/api/v1/health", None::<&()>)
     }
 
+    /// `GET /api/v1/tokens`.
+    pub fn tokens(&self) -> Result<Vec<crate::auth::TokenInfo>, ClientError> {
+        self.json("GET", "/api/v1/tokens", None::<&()>)
+    }
+
+    /// `POST /api/v1/tokens`.
+    pub fn create_token(
+        &self,
+        req: &crate::auth::CreateToken,
+    ) -> Result<crate::auth::CreatedToken, ClientError> {
+        self.json("POST", "/api/v1/tokens", Some(req))
+    }
+
+    /// `DELETE /api/v1/tokens/{id}`.
+    pub fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        self.send(
+            "DELETE",
+            &format!("/api/v1/tokens/{}", enc(id)),
+            None::<&()>,
+        )
+        .map(drop)
+    }
+
     /// `GET /api/v1/store`.
     pub fn store_info(&self) -> Result<crate::types::StoreInfo, ClientError> {
         self.json("GET", "/api/v1/store", None::<&()>)

@@ -14,6 +14,8 @@ pub enum ErrorCode {
     BadRequest,
     /// Missing or wrong bearer token.
     Unauthorized,
+    /// The token's role does not allow the call.
+    Forbidden,
     /// No such resource.
     NotFound,
     /// The resource exists or is in use.
@@ -31,6 +33,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,

@@ -4,6 +4,7 @@
 
 mod disks;
 mod jobs;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -57,8 +58,13 @@ pub trait DiskService: Send + Sync + 'static {
     fn store_info(&self) -> Result<crate::types::StoreInfo, ApiError>;
 }
 
-/// The control API. Everything but health needs `token`.
-pub fn router(svc: Arc<dyn DiskService>, token: String) -> Router {
+/// The control API. Everything but health needs a token from `tokens`,
+/// whose role allows the call (see [`crate::auth`]).
+pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Router {
+    let token_routes = Router::new()
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .with_state(tokens.clone());
     let protected = Router::new()
         .route("/api/v1/disks", get(disks::list).post(disks::attach))
         .route(
@@ -81,17 +87,19 @@ pub fn router(svc: Arc<dyn DiskService>, token: String) -> Router {
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/store", get(jobs::store_info))
         .route("/metrics", get(jobs::metrics))
+        .with_state(svc.clone())
+        .merge(token_routes)
         .route_layer(middleware::from_fn_with_state(
-            Arc::new(token),
-            crate::auth::require_token,
+            tokens,
+            crate::auth::require_role,
         ));
     Router::new()
         .route("/api/v1/health", get(health))
+        .with_state(svc)
         .merge(protected)
         .fallback(|| async {
             ApiError::new(ErrorCode::NotFound, "no such endpoint; see /api/v1/health")
         })
-        .with_state(svc)
 }
 
 async fn health(

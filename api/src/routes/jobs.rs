@@ -5,10 +5,11 @@ use std::sync::Arc;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::{blocking, json_body, DiskService};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::types::{BackupRequest, JobInfo, RestoreRequest, SnapshotInfo, VerifyRequest};
 
@@ -17,32 +18,55 @@ type Started = Result<(StatusCode, Json<JobInfo>), ApiError>;
 
 pub(super) async fn backup(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<BackupRequest>, JsonRejection>,
 ) -> Started {
     let req = json_body(body)?;
+    caller.check_disk(&req.disk)?;
     let job = blocking(&svc, move |s| s.backup(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
 pub(super) async fn restore(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<RestoreRequest>, JsonRejection>,
 ) -> Started {
     let req = json_body(body)?;
+    caller.check_disk(snapshot_disk(&req.snapshot))?;
     let job = blocking(&svc, move |s| s.restore(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
 pub(super) async fn verify_many(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<VerifyRequest>, JsonRejection>,
 ) -> Started {
     let req = json_body(body)?;
+    match &req.snapshots {
+        Some(ids) => {
+            for id in ids {
+                caller.check_disk(snapshot_disk(id))?;
+            }
+        }
+        None => caller.check_every_disk()?,
+    }
     let job = blocking(&svc, move |s| s.verify(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
-pub(super) async fn verify_one(State(svc): Svc, Path(id): Path<String>) -> Started {
+/// The disk part of a snapshot id (`disk@time`).
+fn snapshot_disk(id: &str) -> &str {
+    id.split('@').next().unwrap_or(id)
+}
+
+pub(super) async fn verify_one(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Started {
+    caller.check_disk(snapshot_disk(&id))?;
     let req = VerifyRequest {
         snapshots: Some(vec![id]),
     };

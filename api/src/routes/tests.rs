@@ -135,7 +135,10 @@ fn job() -> JobInfo {
 }
 
 fn app() -> Router {
-    router(Arc::new(Mem::default()), "secret".into())
+    router(
+        Arc::new(Mem::default()),
+        Arc::new(crate::auth::Tokens::open(None, "secret").unwrap()),
+    )
 }
 
 async fn call(
