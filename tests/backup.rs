@@ -494,3 +494,50 @@ fn metrics_count_nbd_requests_backups_and_the_store() {
         );
     }
 }
+
+#[test]
+fn job_progress_streams_as_server_sent_events_until_the_job_ends() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 32 << 20, 23);
+    let a = Agent::start(&t.path().join("a"), "uring");
+    a.attach("vm", &img, &[]);
+    let job: serde_json::Value =
+        serde_json::from_str(&a.ok(&["backup", "vm", "--no-wait", "--json"])).unwrap();
+    let token = std::fs::read_to_string(t.path().join("a/state/api.token")).unwrap();
+    let url = format!(
+        "http://{}/api/v1/jobs/{}/events",
+        a.api,
+        job["id"].as_str().unwrap()
+    );
+    let r = ureq::get(&url)
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap();
+    assert_eq!(r.content_type(), "text/event-stream");
+    let body = r.into_string().unwrap();
+    let events: Vec<(String, serde_json::Value)> = body
+        .split("\n\n")
+        .filter(|e| e.contains("data:"))
+        .map(|e| {
+            let kind = e.lines().find_map(|l| l.strip_prefix("event: ")).unwrap();
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            (kind.to_string(), serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let (last, job) = events.last().expect("at least the end event");
+    assert_eq!(last, "end", "{body}");
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["done"], job["total"]);
+    assert!(events[..events.len() - 1]
+        .iter()
+        .all(|(k, _)| k == "progress"));
+    let missing = format!("http://{}/api/v1/jobs/job-99/events", a.api);
+    match ureq::get(&missing)
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+    {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("unknown job: {other:?}"),
+    }
+}

@@ -85,6 +85,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         .route("/api/v1/jobs", get(jobs::jobs))
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/events", get(jobs::events))
         .route("/api/v1/store", get(jobs::store_info))
         .route("/metrics", get(jobs::metrics))
         .with_state(svc.clone())

@@ -110,6 +110,46 @@ pub(super) async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /api/v1/jobs/{id}/events`: server-sent events, one `progress`
+/// event with the job (as `GET /api/v1/jobs/{id}` returns it) every half
+/// second while it runs and whenever it changes, then one `end` event with
+/// its final state, and the stream closes.
+pub(super) async fn events(
+    State(svc): Svc,
+    Path(id): Path<String>,
+) -> Result<
+    axum::response::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    // An unknown job is a 404 before the stream starts.
+    let first = svc.job(&id)?;
+    let stream = futures_util::stream::unfold(
+        (svc, id, Some(first), false),
+        |(svc, id, pending, ended)| async move {
+            if ended {
+                return None;
+            }
+            let job = match pending {
+                Some(j) => j,
+                None => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    svc.job(&id).ok()?
+                }
+            };
+            let done = job.state != crate::types::JobState::Running;
+            let ev = Event::default()
+                .event(if done { "end" } else { "progress" })
+                .json_data(&job)
+                .unwrap_or_else(|_| Event::default().event("error"));
+            Some((Ok(ev), (svc, id, None, done)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
 pub(super) async fn metrics(State(svc): Svc) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let text = blocking(&svc, |s| s.metrics()).await?;
