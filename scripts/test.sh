@@ -3,7 +3,7 @@
 # tests, integration tests against real NBD clients (qemu-io, qemu-img,
 # nbdinfo, nbdcopy, nbdsh, fio, loop devices), and a smoke run of each
 # benchmark. Installs the peer tools with apt-get when they are missing and
-# we are root.
+# we are root, and schemathesis with pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,14 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "missing test tools: ${need[*]}; install them (apt-get install -y ${need[*]}) and rerun" >&2
     exit 1
   fi
+fi
+
+# schemathesis (PyPI) fuzzes the served OpenAPI document (tests/openapi.rs).
+if ! have st; then
+  echo "== installing schemathesis"
+  python3 -m pip --version > /dev/null 2>&1 || python3 -m ensurepip -q
+  python3 -m pip install -q schemathesis
+  hash -r
 fi
 
 echo "== cargo fmt --check"

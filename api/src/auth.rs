@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{ApiError, ErrorCode};
 
 /// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Everything.
@@ -49,7 +49,7 @@ impl std::str::FromStr for Role {
 }
 
 /// A token as stored and listed (never the secret itself).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     /// Short id, used to revoke it.
     pub id: String,
@@ -72,7 +72,7 @@ struct Record {
 }
 
 /// `POST /api/v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// A name for people.
@@ -85,7 +85,7 @@ pub struct CreateToken {
 }
 
 /// The answer to a create: the secret, shown this once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     /// The token's record.
     #[serde(flatten)]

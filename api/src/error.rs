@@ -7,7 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 /// Stable machine-readable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request body or a parameter is malformed.
@@ -44,7 +44,9 @@ impl ErrorCode {
 }
 
 /// An API error: a code and a message that says what to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema,
+)]
 #[error("{message}")]
 pub struct ApiError {
     /// Stable code.
@@ -64,7 +66,7 @@ impl ApiError {
 }
 
 /// The JSON body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ApiError,
@@ -74,4 +76,34 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.code.status(), Json(ErrorBody { error: self })).into_response()
     }
+}
+
+/// The error responses every endpoint may give, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Errors {
+    /// A malformed request: bad JSON, wrong types, bad names.
+    #[response(status = 400, description = "Malformed request")]
+    BadRequest(ErrorBody),
+    /// No token, or an unknown one.
+    #[response(status = 401, description = "Missing or wrong bearer token")]
+    Unauthorized(ErrorBody),
+    /// The token's role may not make this call.
+    #[response(status = 403, description = "The token's role does not allow this")]
+    Forbidden(ErrorBody),
+    /// No such disk, snapshot, job or token.
+    #[response(status = 404, description = "Not found")]
+    NotFound(ErrorBody),
+    /// The thing exists, is busy, or is in use.
+    #[response(status = 409, description = "Conflict")]
+    Conflict(ErrorBody),
+    /// Well-formed but impossible (e.g. a missing image).
+    #[response(status = 422, description = "Cannot be done")]
+    Unprocessable(ErrorBody),
+    /// Something failed inside the agent (see its log).
+    #[response(status = 500, description = "Internal error")]
+    Internal(ErrorBody),
+    /// The store is full.
+    #[response(status = 507, description = "The store is out of space")]
+    InsufficientStorage(ErrorBody),
 }

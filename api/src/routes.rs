@@ -2,9 +2,9 @@
 //! [`DiskService`] on a blocking thread (its calls touch files), and turn
 //! the result into JSON.
 
-mod disks;
-mod jobs;
-mod tokens;
+pub(crate) mod disks;
+pub(crate) mod jobs;
+pub(crate) mod tokens;
 
 use std::sync::Arc;
 
@@ -96,6 +96,10 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         ));
     Router::new()
         .route("/api/v1/health", get(health))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { Json(<crate::openapi::ApiDoc as utoipa::OpenApi>::openapi()) }),
+        )
         .with_state(svc)
         .merge(protected)
         .fallback(|| async {
@@ -103,6 +107,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         })
 }
 
+#[utoipa::path(get, path = "/api/v1/health", tag = "agent", responses((status = 200, description = "The agent answers", body = Health)))]
 async fn health(
     axum::extract::State(svc): axum::extract::State<Arc<dyn DiskService>>,
 ) -> Json<Health> {

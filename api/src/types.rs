@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// `GET /api/v1/health`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Health {
     /// Always "ok" when the agent answers.
     pub status: String,
@@ -15,7 +15,7 @@ pub struct Health {
 }
 
 /// `POST /api/v1/disks`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
     /// Disk name; also the NBD export name.
@@ -31,7 +31,7 @@ pub struct AttachRequest {
 }
 
 /// CBT state of a disk.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct CbtInfo {
     /// Block size in bytes.
     pub granularity: u64,
@@ -50,7 +50,7 @@ pub struct CbtInfo {
 }
 
 /// An attached disk.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct DiskInfo {
     /// Disk name and NBD export name.
     pub name: String,
@@ -71,7 +71,7 @@ pub struct DiskInfo {
 }
 
 /// `POST /api/v1/backups`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRequest {
     /// The disk to back up.
@@ -82,7 +82,7 @@ pub struct BackupRequest {
 }
 
 /// `POST /api/v1/restores`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// Snapshot id.
@@ -95,7 +95,7 @@ pub struct RestoreRequest {
 }
 
 /// `POST /api/v1/verify`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// Snapshot ids; none or absent means every snapshot.
@@ -104,7 +104,7 @@ pub struct VerifyRequest {
 }
 
 /// A job's state.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Still running.
@@ -118,7 +118,7 @@ pub enum JobState {
 }
 
 /// A long-running job: backup, restore or verify.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobInfo {
     /// Job id.
     pub id: String,
@@ -147,7 +147,7 @@ pub struct JobInfo {
 }
 
 /// A snapshot as listed.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SnapshotInfo {
     /// Snapshot id.
     pub id: String,
@@ -156,6 +156,7 @@ pub struct SnapshotInfo {
     /// Checkpoint time, RFC 3339.
     pub time: String,
     /// `full` or `incremental`.
+    #[schema(value_type = String, example = "full")]
     pub kind: novabackup_engine::format::manifest::BackupKind,
     /// Base of an incremental.
     pub parent: Option<String>,
@@ -166,11 +167,12 @@ pub struct SnapshotInfo {
     /// Chunk size.
     pub chunk_size: u64,
     /// What the backup did.
+    #[schema(value_type = Object)]
     pub stats: novabackup_engine::format::manifest::BackupStats,
 }
 
 /// `GET /api/v1/store`: the store the agent backs up to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct StoreInfo {
     /// A folder, or the URL of a store server.
     pub location: String,
@@ -178,4 +180,14 @@ pub struct StoreInfo {
     pub bytes_used: u64,
     /// Snapshots in the store, of every disk.
     pub snapshots: usize,
+}
+
+/// One server-sent event of `GET /api/v1/jobs/{id}/events` (documentation
+/// only: the wire format is `event: ...` and `data: ...` lines).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobEvent {
+    /// `progress` while the job runs, `end` once it finished.
+    pub event: String,
+    /// The job, as `GET /api/v1/jobs/{id}` returns it, in JSON.
+    pub data: String,
 }

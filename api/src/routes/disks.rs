@@ -13,10 +13,12 @@ use crate::types::{AttachRequest, CbtInfo, DiskInfo};
 
 type Svc = State<Arc<dyn DiskService>>;
 
+#[utoipa::path(get, path = "/api/v1/disks", operation_id = "list_disks", tag = "disks", responses((status = 200, description = "Attached disks", body = [DiskInfo]), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn list(State(svc): Svc) -> Result<Json<Vec<DiskInfo>>, ApiError> {
     blocking(&svc, |s| Ok(s.list())).await.map(Json)
 }
 
+#[utoipa::path(post, path = "/api/v1/disks", operation_id = "attach_disk", tag = "disks", request_body = AttachRequest, responses((status = 201, description = "Attached", body = DiskInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn attach(
     State(svc): Svc,
     body: Result<Json<AttachRequest>, JsonRejection>,
@@ -26,6 +28,7 @@ pub(super) async fn attach(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
+#[utoipa::path(get, path = "/api/v1/disks/{name}", operation_id = "get_disk", tag = "disks", params(("name" = String, Path, description = "Disk name")), responses((status = 200, description = "The disk", body = DiskInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn get(
     State(svc): Svc,
     Path(name): Path<String>,
@@ -33,6 +36,7 @@ pub(super) async fn get(
     blocking(&svc, move |s| s.get(&name)).await.map(Json)
 }
 
+#[utoipa::path(delete, path = "/api/v1/disks/{name}", tag = "disks", params(("name" = String, Path, description = "Disk name")), responses((status = 204, description = "Detached"), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn detach(
     State(svc): Svc,
     Path(name): Path<String>,
@@ -41,6 +45,7 @@ pub(super) async fn detach(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/api/v1/disks/{name}/cbt", tag = "disks", params(("name" = String, Path, description = "Disk name")), responses((status = 200, description = "Change tracking state", body = CbtInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn cbt(
     State(svc): Svc,
     Path(name): Path<String>,
@@ -48,6 +53,7 @@ pub(super) async fn cbt(
     blocking(&svc, move |s| s.cbt(&name)).await.map(Json)
 }
 
+#[utoipa::path(post, path = "/api/v1/disks/{name}/cbt/reset", tag = "disks", params(("name" = String, Path, description = "Disk name")), responses((status = 200, description = "Bitmap reset: the next backup is full", body = CbtInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn cbt_reset(
     State(svc): Svc,
     Path(name): Path<String>,

@@ -16,6 +16,7 @@ use crate::types::{BackupRequest, JobInfo, RestoreRequest, SnapshotInfo, VerifyR
 type Svc = State<Arc<dyn DiskService>>;
 type Started = Result<(StatusCode, Json<JobInfo>), ApiError>;
 
+#[utoipa::path(post, path = "/api/v1/backups", tag = "backups", request_body = BackupRequest, responses((status = 202, description = "Backup job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn backup(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
@@ -27,6 +28,7 @@ pub(super) async fn backup(
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
+#[utoipa::path(post, path = "/api/v1/restores", tag = "backups", request_body = RestoreRequest, responses((status = 202, description = "Restore job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn restore(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
@@ -38,6 +40,7 @@ pub(super) async fn restore(
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
+#[utoipa::path(post, path = "/api/v1/verify", tag = "backups", request_body = VerifyRequest, responses((status = 202, description = "Verify job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn verify_many(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
@@ -61,6 +64,7 @@ fn snapshot_disk(id: &str) -> &str {
     id.split('@').next().unwrap_or(id)
 }
 
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/verify", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 202, description = "Verify job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn verify_one(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
@@ -80,6 +84,7 @@ pub(super) struct SnapshotQuery {
     disk: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/snapshots", tag = "snapshots", params(("disk" = Option<String>, Query, description = "Only this disk's")), responses((status = 200, description = "Snapshots, oldest first", body = [SnapshotInfo]), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn snapshots(
     State(svc): Svc,
     q: Result<Query<SnapshotQuery>, QueryRejection>,
@@ -95,6 +100,7 @@ pub(super) async fn snapshots(
         .map(Json)
 }
 
+#[utoipa::path(get, path = "/api/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 200, description = "The snapshot", body = SnapshotInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn snapshot(
     State(svc): Svc,
     Path(id): Path<String>,
@@ -102,6 +108,7 @@ pub(super) async fn snapshot(
     blocking(&svc, move |s| s.snapshot(&id)).await.map(Json)
 }
 
+#[utoipa::path(delete, path = "/api/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 204, description = "Deleted (its chunks stay until garbage collection)"), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn delete_snapshot(
     State(svc): Svc,
     Path(id): Path<String>,
@@ -114,6 +121,7 @@ pub(super) async fn delete_snapshot(
 /// event with the job (as `GET /api/v1/jobs/{id}` returns it) every half
 /// second while it runs and whenever it changes, then one `end` event with
 /// its final state, and the stream closes.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "Server-sent events: `progress` (the job) every half second, then `end`", content_type = "text/event-stream", body = crate::types::JobEvent), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn events(
     State(svc): Svc,
     Path(id): Path<String>,
@@ -150,6 +158,7 @@ pub(super) async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "agent", responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn metrics(State(svc): Svc) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let text = blocking(&svc, |s| s.metrics()).await?;
@@ -163,14 +172,17 @@ pub(super) async fn metrics(State(svc): Svc) -> Result<axum::response::Response,
         .into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/store", tag = "agent", responses((status = 200, description = "The store", body = crate::types::StoreInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn store_info(State(svc): Svc) -> Result<Json<crate::types::StoreInfo>, ApiError> {
     blocking(&svc, |s| s.store_info()).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", responses((status = 200, description = "Jobs, oldest first", body = [JobInfo]), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn jobs(State(svc): Svc) -> Result<Json<Vec<JobInfo>>, ApiError> {
     blocking(&svc, |s| Ok(s.jobs())).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "The job", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn job(
     State(svc): Svc,
     Path(id): Path<String>,
@@ -178,6 +190,7 @@ pub(super) async fn job(
     blocking(&svc, move |s| s.job(&id)).await.map(Json)
 }
 
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "Cancel asked for", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn cancel(
     State(svc): Svc,
     Path(id): Path<String>,

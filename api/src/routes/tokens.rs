@@ -13,10 +13,12 @@ use crate::error::{ApiError, ErrorCode};
 
 type T = State<Arc<Tokens>>;
 
+#[utoipa::path(get, path = "/api/v1/tokens", operation_id = "list_tokens", tag = "tokens", responses((status = 200, description = "Tokens, without secrets", body = [TokenInfo]), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn list(State(t): T) -> Json<Vec<TokenInfo>> {
     Json(t.list())
 }
 
+#[utoipa::path(post, path = "/api/v1/tokens", operation_id = "create_token", tag = "tokens", request_body = CreateToken, responses((status = 201, description = "Created; the secret is in `token`, shown once", body = CreatedToken), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn create(
     State(t): T,
     body: Result<Json<CreateToken>, JsonRejection>,
@@ -28,6 +30,7 @@ pub(super) async fn create(
     Ok((StatusCode::CREATED, Json(c)))
 }
 
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", operation_id = "revoke_token", tag = "tokens", params(("id" = String, Path, description = "Token id")), responses((status = 204, description = "Revoked"), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn revoke(State(t): T, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let gone = tokio::task::spawn_blocking(move || t.revoke(&id).map(|g| (g, id)))
         .await

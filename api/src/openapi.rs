@@ -1,0 +1,37 @@
+//! The OpenAPI 3.1 document of the control API, generated from the
+//! handlers' `#[utoipa::path]` annotations and the types' `ToSchema`
+//! derives, served at `/api/v1/openapi.json`.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{disks, jobs, tokens};
+
+/// The document (module doc).
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "novabackup agent API", description = "Disks, change tracking, backups, snapshots, restores, jobs, tokens."),
+    paths(
+        crate::routes::health,
+        disks::list, disks::attach, disks::get, disks::detach, disks::cbt, disks::cbt_reset,
+        jobs::backup, jobs::restore, jobs::verify_many, jobs::verify_one, jobs::snapshots,
+        jobs::snapshot, jobs::delete_snapshot, jobs::jobs, jobs::job, jobs::cancel, jobs::events,
+        jobs::metrics, jobs::store_info,
+        tokens::list, tokens::create, tokens::revoke,
+    ),
+    components(schemas(crate::error::ErrorBody, crate::error::ApiError, crate::error::ErrorCode)),
+    modifiers(&Bearer),
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
