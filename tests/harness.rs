@@ -15,6 +15,7 @@ pub struct Agent {
     pub boot_file: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    pub env: Vec<(String, String)>,
     pub api: String,
     pub socket: PathBuf,
     pub tcp: String,
@@ -47,12 +48,41 @@ impl Agent {
             boot_file,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             api: String::new(),
             socket: PathBuf::new(),
             tcp: String::new(),
         };
         a.spawn();
         a
+    }
+
+    /// Starts an agent with extra options and environment variables.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let boot_file = dir.join("boot_id");
+        std::fs::write(&boot_file, "boot-1\n").unwrap();
+        let mut a = Agent {
+            dir: dir.to_path_buf(),
+            engine: "pread".into(),
+            boot_file,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            api: String::new(),
+            socket: PathBuf::new(),
+            tcp: String::new(),
+        };
+        a.spawn();
+        a
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn state(&self) -> PathBuf {
@@ -82,6 +112,7 @@ impl Agent {
             .arg(&self.boot_file)
             .args(&self.extra)
             .env("NOVABACKUP_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

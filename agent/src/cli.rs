@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use novabackup_api::{Client, ClientError};
 
-use crate::daemon::{self, AgentOptions};
+use crate::daemon::{self, AgentArgs};
 
 /// The default state folder when running as root.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/novabackup";
@@ -47,7 +47,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: the NBD proxy with change tracking, and the API.
-    Agent(AgentOptions),
+    Agent(AgentArgs),
     /// Attach, list, inspect and detach disks.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
@@ -108,11 +108,13 @@ impl Cli {
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent(opts) => {
+        Command::Agent(args) => {
+            let found = crate::config::FileConfig::find(args.config.as_deref())?;
             let dir = cli
                 .data_dir
+                .or_else(|| found.as_ref().and_then(|(_, c)| c.data_dir.clone()))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-            daemon::run(dir, opts)
+            daemon::run(dir, args.resolve(found))
         }
         Command::Demo(a) => demo::run(a),
         Command::Store(c) => store::run(c),

@@ -7,6 +7,7 @@
 mod jobs;
 mod listen;
 mod metrics;
+mod notify;
 mod state;
 mod work;
 
@@ -29,37 +30,104 @@ pub const TOKEN_FILE: &str = "api.token";
 /// Where the running agent says where it listens.
 const RUNTIME_FILE: &str = "agent.json";
 
-/// Options of `novabackup agent`.
+/// Flags of `novabackup agent`; each overrides the configuration file.
 #[derive(Debug, Clone, clap::Args)]
-pub struct AgentOptions {
-    /// NBD over TCP ("none" to disable).
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    pub nbd_listen: String,
-    /// NBD unix socket (default DATA_DIR/nbd.sock; "none" to disable).
+pub struct AgentArgs {
+    /// TOML configuration (default /etc/novabackup/agent.toml when it exists).
+    #[arg(long, env = "NOVABACKUP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NBD over TCP ("none" to disable) [default: 127.0.0.1:10809].
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
+    /// NBD unix socket ("none" to disable) [default: DATA_DIR/nbd.sock].
     #[arg(long)]
     pub nbd_socket: Option<String>,
-    /// The REST API.
-    #[arg(long, default_value = "127.0.0.1:7810")]
-    pub api_listen: SocketAddr,
-    /// NBD data engine: auto (io_uring when the kernel allows it), uring or pread.
-    #[arg(long, default_value = "auto")]
-    pub io_engine: String,
-    /// The backup store: a folder (default DATA_DIR/store), or the URL of a
+    /// The REST API [default: 127.0.0.1:7810].
+    #[arg(long)]
+    pub api_listen: Option<SocketAddr>,
+    /// NBD data engine: auto (io_uring when the kernel allows it), uring or pread [default: auto].
+    #[arg(long)]
+    pub io_engine: Option<String>,
+    /// The backup store: a folder [default: DATA_DIR/store], or the URL of a
     /// store server (`http://host:7820`, see `novabackup store serve`).
     #[arg(long)]
     pub store: Option<String>,
     /// The store server's token (default: the NOVABACKUP_STORE_TOKEN variable).
     #[arg(long)]
     pub store_token_file: Option<PathBuf>,
-    /// Chunk size of new snapshots (at least the disk's CBT granularity).
-    #[arg(long, default_value = "64K", value_parser = novabackup_engine::size::parse_size)]
-    pub chunk_size: u64,
-    /// zstd compression level (1-19; negative levels are faster).
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
-    pub zstd_level: i32,
+    /// Chunk size of new snapshots, at least the disk's CBT granularity [default: 64K].
+    #[arg(long, value_parser = novabackup_engine::size::parse_size)]
+    pub chunk_size: Option<u64>,
+    /// zstd compression level (1-19; negative levels are faster) [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub zstd_level: Option<i32>,
     /// Where the boot id is read (tests point it at a file to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     pub boot_id_file: PathBuf,
+}
+
+/// The agent's settings: flags, then the configuration file, then defaults.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The configuration file in use, reread on SIGHUP.
+    pub config: Option<PathBuf>,
+    /// NBD over TCP ("none" to disable).
+    pub nbd_listen: String,
+    /// NBD unix socket.
+    pub nbd_socket: Option<String>,
+    /// The REST API.
+    pub api_listen: SocketAddr,
+    /// NBD data engine.
+    pub io_engine: String,
+    /// Store folder or URL.
+    pub store: Option<String>,
+    /// The store server's token file.
+    pub store_token_file: Option<PathBuf>,
+    /// Chunk size of new snapshots.
+    pub chunk_size: u64,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Where the boot id is read.
+    pub boot_id_file: PathBuf,
+    /// Disks the configuration declares.
+    pub disks: Vec<crate::config::DiskConfig>,
+}
+
+impl AgentArgs {
+    /// Applies the configuration file under the flags.
+    pub fn resolve(self, file: Option<(PathBuf, crate::config::FileConfig)>) -> AgentOptions {
+        let (path, c) = match file {
+            Some((p, c)) => (Some(p), c),
+            None => (None, Default::default()),
+        };
+        AgentOptions {
+            config: path,
+            nbd_listen: self
+                .nbd_listen
+                .or(c.nbd_listen)
+                .unwrap_or_else(|| "127.0.0.1:10809".into()),
+            nbd_socket: self.nbd_socket.or(c.nbd_socket),
+            api_listen: self
+                .api_listen
+                .or(c.api_listen)
+                .unwrap_or_else(|| "127.0.0.1:7810".parse().expect("a valid address")),
+            io_engine: self
+                .io_engine
+                .or(c.io_engine)
+                .unwrap_or_else(|| "auto".into()),
+            store: self.store.or(c.store),
+            store_token_file: self.store_token_file.or(c.store_token_file),
+            chunk_size: self
+                .chunk_size
+                .or(c
+                    .chunk_size
+                    .and_then(|s| novabackup_engine::size::parse_size(&s).ok()))
+                .unwrap_or(64 << 10),
+            zstd_level: self.zstd_level.or(c.zstd_level).unwrap_or(1),
+            boot_id_file: self.boot_id_file,
+            disks: c.disks,
+        }
+    }
 }
 
 /// What a running agent writes to DATA_DIR/agent.json.
@@ -131,6 +199,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         settings,
     ));
     agent.restore()?;
+    attach_declared(&agent, &opts.disks);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -199,7 +268,29 @@ async fn serve(
             .with_graceful_shutdown(async move { stop2.notified().await })
             .await
     });
-    wait_for_signal().await?;
+    notify::notify("READY=1");
+    if let Some(every) = notify::watchdog_interval() {
+        let stop3 = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => notify::notify("WATCHDOG=1"),
+                    _ = stop3.notified() => return,
+                }
+            }
+        });
+    }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stopping = wait_for_signal();
+    tokio::pin!(stopping);
+    loop {
+        tokio::select! {
+            r = &mut stopping => { r?; break; }
+            _ = hup.recv() => reload(opts, &agent).await,
+        }
+    }
+    notify::notify("STOPPING=1");
     tracing::info!("stopping: closing listeners, draining NBD connections, saving bitmaps");
     stop.notify();
     for t in tasks {
@@ -241,6 +332,58 @@ pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// SIGHUP: reread the configuration and attach the disks it added. A
+/// broken file is reported and changes nothing.
+async fn reload(opts: &AgentOptions, agent: &Arc<Agent>) {
+    let Some(path) = opts.config.clone() else {
+        tracing::info!("SIGHUP: no configuration file to reload (start with --config)");
+        return;
+    };
+    notify::notify("RELOADING=1");
+    let agent = agent.clone();
+    let done = tokio::task::spawn_blocking(move || match crate::config::FileConfig::load(&path) {
+        Ok(c) => {
+            tracing::info!(config = %path.display(), "configuration reloaded");
+            attach_declared(&agent, &c.disks);
+        }
+        Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e:#}"),
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!("SIGHUP: reload failed: {e}");
+    }
+    notify::notify("READY=1");
+}
+
+/// Attaches the declared disks that are not attached yet; a disk that
+/// cannot be attached is logged and skipped, so one bad entry does not
+/// stop the others.
+fn attach_declared(agent: &Agent, disks: &[crate::config::DiskConfig]) {
+    use novabackup_api::DiskService;
+    for d in disks {
+        if let Ok(info) = agent.get(&d.name) {
+            if Path::new(&info.image) != d.image {
+                tracing::warn!(disk = %d.name, attached = %info.image, declared = %d.image.display(),
+                    "a disk of this name is attached with another image; detach it to use the declared one");
+            }
+            continue;
+        }
+        let req = novabackup_api::types::AttachRequest {
+            name: d.name.clone(),
+            image: d.image.display().to_string(),
+            granularity: d
+                .granularity
+                .as_deref()
+                .and_then(|g| novabackup_engine::size::parse_size(g).ok()),
+            read_only: d.read_only,
+        };
+        match agent.attach(req) {
+            Ok(_) => tracing::info!(disk = %d.name, "declared disk attached"),
+            Err(e) => tracing::error!(disk = %d.name, "declared disk not attached: {e}"),
+        }
+    }
 }
 
 fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>> {

@@ -2,6 +2,7 @@
 //! only parses arguments, sets up logging and dispatches.
 
 mod cli;
+mod config;
 mod daemon;
 
 use clap::Parser;

@@ -1,0 +1,134 @@
+//! The agent's TOML configuration (`/etc/novabackup/agent.toml` under
+//! systemd, or `--config PATH`). Command-line flags override it; built-in
+//! defaults fill the rest. Disks declared here are attached at start and
+//! on SIGHUP, besides those attached at run time (`disk attach`).
+//!
+//! ```toml
+//! data_dir = "/var/lib/novabackup"
+//! api_listen = "127.0.0.1:7810"
+//! nbd_listen = "127.0.0.1:10809"      # "none" to disable
+//! store = "/srv/backup/store"         # or "http://store-host:7820"
+//! store_token_file = "/etc/novabackup/store.token"
+//! chunk_size = "64K"
+//! zstd_level = 1
+//!
+//! [[disk]]
+//! name = "web"
+//! image = "/var/lib/libvirt/images/web.img"
+//! granularity = "64K"                 # optional
+//! read_only = false                   # optional
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Where systemd's agent reads its configuration.
+pub const SYSTEM_CONFIG: &str = "/etc/novabackup/agent.toml";
+
+/// The file's contents; every field optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// State folder.
+    pub data_dir: Option<PathBuf>,
+    /// NBD over TCP.
+    pub nbd_listen: Option<String>,
+    /// NBD unix socket.
+    pub nbd_socket: Option<String>,
+    /// The REST API address.
+    pub api_listen: Option<std::net::SocketAddr>,
+    /// NBD data engine.
+    pub io_engine: Option<String>,
+    /// A store folder or a store server's URL.
+    pub store: Option<String>,
+    /// The store server's token file.
+    pub store_token_file: Option<PathBuf>,
+    /// Chunk size of new snapshots ("64K").
+    pub chunk_size: Option<String>,
+    /// zstd level.
+    pub zstd_level: Option<i32>,
+    /// Disks to attach.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One `[[disk]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Disk (and NBD export) name.
+    pub name: String,
+    /// Image file or block device.
+    pub image: PathBuf,
+    /// CBT granularity ("64K").
+    pub granularity: Option<String>,
+    /// Serve read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl FileConfig {
+    /// Reads and checks `path`; the error names the file and the problem.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+        let c: FileConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(cs) = &c.chunk_size {
+            novabackup_engine::size::parse_size(cs)
+                .map_err(|e| anyhow::anyhow!("{}: chunk_size: {e}", path.display()))?;
+        }
+        for d in &c.disks {
+            if let Some(g) = &d.granularity {
+                novabackup_engine::size::parse_size(g).map_err(|e| {
+                    anyhow::anyhow!("{}: disk {}: granularity: {e}", path.display(), d.name)
+                })?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// The configuration to use: `--config`, else the system file when it
+    /// exists, else none.
+    pub fn find(explicit: Option<&Path>) -> anyhow::Result<Option<(PathBuf, FileConfig)>> {
+        match explicit {
+            Some(p) => Ok(Some((p.to_path_buf(), FileConfig::load(p)?))),
+            None if Path::new(SYSTEM_CONFIG).exists() => {
+                let p = PathBuf::from(SYSTEM_CONFIG);
+                Ok(Some((p.clone(), FileConfig::load(&p)?)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example_and_rejects_mistakes() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: FileConfig = toml::from_str(&example).unwrap();
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.zstd_level, Some(1));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "zstd_levle = 3\n").unwrap();
+        let e = FileConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("a.toml") && e.contains("zstd_levle"), "{e}");
+        std::fs::write(&p, "chunk_size = \"lots\"\n").unwrap();
+        let e = FileConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("chunk_size"), "{e}");
+    }
+}
