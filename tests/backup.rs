@@ -480,6 +480,13 @@ fn metrics_count_nbd_requests_backups_and_the_store() {
     assert_eq!(value("novabackup_store_snapshots"), 1.0);
     assert!(value("novabackup_store_chunks") >= 64.0);
     assert_eq!(value("novabackup_cbt_dirty_bytes{disk=\"vm\"}"), 0.0);
+    let reads =
+        value("novabackup_nbd_request_duration_seconds_count{disk=\"vm\",command=\"read\"}");
+    assert!(reads >= 1.0, "{m}");
+    assert_eq!(
+        value("novabackup_nbd_request_duration_seconds_bucket{disk=\"vm\",command=\"read\",le=\"+Inf\"}"),
+        reads
+    );
     // Every sample line belongs to a declared metric.
     let declared: Vec<&str> = m
         .lines()

@@ -21,6 +21,8 @@ pub struct DiskSample {
     pub dirty_bytes: u64,
     /// Open NBD connections.
     pub connections: usize,
+    /// Latency histograms of reads, writes and flushes.
+    pub latency: [nbd_proxy::stats::Latency; 3],
 }
 
 /// What one scrape reports about the store.
@@ -154,6 +156,39 @@ pub fn render(t: &Totals, disks: &[DiskSample], store: &StoreSample) -> String {
         header(&mut o, name, kind, help);
         for d in disks {
             let _ = writeln!(o, "{name}{{disk=\"{}\"}} {}", esc(&d.name), f(d));
+        }
+    }
+    header(
+        &mut o,
+        "novabackup_nbd_request_duration_seconds",
+        "histogram",
+        "Time from decoding an NBD request to its reply being ready, by disk and command.",
+    );
+    for d in disks {
+        let disk = esc(&d.name);
+        for (c, l) in nbd_proxy::stats::TIMED.iter().zip(&d.latency) {
+            let name = "novabackup_nbd_request_duration_seconds";
+            for (le, n) in nbd_proxy::stats::LATENCY_BUCKETS.iter().zip(l.cumulative) {
+                let _ = writeln!(
+                    o,
+                    "{name}_bucket{{disk=\"{disk}\",command=\"{c}\",le=\"{le}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{disk=\"{disk}\",command=\"{c}\",le=\"+Inf\"}} {}",
+                l.count
+            );
+            let _ = writeln!(
+                o,
+                "{name}_sum{{disk=\"{disk}\",command=\"{c}\"}} {}",
+                l.sum_seconds
+            );
+            let _ = writeln!(
+                o,
+                "{name}_count{{disk=\"{disk}\",command=\"{c}\"}} {}",
+                l.count
+            );
         }
     }
     header(

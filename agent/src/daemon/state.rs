@@ -514,6 +514,7 @@ impl DiskService for Agent {
                 bytes_written: e.stats.bytes_written(),
                 dirty_bytes: cbt_info(&e.tracker).dirty_bytes,
                 connections: self.server.connections(&e.name),
+                latency: e.stats.latency(),
             })
             .collect();
         let (list, _) = self.store.list(None).map_err(store_err)?;

@@ -69,11 +69,12 @@ fn execute(session: &Session, w: Work) -> Vec<u8> {
             cookie,
             offset,
             len,
+            started,
         } => {
             let h = session.read_header_len();
             let mut buf = vec![0u8; h + len as usize];
             let r = image.file.read_exact_at(&mut buf[h..], offset);
-            session.read_done(cookie, offset, buf, r)
+            session.read_done(cookie, offset, buf, r, started)
         }
         Work::Write {
             cookie,
@@ -81,6 +82,7 @@ fn execute(session: &Session, w: Work) -> Vec<u8> {
             data,
             fua,
             ticket,
+            started,
         } => {
             let r = image.file.write_all_at(&data, offset).and_then(|()| {
                 if fua {
@@ -89,8 +91,8 @@ fn execute(session: &Session, w: Work) -> Vec<u8> {
                     Ok(())
                 }
             });
-            session.write_done(cookie, offset, data.len() as u32, ticket, r)
+            session.write_done(cookie, offset, data.len() as u32, ticket, r, started)
         }
-        Work::Flush { cookie } => session.flush_done(cookie, image.sync()),
+        Work::Flush { cookie, started } => session.flush_done(cookie, image.sync(), started),
     }
 }

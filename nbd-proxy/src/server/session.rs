@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -27,6 +28,7 @@ pub(crate) enum Work {
         cookie: u64,
         offset: u64,
         len: u32,
+        started: Instant,
     },
     Write {
         cookie: u64,
@@ -34,9 +36,11 @@ pub(crate) enum Work {
         data: Bytes,
         fua: bool,
         ticket: WriteTicket,
+        started: Instant,
     },
     Flush {
         cookie: u64,
+        started: Instant,
     },
 }
 
@@ -155,8 +159,12 @@ impl Session {
                 cookie,
                 offset,
                 len,
+                started: Instant::now(),
             }),
-            Command::Flush => Next::Work(Work::Flush { cookie }),
+            Command::Flush => Next::Work(Work::Flush {
+                cookie,
+                started: Instant::now(),
+            }),
             Command::Write { .. } if len == 0 => Next::Reply(Self::ok(cookie)),
             Command::Write { fua } => {
                 match self
@@ -170,6 +178,7 @@ impl Session {
                         data: payload,
                         fua,
                         ticket,
+                        started: Instant::now(),
                     }),
                     Err(e) => {
                         tracing::error!("write refused: change tracking failed: {e}");
@@ -257,7 +266,9 @@ impl Session {
         offset: u64,
         mut buf: Vec<u8>,
         r: io::Result<()>,
+        started: Instant,
     ) -> Vec<u8> {
+        self.export.stats.observe(0, started.elapsed());
         match r {
             Ok(()) => {
                 let h = self.read_header_len();
@@ -276,7 +287,9 @@ impl Session {
         len: u32,
         ticket: WriteTicket,
         r: io::Result<()>,
+        started: Instant,
     ) -> Vec<u8> {
+        self.export.stats.observe(1, started.elapsed());
         let tracked = self.export.tracker.after_write(ticket, offset, len as u64);
         match (r, tracked) {
             (Err(e), _) => self.io_error(cookie, &e),
@@ -288,7 +301,8 @@ impl Session {
         }
     }
 
-    pub(crate) fn flush_done(&self, cookie: u64, r: io::Result<()>) -> Vec<u8> {
+    pub(crate) fn flush_done(&self, cookie: u64, r: io::Result<()>, started: Instant) -> Vec<u8> {
+        self.export.stats.observe(2, started.elapsed());
         match r {
             Ok(()) => Self::ok(cookie),
             Err(e) => self.io_error(cookie, &e),

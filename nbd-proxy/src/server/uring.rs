@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -70,6 +71,7 @@ enum Op {
         offset: u64,
         buf: Vec<u8>,
         done: usize,
+        started: Instant,
     },
     Write {
         cookie: u64,
@@ -78,9 +80,11 @@ enum Op {
         done: usize,
         fua: bool,
         ticket: WriteTicket,
+        started: Instant,
     },
     Flush {
         cookie: u64,
+        started: Instant,
     },
 }
 
@@ -235,6 +239,7 @@ impl Loop<'_> {
             data,
             fua: false,
             ticket,
+            started,
         } = w
         {
             if data.len() >= ASYNC_IO {
@@ -245,12 +250,13 @@ impl Loop<'_> {
                     done: 0,
                     fua: false,
                     ticket,
+                    started,
                 });
             }
             let r = self.session.export.image.file.write_all_at(&data, offset);
-            let reply = self
-                .session
-                .write_done(cookie, offset, data.len() as u32, ticket, r);
+            let reply =
+                self.session
+                    .write_done(cookie, offset, data.len() as u32, ticket, r, started);
             self.enqueue(reply);
             return Ok(());
         }
@@ -259,11 +265,13 @@ impl Loop<'_> {
                 cookie,
                 offset,
                 len,
+                started,
             } => Op::Read {
                 cookie,
                 offset,
                 buf: vec![0u8; self.hdr + len as usize],
                 done: 0,
+                started,
             },
             Work::Write {
                 cookie,
@@ -271,6 +279,7 @@ impl Loop<'_> {
                 data,
                 fua,
                 ticket,
+                started,
             } => Op::Write {
                 cookie,
                 offset,
@@ -278,8 +287,9 @@ impl Loop<'_> {
                 done: 0,
                 fua,
                 ticket,
+                started,
             },
-            Work::Flush { cookie } => Op::Flush { cookie },
+            Work::Flush { cookie, started } => Op::Flush { cookie, started },
         };
         self.start_op(op)
     }
@@ -379,13 +389,14 @@ impl Loop<'_> {
                 offset,
                 buf,
                 done,
+                started,
             } => {
                 // A read of 0 bytes inside the checked range means the file
                 // shrank under us: report an I/O error, never stale bytes.
                 let err = err.or_else(|| {
                     (done < buf.len() - hdr).then(|| io::Error::from(io::ErrorKind::UnexpectedEof))
                 });
-                s.read_done(cookie, offset, buf, result(err))
+                s.read_done(cookie, offset, buf, result(err), started)
             }
             Op::Write {
                 cookie,
@@ -393,14 +404,22 @@ impl Loop<'_> {
                 data,
                 done,
                 ticket,
+                started,
                 ..
             } => {
                 let err = err.or_else(|| {
                     (done < data.len()).then(|| io::Error::from(io::ErrorKind::WriteZero))
                 });
-                s.write_done(cookie, offset, data.len() as u32, ticket, result(err))
+                s.write_done(
+                    cookie,
+                    offset,
+                    data.len() as u32,
+                    ticket,
+                    result(err),
+                    started,
+                )
             }
-            Op::Flush { cookie } => s.flush_done(cookie, result(err)),
+            Op::Flush { cookie, started } => s.flush_done(cookie, result(err), started),
         };
         self.enqueue(reply);
         Ok(())
