@@ -5,6 +5,7 @@
 #
 #   ./benches/remote.sh            RUNS=3 ./benches/remote.sh
 #   SMOKE=1 ./benches/remote.sh    (64 MiB synthetic disk, no shared scripts)
+#   TLS=1 ./benches/remote.sh      (the store server serves TLS, the agent pins it)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -48,10 +49,14 @@ for run in $(seq "$RUNS"); do
     sync
     extra=()
     if [ $mode = remote ]; then
-      "$BIN" store serve --dir "$D/store" --listen 127.0.0.1:7829 2> "$D/server.log" &
+      tls=(); scheme=http
+      [ "${TLS:-0}" = 1 ] && { tls=(--tls); scheme=https; }
+      "$BIN" store serve --dir "$D/store" --listen 127.0.0.1:7829 "${tls[@]}" 2> "$D/server.log" &
       PIDS+=($!)
       for _ in $(seq 100); do (: > /dev/tcp/127.0.0.1/7829) 2> /dev/null && [ -f "$D/store/server.token" ] && break; sleep 0.05; done
-      extra=(--store http://127.0.0.1:7829 --store-token-file "$D/store/server.token")
+      [ "${TLS:-0}" = 1 ] && for _ in $(seq 100); do [ -f "$D/store/server.fingerprint" ] && break; sleep 0.05; done
+      extra=(--store $scheme://127.0.0.1:7829 --store-token-file "$D/store/server.token")
+      [ "${TLS:-0}" = 1 ] && extra+=(--store-fingerprint "$(cat "$D/store/server.fingerprint")")
     fi
     "$BIN" --data-dir "$D/state" agent --nbd-listen none --api-listen 127.0.0.1:0 "${extra[@]}" 2> "$D/agent.log" &
     PIDS+=($!)

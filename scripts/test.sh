@@ -48,4 +48,5 @@ SMOKE=1 bash benches/nbd.sh
 SMOKE=1 bash benches/backup.sh
 SMOKE=1 bash benches/pipeline.sh
 SMOKE=1 bash benches/remote.sh
+SMOKE=1 TLS=1 bash benches/remote.sh
 echo "== all tests passed"

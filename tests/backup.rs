@@ -121,17 +121,27 @@ fn assert_point_in_time(data: &[u8], start: usize, blocks: usize) {
         .collect();
     let torn = gens.iter().filter(|g| **g == 0).count();
     assert!(torn <= 1, "more than one torn block: {gens:?}");
-    let vals: Vec<u8> = gens.iter().copied().filter(|g| *g != 0).collect();
-    let hi = *vals.iter().max().unwrap();
+    // Generations cycle 1..=250 (next(g) = g % 250 + 1), so "newer" is the
+    // one that follows the other in the cycle, not the larger number.
+    let next = |g: u8| g % 250 + 1;
+    let mut vals: Vec<u8> = gens.iter().copied().filter(|g| *g != 0).collect();
+    vals.sort_unstable();
+    vals.dedup();
+    let (newer, older) = match vals[..] {
+        [one] => (one, one),
+        [a, b] if next(a) == b => (b, a),
+        [a, b] if next(b) == a => (a, b),
+        _ => panic!("blocks from more than two consecutive generations: {gens:?}"),
+    };
     let split = gens
         .iter()
-        .position(|g| *g != hi && *g != 0)
+        .position(|g| *g == older && older != newer)
         .unwrap_or(blocks);
     for (i, g) in gens.iter().enumerate() {
         if *g == 0 {
             continue;
         }
-        let want = if i < split { hi } else { hi.wrapping_sub(1) };
+        let want = if i < split { newer } else { older };
         assert_eq!(
             *g, want,
             "block {i} is from another point in time: {gens:?}"

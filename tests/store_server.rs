@@ -14,10 +14,15 @@ struct StoreServer {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    tls: bool,
 }
 
 impl StoreServer {
     fn start(dir: &Path) -> StoreServer {
+        Self::start_tls(dir, false)
+    }
+
+    fn start_tls(dir: &Path, tls: bool) -> StoreServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -27,6 +32,7 @@ impl StoreServer {
             dir: dir.to_path_buf(),
             port,
             child: None,
+            tls,
         };
         s.spawn();
         s
@@ -43,15 +49,15 @@ impl StoreServer {
                 .args(["store", "serve", "--dir"])
                 .arg(&self.dir)
                 .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+                .args(if self.tls { &["--tls"][..] } else { &[][..] })
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
                 .unwrap(),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while ureq::get(&format!("{}/store/v1/health", self.url()))
-            .call()
-            .is_err()
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || !self.token_file().exists()
         {
             assert!(Instant::now() < deadline, "the store server did not start");
             std::thread::sleep(Duration::from_millis(20));
@@ -59,7 +65,15 @@ impl StoreServer {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn fingerprint(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.fingerprint"))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     fn token_file(&self) -> PathBuf {
@@ -77,16 +91,21 @@ impl StoreServer {
     fn agent(&self, dir: &Path) -> Agent {
         let url = self.url();
         let token = self.token_file();
-        Agent::start_with(
-            dir,
-            "uring",
-            &[
-                "--store",
-                &url,
-                "--store-token-file",
-                token.to_str().unwrap(),
-            ],
-        )
+        let fp = if self.tls {
+            self.fingerprint()
+        } else {
+            String::new()
+        };
+        let mut args = vec![
+            "--store",
+            &url,
+            "--store-token-file",
+            token.to_str().unwrap(),
+        ];
+        if self.tls {
+            args.extend(["--store-fingerprint", &fp]);
+        }
+        Agent::start_with(dir, "uring", &args)
     }
 }
 
@@ -270,5 +289,48 @@ fn a_store_server_killed_mid_backup_fails_it_cleanly_and_the_next_backup_succeed
         list.as_array().unwrap().len(),
         1,
         "no partial snapshot: {list}"
+    );
+}
+
+#[test]
+fn agents_reach_a_tls_store_server_by_its_pinned_fingerprint_only() {
+    let t = tempdir();
+    let server = StoreServer::start_tls(&t.path().join("store"), true);
+    assert!(server.fingerprint().starts_with("sha256:"));
+    let a = server.agent(&t.path().join("host"));
+    let img = t.path().join("disk.img");
+    random_file(&img, 8 << 20, 61);
+    a.attach("vm", &img, &[]);
+    let r = backup(&a, "vm");
+    let out = t.path().join("out.img");
+    a.ok(&[
+        "restore",
+        r["snapshot"].as_str().unwrap(),
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    compare(&out, &img);
+
+    // The wrong fingerprint: the agent refuses to start, and says why.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let o = Command::new(BIN)
+        .args([
+            "--data-dir",
+            t.path().join("other").to_str().unwrap(),
+            "agent",
+        ])
+        .args(["--nbd-listen", "none", "--api-listen", "127.0.0.1:0"])
+        .args(["--store", &server.url(), "--store-fingerprint", &wrong])
+        .args(["--store-token-file", server.token_file().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not the pinned"), "{err}");
+    // Plain HTTP to the TLS port gets nowhere.
+    assert!(
+        ureq::get(&format!("http://127.0.0.1:{}/store/v1/health", server.port))
+            .call()
+            .is_err()
     );
 }

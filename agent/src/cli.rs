@@ -40,6 +40,9 @@ pub struct Cli {
     /// URL of the agent's API (default: what the agent in --data-dir listens on, else http://127.0.0.1:7810).
     #[arg(long, global = true, env = "NOVABACKUP_API")]
     pub api: Option<String>,
+    /// Pin an https agent's certificate (`sha256:...`; read from agent.json when --api is not given).
+    #[arg(long, global = true, env = "NOVABACKUP_FINGERPRINT")]
+    pub fingerprint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -124,7 +127,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man => status::man(),
         other => {
-            let client = client(cli.data_dir.as_deref(), cli.api.as_deref())?;
+            let client = client(
+                cli.data_dir.as_deref(),
+                cli.api.as_deref(),
+                cli.fingerprint.as_deref(),
+            )?;
             match other {
                 Command::Agent(_)
                 | Command::Demo(_)
@@ -158,13 +165,26 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-fn client(data_dir: Option<&Path>, api: Option<&str>) -> anyhow::Result<Client> {
+fn client(
+    data_dir: Option<&Path>,
+    api: Option<&str>,
+    fingerprint: Option<&str>,
+) -> anyhow::Result<Client> {
     let dir = data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR));
+    let mut pin = fingerprint.map(str::to_string);
     let base = match api {
         Some(a) => a.to_string(),
-        None => daemon::runtime_info(dir)
-            .map(|i| i.api)
-            .unwrap_or_else(|| DEFAULT_API.to_string()),
+        None => match daemon::runtime_info(dir) {
+            // A TLS agent says so, with the fingerprint to pin.
+            Some(i) => match i.api_fingerprint {
+                Some(fp) => {
+                    pin.get_or_insert(fp);
+                    format!("https://{}", i.api)
+                }
+                None => i.api,
+            },
+            None => DEFAULT_API.to_string(),
+        },
     };
     let base = if base.contains("://") {
         base
@@ -186,5 +206,11 @@ fn client(data_dir: Option<&Path>, api: Option<&str>) -> anyhow::Result<Client> 
             }
         }
     };
-    Ok(Client::new(&base, token))
+    if base.starts_with("https://") && pin.is_none() {
+        anyhow::bail!(
+            "{base} needs the agent's certificate fingerprint: pass --fingerprint sha256:... \
+             (the agent logs it at start) or set NOVABACKUP_FINGERPRINT"
+        );
+    }
+    Ok(Client::with_tls(&base, token, pin.as_deref())?)
 }

@@ -49,6 +49,16 @@ pub struct FileConfig {
     pub chunk_size: Option<String>,
     /// zstd level.
     pub zstd_level: Option<i32>,
+    /// Serve the API over TLS (self-signed unless tls_cert/tls_key).
+    pub tls: Option<bool>,
+    /// PEM certificate chain for the API.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM key for the API.
+    pub tls_key: Option<PathBuf>,
+    /// Allow a non-loopback API without TLS.
+    pub insecure_listen: Option<bool>,
+    /// The https store server's certificate fingerprint.
+    pub store_fingerprint: Option<String>,
     /// Disks to attach.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,

@@ -61,6 +61,21 @@ pub struct AgentArgs {
     /// zstd compression level (1-19; negative levels are faster) [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     pub zstd_level: Option<i32>,
+    /// Serve the API over TLS (a self-signed certificate in DATA_DIR unless --tls-cert/--tls-key).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM certificate chain for the API (implies --tls).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the API (implies --tls).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow the API on a non-loopback address without TLS.
+    #[arg(long)]
+    pub insecure_listen: bool,
+    /// Pin an https store server's certificate (`sha256:...`, printed by `store serve`).
+    #[arg(long)]
+    pub store_fingerprint: Option<String>,
     /// Where the boot id is read (tests point it at a file to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     pub boot_id_file: PathBuf,
@@ -91,6 +106,12 @@ pub struct AgentOptions {
     pub boot_id_file: PathBuf,
     /// Disks the configuration declares.
     pub disks: Vec<crate::config::DiskConfig>,
+    /// TLS on the API: None, or the PEM pair (None inside: self-signed).
+    pub tls: Option<Option<(PathBuf, PathBuf)>>,
+    /// Allow a non-loopback API without TLS.
+    pub insecure_listen: bool,
+    /// The store server's pinned certificate.
+    pub store_fingerprint: Option<String>,
 }
 
 impl AgentArgs {
@@ -126,6 +147,13 @@ impl AgentArgs {
             zstd_level: self.zstd_level.or(c.zstd_level).unwrap_or(1),
             boot_id_file: self.boot_id_file,
             disks: c.disks,
+            tls: match (self.tls_cert.or(c.tls_cert), self.tls_key.or(c.tls_key)) {
+                (Some(cert), Some(key)) => Some(Some((cert, key))),
+                _ if self.tls || c.tls.unwrap_or(false) => Some(None),
+                _ => None,
+            },
+            insecure_listen: self.insecure_listen || c.insecure_listen.unwrap_or(false),
+            store_fingerprint: self.store_fingerprint.or(c.store_fingerprint),
         }
     }
 }
@@ -141,6 +169,9 @@ pub struct RuntimeInfo {
     pub nbd_tcp: Option<String>,
     /// NBD unix socket, if enabled.
     pub nbd_socket: Option<PathBuf>,
+    /// The API's certificate fingerprint when it serves TLS.
+    #[serde(default)]
+    pub api_fingerprint: Option<String>,
 }
 
 /// Reads DATA_DIR/agent.json, if an agent wrote one.
@@ -241,6 +272,7 @@ async fn serve(
             .with_context(|| format!("cannot listen for NBD on {}", p.display()))?;
         tasks.push(tokio::spawn(listen::unix(l, server.clone(), stop.clone())));
     }
+    let tls = api_tls(dir, opts)?;
     let api = tokio::net::TcpListener::bind(opts.api_listen)
         .await
         .with_context(|| format!("cannot listen for the API on {}", opts.api_listen))?;
@@ -251,6 +283,7 @@ async fn serve(
         api: api_addr.to_string(),
         nbd_tcp: nbd_tcp.clone(),
         nbd_socket: socket.clone(),
+        api_fingerprint: tls.as_ref().map(|(fp, _)| fp.clone()),
     };
     fsutil::write_atomic(
         &dir.join(RUNTIME_FILE),
@@ -263,11 +296,12 @@ async fn serve(
         .context("cannot load the API tokens")?;
     let app = novabackup_api::router(agent.clone(), Arc::new(tokens));
     let stop2 = stop.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(api, app)
-            .with_graceful_shutdown(async move { stop2.notified().await })
-            .await
-    });
+    let http = tokio::spawn(novabackup_api::tls::serve(
+        api,
+        app,
+        tls.map(|(_, c)| c),
+        async move { stop2.notified().await },
+    ));
     notify::notify("READY=1");
     if let Some(every) = notify::watchdog_interval() {
         let stop3 = stop.clone();
@@ -332,6 +366,31 @@ pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// The API's TLS setup, or None; refuses a non-loopback API without TLS
+/// unless told to.
+fn api_tls(
+    dir: &Path,
+    opts: &AgentOptions,
+) -> anyhow::Result<Option<(String, Arc<rustls::ServerConfig>)>> {
+    use novabackup_api::tls::{is_loopback, Identity};
+    let id = match &opts.tls {
+        None if !is_loopback(&opts.api_listen) && !opts.insecure_listen => anyhow::bail!(
+            "refusing to serve the API on {} without TLS: pass --tls (a self-signed \
+             certificate) or --tls-cert/--tls-key, or --insecure-listen to accept plain HTTP",
+            opts.api_listen
+        ),
+        None => return Ok(None),
+        Some(Some((cert, key))) => Identity::load(cert, key)?,
+        Some(None) => {
+            let mut names = vec!["localhost".to_string()];
+            names.push(opts.api_listen.ip().to_string());
+            Identity::self_signed(dir, &names)?
+        }
+    };
+    tracing::info!(fingerprint = %id.fingerprint, "the API serves TLS; clients pin this fingerprint");
+    Ok(Some((id.fingerprint.clone(), id.server_config()?)))
 }
 
 /// SIGHUP: reread the configuration and attach the disks it added. A
@@ -404,8 +463,12 @@ fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>>
                 )
             })?,
         };
-        let s = novabackup_api::remote::RemoteStore::connect(&where_, &token)
-            .with_context(|| format!("cannot use the store server {where_}"))?;
+        let s = novabackup_api::remote::RemoteStore::connect_pinned(
+            &where_,
+            &token,
+            opts.store_fingerprint.as_deref(),
+        )
+        .with_context(|| format!("cannot use the store server {where_}"))?;
         tracing::info!(store = %where_, "store server connected");
         return Ok(Arc::new(s));
     }

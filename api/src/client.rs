@@ -49,13 +49,25 @@ pub struct Client {
 impl Client {
     /// A client for the API at `base` (e.g. `http://127.0.0.1:7810`).
     pub fn new(base: &str, token: Option<String>) -> Client {
-        Client {
+        Self::with_tls(base, token, None).expect("no TLS, nothing to fail")
+    }
+
+    /// A client for `base`; an `https://` agent's certificate is pinned by
+    /// `fingerprint` (`sha256:...`, see `novabackup_api::tls`).
+    pub fn with_tls(
+        base: &str,
+        token: Option<String>,
+        fingerprint: Option<&str>,
+    ) -> Result<Client, crate::tls::TlsError> {
+        let mut b = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(5));
+        if let Some(fp) = fingerprint {
+            b = b.tls_config(crate::tls::pinned_client(fp)?);
+        }
+        Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(std::time::Duration::from_secs(5))
-                .build(),
-        }
+            agent: b.build(),
+        })
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {

@@ -67,11 +67,29 @@ impl RemoteStore {
     /// with one health request so a wrong address fails at start, not at
     /// the first backup.
     pub fn connect(base: &str, token: &str) -> Result<RemoteStore, StoreError> {
-        let http = ureq::AgentBuilder::new()
+        Self::connect_pinned(base, token, None)
+    }
+
+    /// Like [`RemoteStore::connect`], pinning an `https://` server's
+    /// certificate by `fingerprint` (`sha256:...`).
+    pub fn connect_pinned(
+        base: &str,
+        token: &str,
+        fingerprint: Option<&str>,
+    ) -> Result<RemoteStore, StoreError> {
+        let mut b = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .timeout_read(Duration::from_secs(300))
-            .max_idle_connections_per_host(UPLOADERS * 2)
-            .build();
+            .max_idle_connections_per_host(UPLOADERS * 2);
+        if let Some(fp) = fingerprint {
+            b = b.tls_config(
+                crate::tls::pinned_client(fp).map_err(|e| StoreError::Remote {
+                    url: base.into(),
+                    why: e.to_string(),
+                })?,
+            );
+        }
+        let http = b.build();
         let inner = Arc::new(Inner {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),

@@ -1,0 +1,272 @@
+//! TLS for the agent's API and the store server (rustls, ring provider):
+//! a certificate and key from PEM files, or a self-signed pair made at
+//! first start and kept next to the state. Clients pin the server's
+//! certificate by its SHA-256 fingerprint instead of trusting a CA, which
+//! is what a fleet of self-signed hosts needs; `agent.json` carries the
+//! fingerprint so the local CLI pins it without being told.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// Errors setting TLS up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The PEM or the key is not usable.
+    #[error("{path}: {why}")]
+    Bad {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A server's certificate chain and key, and the fingerprint clients pin.
+pub struct Identity {
+    /// The chain, leaf first.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+    /// `sha256:` and the hex SHA-256 of the leaf certificate.
+    pub fingerprint: String,
+}
+
+/// The fingerprint of a DER certificate, as printed and pinned.
+pub fn fingerprint(cert: &[u8]) -> String {
+    let h = Sha256::digest(cert);
+    format!(
+        "sha256:{}",
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Identity {
+    /// Loads `cert` and `key` (PEM).
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+        let bad = |path: &Path, why: String| TlsError::Bad {
+            path: path.into(),
+            why,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad(cert, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(cert, e.to_string()))?;
+        let Some(leaf) = certs.first() else {
+            return Err(bad(cert, "no certificate in the file".into()));
+        };
+        let fingerprint = fingerprint(leaf);
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+        Ok(Identity {
+            certs,
+            key,
+            fingerprint,
+        })
+    }
+
+    /// `dir/tls.crt` and `dir/tls.key`, made (self-signed, key 0600) if
+    /// they do not exist yet.
+    pub fn self_signed(dir: &Path, names: &[String]) -> Result<Identity, TlsError> {
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        if !cert.exists() {
+            let ck =
+                rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| TlsError::Bad {
+                    path: cert.clone(),
+                    why: e.to_string(),
+                })?;
+            let io = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| TlsError::Io { path, source }
+            };
+            novabackup_engine::fsutil::write_atomic(
+                &key,
+                ck.key_pair.serialize_pem().as_bytes(),
+                0o600,
+            )
+            .map_err(io(&key))?;
+            novabackup_engine::fsutil::write_atomic(&cert, ck.cert.pem().as_bytes(), 0o644)
+                .map_err(io(&cert))?;
+        }
+        Identity::load(&cert, &key)
+    }
+
+    /// The rustls server configuration.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut c = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.certs.clone(), self.key.clone_key())?;
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(c))
+    }
+}
+
+/// A client configuration that accepts exactly the certificate with
+/// `fingerprint` (`sha256:hex`), whatever name or issuer it carries.
+pub fn pinned_client(fingerprint: &str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let want = fingerprint.trim().to_ascii_lowercase();
+    let c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned {
+            want,
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    Ok(Arc::new(c))
+}
+
+#[derive(Debug)]
+struct Pinned {
+    want: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = fingerprint(end_entity);
+        if got == self.want {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate is {got}, not the pinned {}; \
+                 if the server's certificate changed on purpose, pin the new fingerprint",
+                self.want
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Serves `app` on `listener`, over TLS when `tls` is given, until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let Some(tls) = tls else {
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
+}
+
+/// Whether `addr` only accepts connections from this host.
+pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_identity_is_made_once_and_pinned_by_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::self_signed(dir.path(), &["localhost".into()]).unwrap();
+        let b = Identity::self_signed(dir.path(), &["localhost".into()]).unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint, "kept, not remade");
+        assert!(a.fingerprint.starts_with("sha256:") && a.fingerprint.len() == 7 + 64);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("tls.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        a.server_config().unwrap();
+        pinned_client(&a.fingerprint).unwrap();
+        let e = Identity::load(&dir.path().join("tls.key"), &dir.path().join("tls.key"));
+        assert!(e.is_err(), "a key is not a certificate");
+    }
+}
