@@ -169,6 +169,12 @@ impl Agent {
         String::from_utf8(o.stdout).unwrap()
     }
 
+    /// Restores snapshot `id` to `out` and checks it equals `want`.
+    pub fn restore_and_compare(&self, id: &str, out: &Path, want: &Path) {
+        self.ok(&["restore", id, "--to", out.to_str().unwrap()]);
+        compare_images(out, want);
+    }
+
     pub fn attach(&self, name: &str, image: &Path, extra: &[&str]) {
         let img = image.to_str().unwrap();
         let mut args = vec!["disk", "attach", name, "--image", img];
@@ -229,6 +235,22 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
+}
+
+/// Asserts two raw images are equal, with qemu-img compare.
+pub fn compare_images(a: &Path, b: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
 }
 
 /// Runs a peer tool, panicking with its output if it fails.

@@ -119,19 +119,15 @@ fn backup(a: &Agent, disk: &str) -> serde_json::Value {
     serde_json::from_str(&a.ok(&["backup", disk, "--json"])).unwrap()
 }
 
-fn compare(a: &Path, b: &Path) {
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-        ],
-    );
+/// The job `id` as `jobs --json` lists it.
+fn job(a: &Agent, id: &str) -> serde_json::Value {
+    let all: serde_json::Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap()
+        .clone()
 }
 
 fn du(p: &Path) -> u64 {
@@ -181,22 +177,9 @@ fn two_hosts_share_a_store_dedup_across_hosts_and_restore_each_others_disks() {
         listed.contains("web-clone@") && listed.contains("web@"),
         "{listed}"
     );
-    let out_b = t.path().join("b-restored-on-a.img");
-    a.ok(&[
-        "restore",
-        clone["snapshot"].as_str().unwrap(),
-        "--to",
-        out_b.to_str().unwrap(),
-    ]);
-    compare(&out_b, &img_b);
-    let out_a = t.path().join("a-restored-on-b.img");
-    b.ok(&[
-        "restore",
-        first["snapshot"].as_str().unwrap(),
-        "--to",
-        out_a.to_str().unwrap(),
-    ]);
-    compare(&out_a, &img_a);
+    let snap = |v: &serde_json::Value| v["snapshot"].as_str().unwrap().to_string();
+    a.restore_and_compare(&snap(&clone), &t.path().join("b-on-a.img"), &img_b);
+    b.restore_and_compare(&snap(&first), &t.path().join("a-on-b.img"), &img_a);
 
     // An incremental from A goes to the same store and restores on B.
     run(
@@ -206,14 +189,7 @@ fn two_hosts_share_a_store_dedup_across_hosts_and_restore_each_others_disks() {
     let inc = backup(&a, "web");
     assert_eq!(inc["kind"], "incremental", "{inc}");
     assert!(inc["stats"]["bytes_new"].as_u64().unwrap() <= 64 << 10);
-    let out = t.path().join("inc-on-b.img");
-    b.ok(&[
-        "restore",
-        inc["snapshot"].as_str().unwrap(),
-        "--to",
-        out.to_str().unwrap(),
-    ]);
-    compare(&out, &img_a);
+    b.restore_and_compare(&snap(&inc), &t.path().join("inc-on-b.img"), &img_a);
     assert!(b.ok(&["verify", "--all"]).contains(": ok"));
 }
 
@@ -227,18 +203,11 @@ fn a_store_server_killed_mid_backup_fails_it_cleanly_and_the_next_backup_succeed
     a.attach("vm", &img, &[]);
     let started: serde_json::Value =
         serde_json::from_str(&a.ok(&["backup", "vm", "--no-wait", "--json"])).unwrap();
-    let job = started["id"].as_str().unwrap().to_string();
+    let id = started["id"].as_str().unwrap().to_string();
     // Kill the server once data is flowing.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let j: serde_json::Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
-        let j = j
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"] == job.as_str())
-            .unwrap()
-            .clone();
+        let j = job(&a, &id);
         assert_eq!(
             j["state"], "running",
             "the backup ended before the kill: {j}"
@@ -252,14 +221,7 @@ fn a_store_server_killed_mid_backup_fails_it_cleanly_and_the_next_backup_succeed
     server.kill9();
     let deadline = Instant::now() + Duration::from_secs(60);
     let ended = loop {
-        let j: serde_json::Value = serde_json::from_str(&a.ok(&["jobs", "--json"])).unwrap();
-        let j = j
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"] == job.as_str())
-            .unwrap()
-            .clone();
+        let j = job(&a, &id);
         if j["state"] != "running" {
             break j;
         }
@@ -283,7 +245,7 @@ fn a_store_server_killed_mid_backup_fails_it_cleanly_and_the_next_backup_succeed
         "--to",
         out.to_str().unwrap(),
     ]);
-    compare(&out, &img);
+    compare_images(&out, &img);
     let list: serde_json::Value = serde_json::from_str(&a.ok(&["snapshots", "--json"])).unwrap();
     assert_eq!(
         list.as_array().unwrap().len(),
@@ -309,7 +271,7 @@ fn agents_reach_a_tls_store_server_by_its_pinned_fingerprint_only() {
         "--to",
         out.to_str().unwrap(),
     ]);
-    compare(&out, &img);
+    compare_images(&out, &img);
 
     // The wrong fingerprint: the agent refuses to start, and says why.
     let wrong = format!("sha256:{}", "0".repeat(64));

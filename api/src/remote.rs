@@ -194,6 +194,15 @@ impl Inner {
         }
     }
 
+    /// The pending state once every queued upload has finished.
+    fn drained(&self) -> std::sync::MutexGuard<'_, Pending> {
+        let mut p = self.pending();
+        while !p.queued.is_empty() {
+            p = self.drained.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -267,12 +276,14 @@ impl Store for RemoteStore {
                     answer.len()
                 )));
             }
-            let queued = &self.inner.pending().queued;
+            // The server's answer may predate an upload of ours that has
+            // finished since: queued or uploaded both count as present.
+            let p = self.inner.pending();
             out.extend(
                 batch
                     .iter()
                     .zip(answer)
-                    .map(|(d, a)| a == 1 && !queued.contains(d)),
+                    .map(|(d, a)| a == 1 && !p.queued.contains(d) && !p.uploaded.contains(d)),
             );
         }
         Ok(out)
@@ -309,14 +320,7 @@ impl Store for RemoteStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let mut p = self.inner.pending();
-        while !p.queued.is_empty() {
-            p = self
-                .inner
-                .drained
-                .wait(p)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        let mut p = self.inner.drained();
         // The failure is reported once; the chunks it lost are not marked
         // present, so the next backup sends them again.
         if let Some(f) = p.failed.take() {
@@ -396,14 +400,7 @@ impl Store for RemoteStore {
         // A backup starts here: uploads left from one that failed finish
         // first, and their failures, which belonged to it, are dropped.
         {
-            let mut p = self.inner.pending();
-            while !p.queued.is_empty() {
-                p = self
-                    .inner
-                    .drained
-                    .wait(p)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
+            let mut p = self.inner.drained();
             p.failed = None;
             p.uploaded.clear();
         }
@@ -534,7 +531,6 @@ mod tests {
     #[test]
     fn a_snapshot_missing_its_chunks_is_refused() {
         use novabackup_engine::format::index;
-        use novabackup_engine::format::manifest::{BackupKind, BackupStats, CbtRecord, FORMAT};
         let dir = tempfile::tempdir().unwrap();
         let (url, _rt) = serve(dir.path());
         let s = RemoteStore::connect(&url, "secret").unwrap();
@@ -545,27 +541,7 @@ mod tests {
         let pd = ChunkDigest::of(&page);
         s.put_chunk(&pd, &pf).unwrap();
         s.sync().unwrap();
-        let disk: DiskName = "vm".parse().unwrap();
-        let m = Manifest {
-            format: FORMAT,
-            id: SnapshotId::new(&disk, 5),
-            disk,
-            time: novabackup_engine::time::rfc3339(5),
-            time_unix: 5,
-            parent: None,
-            kind: BackupKind::Full,
-            reason: "test".into(),
-            image_size: 65536,
-            chunk_size: 65536,
-            pages: vec![pd],
-            cbt: CbtRecord {
-                granularity: 65536,
-                dirty_blocks: 0,
-                trusted: true,
-            },
-            stats: BackupStats::default(),
-            checksum: String::new(),
-        };
+        let m = novabackup_engine::store::conformance::manifest("vm", 5, vec![pd]);
         let e = s.commit(&m).unwrap_err().to_string();
         assert!(
             e.contains(&absent.hex()) && e.contains("upload it first"),

@@ -6,7 +6,9 @@ use crate::digest::ChunkDigest;
 use crate::format::manifest::{BackupKind, BackupStats, CbtRecord, Manifest, FORMAT};
 use crate::ids::{DiskName, SnapshotId};
 
-fn manifest(disk: &str, t: u64, pages: Vec<ChunkDigest>) -> Manifest {
+/// A one-chunk full snapshot of `disk` at `t` with these index pages
+/// (for store tests).
+pub fn manifest(disk: &str, t: u64, pages: Vec<ChunkDigest>) -> Manifest {
     let disk: DiskName = disk.parse().unwrap();
     Manifest {
         format: FORMAT,
