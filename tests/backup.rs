@@ -17,21 +17,6 @@ fn restore(a: &Agent, id: &str, to: &Path) {
     a.ok(&["restore", id, "--to", to.to_str().unwrap()]);
 }
 
-fn compare(a: &Path, b: &Path) {
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-        ],
-    );
-}
-
 #[test]
 fn chain_of_six_backups_restores_every_point_in_time() {
     let t = tempdir();
@@ -86,7 +71,7 @@ fn chain_of_six_backups_restores_every_point_in_time() {
     for (id, copy) in &points {
         let out = t.path().join(format!("restored-{id}.img"));
         restore(&a, id, &out);
-        compare(&out, copy);
+        compare_images(&out, copy);
     }
     // --full re-reads everything but stores nothing new.
     let r = backup(&a, "vm", &["--full"]);
@@ -266,7 +251,7 @@ fn kill_9_during_a_backup_loses_nothing() {
     assert_eq!(next["parent"], first["snapshot"]);
     let out = t.path().join("out.img");
     restore(&a, next["snapshot"].as_str().unwrap(), &out);
-    compare(&out, &img);
+    compare_images(&out, &img);
 }
 
 #[test]
