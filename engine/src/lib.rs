@@ -13,6 +13,7 @@ pub mod plan;
 pub mod progress;
 pub mod read;
 pub mod restore;
+pub mod retention;
 pub mod size;
 pub mod store;
 pub mod time;
