@@ -21,9 +21,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use novabackup_engine::digest::ChunkDigest;
-use novabackup_engine::format::manifest::Manifest;
+use novabackup_engine::format::manifest::{Annotation, Manifest};
+use novabackup_engine::progress::Progress;
 use novabackup_engine::ids::{DiskName, SnapshotId};
-use novabackup_engine::store::{DiskLock, Store, StoreError};
+use novabackup_engine::store::{DiskLock, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
 use crate::store_server::{Lease, SnapshotList};
@@ -396,7 +397,46 @@ impl Store for RemoteStore {
         }
     }
 
-    fn lock(&self, disk: &DiskName) -> Result<Box<dyn DiskLock>, StoreError> {
+    fn annotate(&self, id: &SnapshotId, a: &Annotation) -> Result<Manifest, StoreError> {
+        let body = serde_json::to_vec(a).expect("annotation serializes");
+        let r = match self
+            .inner
+            .send("PATCH", &format!("/store/v1/snapshots/{id}"), Some(&body))
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(404, _)) => return Err(StoreError::NoSnapshot(id.clone())),
+            Err(e) => return Err(self.inner.error(e)),
+        };
+        let mut bytes = Vec::new();
+        r.into_reader().read_to_end(&mut bytes)
+            .map_err(|e| self.inner.remote(e.to_string()))?;
+        Manifest::decode(&bytes).map_err(|why| StoreError::BadManifest {
+            path: format!("{}/store/v1/snapshots/{id}", self.inner.base),
+            why,
+        })
+    }
+
+    fn gc(&self, _progress: &Progress) -> Result<GcReport, StoreError> {
+        // What this client remembers uploading may be collected now (it
+        // forgets it at every lock anyway, and chunks a locked backup
+        // uploads are kept by the server).
+        self.inner.drained().uploaded.clear();
+        match self.inner.send("POST", "/store/v1/gc", None) {
+            Ok(r) => r.into_json().map_err(|e| self.inner.remote(e.to_string())),
+            Err(ureq::Error::Status(409, r)) => Err(StoreError::Gc(
+                r.into_json::<ErrorBody>()
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| "the store server refused".into()),
+            )),
+            Err(e) => Err(self.inner.error(e)),
+        }
+    }
+
+    fn lock(
+        &self,
+        disk: &DiskName,
+        base: Option<&Manifest>,
+    ) -> Result<Box<dyn DiskLock>, StoreError> {
         // A backup starts here: uploads left from one that failed finish
         // first, and their failures, which belonged to it, are dropped.
         {
@@ -406,7 +446,14 @@ impl Store for RemoteStore {
         }
         let lease: Lease = match self
             .inner
-            .send("POST", &format!("/store/v1/locks/{disk}"), None)
+            .send(
+                "POST",
+                &match base {
+                    Some(b) => format!("/store/v1/locks/{disk}?base={}", b.id),
+                    None => format!("/store/v1/locks/{disk}"),
+                },
+                None,
+            )
         {
             Ok(r) => r
                 .into_json()

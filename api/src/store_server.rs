@@ -14,7 +14,9 @@
 //! GET    /store/v1/snapshots[?disk=]           {"snapshots": [...], "damaged": [...]}
 //! GET    /store/v1/snapshots/{id}              one manifest
 //! DELETE /store/v1/snapshots/{id}
-//! POST   /store/v1/locks/{disk}                take the disk's backup lock -> {"lease": ...}
+//! PATCH  /store/v1/snapshots/{id}              set protection/verification (JSON Annotation)
+//! POST   /store/v1/gc                          garbage collection -> GcReport
+//! POST   /store/v1/locks/{disk}[?base=ID]      take the disk's backup lock -> {"lease": ...}
 //! POST   /store/v1/locks/{disk}/{lease}        renew it
 //! DELETE /store/v1/locks/{disk}/{lease}        release it
 //! GET    /store/v1/usage                       {"bytes": n}
@@ -30,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -38,10 +41,10 @@ use axum::{middleware, Json, Router};
 use novabackup_engine::digest::ChunkDigest;
 use novabackup_engine::format::chunk;
 use novabackup_engine::format::index;
-use novabackup_engine::format::manifest::Manifest;
+use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::store::local::LocalStore;
-use novabackup_engine::store::{DiskLock, Store, StoreError};
+use novabackup_engine::store::{DiskLock, GcReport, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorCode};
@@ -95,7 +98,11 @@ pub fn router(store: LocalStore, token: String) -> Router {
         .route("/store/v1/chunks/{digest}", put(put_chunk).get(get_chunk))
         .route("/store/v1/sync", post(sync))
         .route("/store/v1/snapshots", post(commit).get(list))
-        .route("/store/v1/snapshots/{id}", get(manifest).delete(delete))
+        .route(
+            "/store/v1/snapshots/{id}",
+            get(manifest).delete(delete).patch(annotate),
+        )
+        .route("/store/v1/gc", post(gc))
         .route("/store/v1/locks/{disk}", post(lock))
         .route("/store/v1/locks/{disk}/{lease}", post(renew).delete(unlock))
         .route("/store/v1/usage", get(usage))
@@ -123,7 +130,7 @@ pub fn router(store: LocalStore, token: String) -> Router {
 fn store_error(e: StoreError) -> ApiError {
     let code = match &e {
         StoreError::MissingChunk(_) | StoreError::NoSnapshot(_) => ErrorCode::NotFound,
-        StoreError::Exists(_) | StoreError::Locked(_) => ErrorCode::Conflict,
+        StoreError::Exists(_) | StoreError::Locked(_) | StoreError::Gc(_) => ErrorCode::Conflict,
         StoreError::Full { .. } => ErrorCode::InsufficientStorage,
         _ => ErrorCode::Internal,
     };
@@ -295,13 +302,51 @@ async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<Statu
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn annotate(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let a: Annotation =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("bad annotation: {e}")))?;
+    let m = blocking(move || s.store.annotate(&id, &a).map_err(store_error)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], m.encode()).into_response())
+}
+
+async fn gc(State(s): State<Shared>) -> Result<Json<GcReport>, ApiError> {
+    blocking(move || {
+        s.store
+            .gc(&novabackup_engine::progress::Progress::default())
+            .map_err(store_error)
+    })
+    .await
+    .map(Json)
+}
+
+/// `?base=ID` of a lock request: the snapshot the backup builds on.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockQuery {
+    base: Option<String>,
+}
+
 fn locks(s: &Served) -> std::sync::MutexGuard<'_, HashMap<DiskName, Held>> {
     s.locks.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn lock(State(s): State<Shared>, Path(disk): Path<String>) -> Result<Json<Lease>, ApiError> {
+async fn lock(
+    State(s): State<Shared>,
+    Path(disk): Path<String>,
+    q: Result<Query<LockQuery>, QueryRejection>,
+) -> Result<Json<Lease>, ApiError> {
     let disk = parse_disk(&disk)?;
+    let Query(q) = q.map_err(|e| bad(format!("bad query: {}", e.body_text())))?;
+    let base = q.base.as_deref().map(parse_id).transpose()?;
     blocking(move || {
+        // A base that is gone already pins nothing; the client checks it
+        // exists once it holds the lock.
+        let base = base.and_then(|id| s.store.manifest(&id).ok());
         let mut held = locks(&s);
         if held.get(&disk).is_some_and(|h| h.until < Instant::now()) {
             tracing::warn!(%disk, "a backup lock lapsed (its client stopped renewing it)");
@@ -310,7 +355,7 @@ async fn lock(State(s): State<Shared>, Path(disk): Path<String>) -> Result<Json<
         if held.contains_key(&disk) {
             return Err(store_error(StoreError::Locked(disk)));
         }
-        let guard = s.store.lock(&disk).map_err(store_error)?;
+        let guard = s.store.lock(&disk, base.as_ref()).map_err(store_error)?;
         let mut raw = [0u8; 16];
         getrandom::getrandom(&mut raw)
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;

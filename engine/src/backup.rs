@@ -126,7 +126,18 @@ pub fn run(
     progress: &Progress,
 ) -> Result<Manifest, BackupError> {
     let started = Instant::now();
-    let _lock = store.lock(req.disk)?;
+    let base = req.base.filter(|_| req.plan.kind == BackupKind::Incremental);
+    let _lock = store.lock(req.disk, base)?;
+    if let Some(b) = base {
+        // The lock pins the base against garbage collection; it must still
+        // exist now that it is pinned.
+        if let Err(e) = store.manifest(&b.id) {
+            return Err(BackupError::BadBase {
+                id: b.id.clone(),
+                why: format!("it was deleted or damaged as the backup started ({e}); the next backup is a full one"),
+            });
+        }
+    }
     let cs = opts.chunk_size;
     let plan = req.plan;
     progress.set_total(plan.bytes_to_read(req.size, cs));
@@ -300,6 +311,9 @@ pub fn run(
         pages,
         cbt: req.cbt.clone(),
         stats,
+        protected: false,
+        verified: None,
+        audit: None,
         checksum: String::new(),
     };
     store.commit(&manifest)?;

@@ -183,6 +183,9 @@ mod tests {
                 trusted: true,
             },
             stats: BackupStats::default(),
+            protected: false,
+            verified: None,
+            audit: None,
             checksum: String::new(),
         }
     }

@@ -12,7 +12,8 @@ pub mod conformance;
 pub mod local;
 
 use crate::digest::ChunkDigest;
-use crate::format::manifest::Manifest;
+use crate::format::manifest::{Annotation, Manifest};
+use crate::progress::Progress;
 use crate::ids::{DiskName, SnapshotId};
 
 /// Errors of a store.
@@ -64,6 +65,12 @@ pub enum StoreError {
         /// What went wrong, with the server's own message when it sent one.
         why: String,
     },
+    /// Garbage collection cannot run now or here.
+    #[error("garbage collection refused: {0}")]
+    Gc(String),
+    /// Only annotations of a snapshot may change.
+    #[error("snapshot {0}: only its protection and verification may change")]
+    Immutable(SnapshotId),
     /// Any other I/O error.
     #[error("store I/O error on {path}: {source}")]
     Io {
@@ -83,6 +90,29 @@ impl StoreError {
             _ => StoreError::Io { path, source },
         }
     }
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GcReport {
+    /// Snapshots whose references were kept.
+    pub snapshots: u64,
+    /// Distinct chunks and index pages still referenced.
+    pub live_chunks: u64,
+    /// Chunks and index pages removed.
+    pub chunks_removed: u64,
+    /// Packs looked at.
+    pub packs_scanned: u64,
+    /// Packs deleted whole (nothing in them was referenced).
+    pub packs_deleted: u64,
+    /// Packs rewritten without their unreferenced chunks.
+    pub packs_rewritten: u64,
+    /// Store bytes before.
+    pub bytes_before: u64,
+    /// Store bytes after.
+    pub bytes_after: u64,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
 }
 
 /// Held while a backup of one disk runs; dropping it releases the lock.
@@ -110,7 +140,22 @@ pub trait Store: Send + Sync {
     /// Removes a snapshot (its chunks stay until garbage collection).
     fn delete(&self, id: &SnapshotId) -> Result<(), StoreError>;
     /// Takes the per-disk backup lock, or fails at once if it is held.
-    fn lock(&self, disk: &DiskName) -> Result<Box<dyn DiskLock>, StoreError>;
+    /// `base` is the snapshot the backup builds on: while the lock is held,
+    /// garbage collection keeps everything it references even if it is
+    /// deleted meanwhile (the backup checks it still exists after locking).
+    fn lock(
+        &self,
+        disk: &DiskName,
+        base: Option<&Manifest>,
+    ) -> Result<Box<dyn DiskLock>, StoreError>;
+    /// Sets a snapshot's operator annotations (protection, verification)
+    /// and returns the updated manifest. Nothing else of a manifest changes.
+    fn annotate(&self, id: &SnapshotId, a: &Annotation) -> Result<Manifest, StoreError>;
+    /// Removes every chunk and index page that no snapshot references.
+    /// Safe while backups run: what a backup holding a [`DiskLock`] stored,
+    /// found present or builds on is kept. A crash part-way loses nothing;
+    /// the next run finishes the job.
+    fn gc(&self, progress: &Progress) -> Result<GcReport, StoreError>;
     /// Bytes used by chunks and manifests.
     fn usage(&self) -> Result<u64, StoreError>;
     /// Where the store is (a folder or a URL), for people.

@@ -56,6 +56,46 @@ pub struct CbtRecord {
     pub trusted: bool,
 }
 
+/// The outcome of the last verification of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// When, RFC 3339 UTC.
+    pub time: String,
+    /// When, Unix seconds.
+    pub time_unix: u64,
+    /// Every index page and chunk was intact.
+    pub ok: bool,
+    /// Damaged or missing chunks and pages found.
+    pub problems: u64,
+}
+
+/// What a change-tracking audit found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    /// The snapshot an incremental backup would have started from.
+    pub base: SnapshotId,
+    /// Chunks whose tracking said "unchanged since the base", compared.
+    pub chunks_compared: u64,
+    /// Of those, chunks that had changed all the same (missed writes).
+    pub mismatches: u64,
+    /// Image offsets of the first mismatching chunks (at most 100).
+    pub mismatch_offsets: Vec<u64>,
+}
+
+/// A change to a snapshot's operator annotations: what is `Some` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Annotation {
+    /// Protect or unprotect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
+    /// Record a verification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verification>,
+}
+
 /// A snapshot manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +126,16 @@ pub struct Manifest {
     pub cbt: CbtRecord,
     /// What the backup did.
     pub stats: BackupStats,
+    /// Never pruned while set (`novabackup snapshot protect`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
+    /// The last verification of this snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verification>,
+    /// Set when this backup audited change tracking (read everything and
+    /// compared with what an incremental would have kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditRecord>,
     /// xxh3-64 of this manifest with an empty checksum (module doc).
     pub checksum: String,
 }
@@ -101,6 +151,16 @@ impl Manifest {
         m.checksum = String::new();
         let bytes = serde_json::to_vec(&m).expect("manifest serializes");
         format!("{:016x}", xxh3_64(&bytes))
+    }
+
+    /// Applies an annotation (the checksum is refreshed by [`Self::encode`]).
+    pub fn annotate(&mut self, a: &Annotation) {
+        if let Some(p) = a.protected {
+            self.protected = p;
+        }
+        if let Some(v) = &a.verified {
+            self.verified = Some(v.clone());
+        }
     }
 
     /// Serializes with a fresh checksum.
@@ -154,6 +214,9 @@ mod tests {
                 trusted: true,
             },
             stats: BackupStats::default(),
+            protected: false,
+            verified: None,
+            audit: None,
             checksum: String::new(),
         }
     }
@@ -180,5 +243,23 @@ mod tests {
             .unwrap_err()
             .contains("checksum"));
         assert!(Manifest::decode(b"{}").is_err());
+    }
+
+    #[test]
+    fn annotations_are_absent_until_set_and_keep_the_checksum_valid() {
+        let mut m = sample();
+        assert!(!String::from_utf8(m.encode()).unwrap().contains("protected"));
+        m.annotate(&Annotation {
+            protected: Some(true),
+            verified: Some(Verification {
+                time: "2023-11-15T00:00:00Z".into(),
+                time_unix: 1_700_006_400,
+                ok: true,
+                problems: 0,
+            }),
+        });
+        let back = Manifest::decode(&m.encode()).unwrap();
+        assert!(back.protected);
+        assert!(back.verified.unwrap().ok);
     }
 }

@@ -29,6 +29,9 @@ pub fn manifest(disk: &str, t: u64, pages: Vec<ChunkDigest>) -> Manifest {
             trusted: true,
         },
         stats: BackupStats::default(),
+        protected: false,
+        verified: None,
+        audit: None,
         checksum: String::new(),
     }
 }
@@ -74,11 +77,34 @@ pub fn run(s: &dyn Store) {
     assert!(matches!(s.manifest(&m1.id), Err(StoreError::NoSnapshot(_))));
     assert!(matches!(s.delete(&m1.id), Err(StoreError::NoSnapshot(_))));
 
+    // Annotations change, nothing else does.
+    let protect = crate::format::manifest::Annotation {
+        protected: Some(true),
+        verified: None,
+    };
+    let back = s.annotate(&m2.id, &protect).unwrap();
+    assert!(back.protected && back.pages == m2.pages);
+    assert!(s.manifest(&m2.id).unwrap().protected);
+    assert!(matches!(
+        s.annotate(&m1.id, &protect),
+        Err(StoreError::NoSnapshot(_))
+    ));
+
+    // Garbage collection drops what no snapshot references.
+    let (file_c, _) = crate::format::chunk::encode(b"c", &mut z);
+    let c = ChunkDigest::of(b"c");
+    s.put_chunk(&c, &file_c).unwrap();
+    s.sync().unwrap();
+    let r = s.gc(&crate::progress::Progress::default()).unwrap();
+    assert_eq!(r.chunks_removed, 1, "{r:?}");
+    assert_eq!(s.missing(&[a, p, c]).unwrap(), vec![false, false, true]);
+    assert_eq!(s.get_chunk(&a).unwrap(), file_a);
+
     let disk: DiskName = "vm".parse().unwrap();
-    let lock = s.lock(&disk).unwrap();
-    assert!(matches!(s.lock(&disk), Err(StoreError::Locked(_))));
-    assert!(s.lock(&"other".parse().unwrap()).is_ok());
+    let lock = s.lock(&disk, None).unwrap();
+    assert!(matches!(s.lock(&disk, None), Err(StoreError::Locked(_))));
+    assert!(s.lock(&"other".parse().unwrap(), None).is_ok());
     drop(lock);
-    assert!(s.lock(&disk).is_ok());
+    assert!(s.lock(&disk, None).is_ok());
     assert!(s.usage().unwrap() > 0);
 }

@@ -25,7 +25,9 @@
 //! damaged is reported and its chunks count as missing, so `verify` names
 //! the snapshots that need them and the next backup stores them again.
 
-use std::collections::HashMap;
+mod gc;
+
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -36,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use super::{DiskLock, Store, StoreError};
 use crate::digest::ChunkDigest;
-use crate::format::manifest::Manifest;
+use crate::format::manifest::{Annotation, Manifest};
 use crate::format::pack;
 use crate::fsutil;
 use crate::ids::{DiskName, SnapshotId};
@@ -68,6 +70,28 @@ impl Hasher for DigestHasher {
     }
 }
 type DigestMap<V> = HashMap<ChunkDigest, V, BuildHasherDefault<DigestHasher>>;
+type DigestSet = HashSet<ChunkDigest, BuildHasherDefault<DigestHasher>>;
+
+/// What garbage collection must not remove although no committed snapshot
+/// references it (see the `gc` module).
+#[derive(Default)]
+struct Guard {
+    /// Disk locks held (running backups).
+    writers: usize,
+    /// A collection is running.
+    gc: bool,
+    /// Chunks stored or found present while a backup or a collection ran.
+    touched: DigestSet,
+    /// Base snapshots of running backups, by lock.
+    pins: Vec<(u64, Manifest)>,
+    next_pin: u64,
+}
+
+impl Guard {
+    fn tracking(&self) -> bool {
+        self.writers > 0 || self.gc
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Loc {
@@ -79,6 +103,8 @@ struct Loc {
 struct PackInfo {
     id: String,
     published: bool,
+    /// Deleted by garbage collection; nothing in the index points here.
+    removed: bool,
     /// Unpublished packs are always open: their path changes when published.
     file: Option<Arc<File>>,
 }
@@ -102,6 +128,11 @@ pub struct LocalStore {
     sealed: Mutex<Vec<u32>>,
     damaged: Vec<String>,
     counter: AtomicU64,
+    guard: Arc<Mutex<Guard>>,
+    /// One collection at a time.
+    collecting: Mutex<()>,
+    /// Serializes annotation read-modify-writes.
+    annotating: Mutex<()>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -112,8 +143,26 @@ impl std::fmt::Debug for LocalStore {
     }
 }
 
-struct FlockGuard(#[allow(dead_code)] nix::fcntl::Flock<File>);
+struct FlockGuard {
+    _flock: nix::fcntl::Flock<File>,
+    guard: Arc<Mutex<Guard>>,
+    pin: Option<u64>,
+}
 impl DiskLock for FlockGuard {}
+impl Drop for FlockGuard {
+    fn drop(&mut self) {
+        let mut g = lock(&self.guard);
+        g.writers -= 1;
+        if let Some(p) = self.pin {
+            g.pins.retain(|(n, _)| *n != p);
+        }
+        if !g.tracking() {
+            // Every snapshot those chunks went into is committed (or its
+            // backup failed): a collection sees them from the manifests.
+            g.touched = DigestSet::default();
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -159,6 +208,9 @@ impl LocalStore {
             sealed: Mutex::new(Vec::new()),
             damaged: Vec::new(),
             counter: AtomicU64::new(0),
+            guard: Default::default(),
+            collecting: Mutex::new(()),
+            annotating: Mutex::new(()),
         };
         store.load()?;
         Ok(store)
@@ -191,6 +243,7 @@ impl LocalStore {
                         packs.push(PackInfo {
                             id: id.to_string(),
                             published: true,
+                            removed: false,
                             file: None,
                         });
                         for en in entries {
@@ -290,6 +343,7 @@ impl LocalStore {
             packs.push(PackInfo {
                 id,
                 published: false,
+                removed: false,
                 file: Some(file.clone()),
             });
             return Ok(Writer {
@@ -322,6 +376,57 @@ impl LocalStore {
         Ok(())
     }
 
+    fn read_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
+        let loc = *self            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .ok_or(StoreError::MissingChunk(*digest))?;
+        let f = self.pack_file(loc.pack)?;
+        let mut buf = vec![0u8; loc.len as usize];
+        f.read_exact_at(&mut buf, loc.offset).map_err(|e| {
+            let (path, _, _) = self.locate(digest).unwrap_or_default();
+            StoreError::io(path, e)
+        })?;
+        Ok(buf)
+    }
+
+    fn sync_packs(&self) -> Result<(), StoreError> {
+        // Success means every chunk indexed so far is durable: a backup may
+        // have skipped a chunk because another one had just staged it.
+        for slot in &self.writers {
+            let mut w = lock(slot);
+            if let Some(open) = w.as_ref() {
+                self.seal(open)?;
+                *w = None;
+            }
+        }
+        let batch = std::mem::take(&mut *lock(&self.sealed));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let moves: Vec<(PathBuf, PathBuf)> = {
+            let packs = lock(&self.packs);
+            batch
+                .iter()
+                .map(|&n| {
+                    let id = &packs[n as usize].id;
+                    (self.pack_path(id, false), self.pack_path(id, true))
+                })
+                .collect()
+        };
+        if let Err(e) = fsutil::publish(&self.root, &moves) {
+            // Still sealed and staged: a later sync tries again.
+            lock(&self.sealed).extend(batch);
+            return Err(StoreError::io(&self.root, e));
+        }
+        let mut packs = lock(&self.packs);
+        for n in batch {
+            packs[n as usize].published = true;
+        }
+        Ok(())
+    }
+
     fn pack_file(&self, n: u32) -> Result<Arc<File>, StoreError> {
         let mut packs = lock(&self.packs);
         if let Some(f) = &packs[n as usize].file {
@@ -338,6 +443,12 @@ impl LocalStore {
         }
         let p = &mut packs[n as usize];
         let path = self.pack_path(&p.id, p.published);
+        if p.removed {
+            return Err(StoreError::io(
+                &path,
+                io::Error::from(io::ErrorKind::NotFound),
+            ));
+        }
         let f = Arc::new(File::open(&path).map_err(|e| StoreError::io(&path, e))?);
         p.file = Some(f.clone());
         Ok(f)
@@ -384,16 +495,33 @@ fn read_toc(path: &Path) -> Result<Vec<pack::Entry>, String> {
 
 impl Store for LocalStore {
     fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError> {
+        // Under the guard: a collection cannot remove a chunk between our
+        // "present" and its record in `touched`.
+        let mut g = lock(&self.guard);
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        Ok(digests.iter().map(|d| !index.contains_key(d)).collect())
+        let out: Vec<bool> = digests.iter().map(|d| !index.contains_key(d)).collect();
+        if g.tracking() {
+            for (d, m) in digests.iter().zip(&out) {
+                if !m {
+                    g.touched.insert(*d);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
         let present = |s: &Self| {
-            s.index
+            let mut g = lock(&s.guard);
+            let here = s
+                .index
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains_key(digest)
+                .contains_key(digest);
+            if here && g.tracking() {
+                g.touched.insert(*digest);
+            }
+            here
         };
         if present(self) {
             return Ok(0);
@@ -426,6 +554,10 @@ impl Store for LocalStore {
             len,
         });
         w.len += len as u64;
+        let mut g = lock(&self.guard);
+        if g.tracking() {
+            g.touched.insert(*digest);
+        }
         self.index
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -437,6 +569,7 @@ impl Store for LocalStore {
                     len,
                 },
             );
+        drop(g);
         if w.len - w.flushed >= WRITEBACK_STEP {
             fsutil::start_writeback(&w.file, w.flushed, w.len - w.flushed);
             w.flushed = w.len;
@@ -449,55 +582,30 @@ impl Store for LocalStore {
     }
 
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
-        let loc = *self
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-            .ok_or(StoreError::MissingChunk(*digest))?;
-        let f = self.pack_file(loc.pack)?;
-        let mut buf = vec![0u8; loc.len as usize];
-        f.read_exact_at(&mut buf, loc.offset).map_err(|e| {
-            let (path, _, _) = self.locate(digest).unwrap_or_default();
-            StoreError::io(path, e)
-        })?;
-        Ok(buf)
+        match self.read_chunk(digest) {
+            // A collection moved it between our lookup and the read.
+            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                self.read_chunk(digest)
+            }
+            r => r,
+        }
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        // Success means every chunk indexed so far is durable: a backup may
-        // have skipped a chunk because another one had just staged it.
-        for slot in &self.writers {
-            let mut w = lock(slot);
-            if let Some(open) = w.as_ref() {
-                self.seal(open)?;
-                *w = None;
-            }
-        }
-        let batch = std::mem::take(&mut *lock(&self.sealed));
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let moves: Vec<(PathBuf, PathBuf)> = {
-            let packs = lock(&self.packs);
-            batch
-                .iter()
-                .map(|&n| {
-                    let id = &packs[n as usize].id;
-                    (self.pack_path(id, false), self.pack_path(id, true))
-                })
-                .collect()
-        };
-        if let Err(e) = fsutil::publish(&self.root, &moves) {
-            // Still sealed and staged: a later sync tries again.
-            lock(&self.sealed).extend(batch);
-            return Err(StoreError::io(&self.root, e));
-        }
-        let mut packs = lock(&self.packs);
-        for n in batch {
-            packs[n as usize].published = true;
-        }
-        Ok(())
+        self.sync_packs()
+    }
+
+    fn annotate(&self, id: &SnapshotId, a: &Annotation) -> Result<Manifest, StoreError> {
+        let _one = lock(&self.annotating);
+        let mut m = self.manifest(id)?;
+        m.annotate(a);
+        let path = self.manifest_path(id);
+        fsutil::write_atomic(&path, &m.encode(), 0o644).map_err(|e| StoreError::io(&path, e))?;
+        Ok(m)
+    }
+
+    fn gc(&self, progress: &crate::progress::Progress) -> Result<super::GcReport, StoreError> {
+        gc::collect(self, progress, gc::Stop::Never)
     }
 
     fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
@@ -562,7 +670,11 @@ impl Store for LocalStore {
         fsutil::remove_durable(&path).map_err(|e| StoreError::io(&path, e))
     }
 
-    fn lock(&self, disk: &DiskName) -> Result<Box<dyn DiskLock>, StoreError> {
+    fn lock(
+        &self,
+        disk: &DiskName,
+        base: Option<&Manifest>,
+    ) -> Result<Box<dyn DiskLock>, StoreError> {
         let path = self.root.join("locks").join(format!("{disk}.lock"));
         let f = File::options()
             .create(true)
@@ -570,7 +682,21 @@ impl Store for LocalStore {
             .open(&path)
             .map_err(|e| StoreError::io(&path, e))?;
         match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => Ok(Box::new(FlockGuard(l))),
+            Ok(l) => {
+                let mut g = lock(&self.guard);
+                g.writers += 1;
+                let pin = base.map(|m| {
+                    g.next_pin += 1;
+                    let n = g.next_pin;
+                    g.pins.push((n, m.clone()));
+                    n
+                });
+                Ok(Box::new(FlockGuard {
+                    _flock: l,
+                    guard: self.guard.clone(),
+                    pin,
+                }))
+            }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StoreError::Locked(disk.clone())),
             Err((_, e)) => Err(StoreError::io(
                 &path,
