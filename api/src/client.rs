@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::types::{
-    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, RestoreRequest, SnapshotInfo,
-    VerifyRequest,
+    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, PruneRequest, Quotas,
+    RestoreRequest, RetentionPolicy, ScheduleInfo, ScheduleRequest, SnapshotInfo, VerifyRequest,
 };
 
 /// Errors talking to the agent.
@@ -264,6 +264,97 @@ impl Client {
             &format!("/api/v1/jobs/{}/cancel", enc(id)),
             None::<&()>,
         )
+    }
+}
+
+impl Client {
+    /// `POST /api/v1/snapshots/{id}/protect` or `.../unprotect`.
+    pub fn protect(&self, id: &str, protected: bool) -> Result<SnapshotInfo, ClientError> {
+        let verb = if protected { "protect" } else { "unprotect" };
+        self.json(
+            "POST",
+            &format!("/api/v1/snapshots/{}/{verb}", enc(id)),
+            None::<&()>,
+        )
+    }
+
+    /// `GET /api/v1/retention/policies`.
+    pub fn policies(&self) -> Result<Vec<RetentionPolicy>, ClientError> {
+        self.json("GET", "/api/v1/retention/policies", None::<&()>)
+    }
+
+    /// `POST /api/v1/retention/policies` (create) or `PUT .../{name}`.
+    pub fn put_policy(
+        &self,
+        p: &RetentionPolicy,
+        create: bool,
+    ) -> Result<RetentionPolicy, ClientError> {
+        if create {
+            self.json("POST", "/api/v1/retention/policies", Some(p))
+        } else {
+            self.json(
+                "PUT",
+                &format!("/api/v1/retention/policies/{}", enc(&p.name)),
+                Some(p),
+            )
+        }
+    }
+
+    /// `DELETE /api/v1/retention/policies/{name}`.
+    pub fn delete_policy(&self, name: &str) -> Result<(), ClientError> {
+        self.send(
+            "DELETE",
+            &format!("/api/v1/retention/policies/{}", enc(name)),
+            None::<&()>,
+        )
+        .map(drop)
+    }
+
+    /// `POST /api/v1/prune`.
+    pub fn prune(&self, req: &PruneRequest) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/prune", Some(req))
+    }
+
+    /// `POST /api/v1/gc`.
+    pub fn gc(&self) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/gc", None::<&()>)
+    }
+
+    /// `GET /api/v1/schedules`.
+    pub fn schedules(&self) -> Result<Vec<ScheduleInfo>, ClientError> {
+        self.json("GET", "/api/v1/schedules", None::<&()>)
+    }
+
+    /// `POST /api/v1/schedules` (no id) or `PUT /api/v1/schedules/{id}`.
+    pub fn put_schedule(
+        &self,
+        req: &ScheduleRequest,
+        id: Option<&str>,
+    ) -> Result<ScheduleInfo, ClientError> {
+        match id {
+            None => self.json("POST", "/api/v1/schedules", Some(req)),
+            Some(id) => self.json("PUT", &format!("/api/v1/schedules/{}", enc(id)), Some(req)),
+        }
+    }
+
+    /// `DELETE /api/v1/schedules/{id}`.
+    pub fn delete_schedule(&self, id: &str) -> Result<(), ClientError> {
+        self.send(
+            "DELETE",
+            &format!("/api/v1/schedules/{}", enc(id)),
+            None::<&()>,
+        )
+        .map(drop)
+    }
+
+    /// `GET /api/v1/quotas`.
+    pub fn quotas(&self) -> Result<Quotas, ClientError> {
+        self.json("GET", "/api/v1/quotas", None::<&()>)
+    }
+
+    /// `PUT /api/v1/quotas`.
+    pub fn set_quotas(&self, q: &Quotas) -> Result<Quotas, ClientError> {
+        self.json("PUT", "/api/v1/quotas", Some(q))
     }
 }
 

@@ -5,12 +5,12 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{disks, jobs, tokens};
+use crate::routes::{disks, jobs, policy, tokens};
 
 /// The document (module doc).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "novabackup agent API", description = "Disks, change tracking, backups, snapshots, restores, jobs, tokens."),
+    info(title = "novabackup agent API", description = "Disks, change tracking, backups, snapshots, restores, jobs, tokens, retention, garbage collection, schedules, quotas."),
     paths(
         crate::routes::health,
         disks::list, disks::attach, disks::get, disks::detach, disks::cbt, disks::cbt_reset,
@@ -18,6 +18,10 @@ use crate::routes::{disks, jobs, tokens};
         jobs::snapshot, jobs::delete_snapshot, jobs::jobs, jobs::job, jobs::cancel, jobs::events,
         jobs::metrics, jobs::store_info,
         tokens::list, tokens::create, tokens::revoke,
+        policy::protect, policy::unprotect, policy::policies, policy::policy,
+        policy::create_policy, policy::update_policy, policy::delete_policy, policy::prune,
+        policy::gc, policy::schedules, policy::schedule, policy::create_schedule,
+        policy::update_schedule, policy::delete_schedule, policy::quotas, policy::set_quotas,
     ),
     components(schemas(crate::error::ErrorBody, crate::error::ApiError, crate::error::ErrorCode)),
     modifiers(&Bearer),

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use novabackup_engine::digest::ChunkDigest;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
-use novabackup_engine::progress::Progress;
 use novabackup_engine::ids::{DiskName, SnapshotId};
+use novabackup_engine::progress::Progress;
 use novabackup_engine::store::{DiskLock, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
@@ -408,7 +408,8 @@ impl Store for RemoteStore {
             Err(e) => return Err(self.inner.error(e)),
         };
         let mut bytes = Vec::new();
-        r.into_reader().read_to_end(&mut bytes)
+        r.into_reader()
+            .read_to_end(&mut bytes)
             .map_err(|e| self.inner.remote(e.to_string()))?;
         Manifest::decode(&bytes).map_err(|why| StoreError::BadManifest {
             path: format!("{}/store/v1/snapshots/{id}", self.inner.base),
@@ -444,17 +445,14 @@ impl Store for RemoteStore {
             p.failed = None;
             p.uploaded.clear();
         }
-        let lease: Lease = match self
-            .inner
-            .send(
-                "POST",
-                &match base {
-                    Some(b) => format!("/store/v1/locks/{disk}?base={}", b.id),
-                    None => format!("/store/v1/locks/{disk}"),
-                },
-                None,
-            )
-        {
+        let lease: Lease = match self.inner.send(
+            "POST",
+            &match base {
+                Some(b) => format!("/store/v1/locks/{disk}?base={}", b.id),
+                None => format!("/store/v1/locks/{disk}"),
+            },
+            None,
+        ) {
             Ok(r) => r
                 .into_json()
                 .map_err(|e| self.inner.remote(e.to_string()))?,

@@ -4,6 +4,7 @@
 
 pub(crate) mod disks;
 pub(crate) mod jobs;
+pub(crate) mod policy;
 pub(crate) mod tokens;
 
 use std::sync::Arc;
@@ -14,8 +15,8 @@ use axum::{middleware, Json, Router};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::types::{
-    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, RestoreRequest, SnapshotInfo,
-    VerifyRequest,
+    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, PruneRequest, Quotas,
+    RestoreRequest, RetentionPolicy, ScheduleInfo, ScheduleRequest, SnapshotInfo, VerifyRequest,
 };
 
 /// What the agent must provide to the API.
@@ -56,6 +57,33 @@ pub trait DiskService: Send + Sync + 'static {
     fn metrics(&self) -> Result<String, ApiError>;
     /// The store: where, how big, how many snapshots.
     fn store_info(&self) -> Result<crate::types::StoreInfo, ApiError>;
+    /// Protects a snapshot from pruning and deletion, or lifts that.
+    fn protect(&self, id: &str, protected: bool) -> Result<SnapshotInfo, ApiError>;
+    /// Retention policies as configured (the built-in default applies to
+    /// every disk none of them covers).
+    fn policies(&self) -> Result<Vec<RetentionPolicy>, ApiError>;
+    /// Creates (`create`) or replaces a policy.
+    fn put_policy(&self, p: RetentionPolicy, create: bool) -> Result<RetentionPolicy, ApiError>;
+    /// Deletes a policy.
+    fn delete_policy(&self, name: &str) -> Result<(), ApiError>;
+    /// Starts a prune job.
+    fn prune(&self, req: PruneRequest) -> Result<JobInfo, ApiError>;
+    /// Starts a garbage-collection job.
+    fn gc(&self) -> Result<JobInfo, ApiError>;
+    /// Schedules with their next run.
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError>;
+    /// Creates (`id` None) or replaces a schedule.
+    fn put_schedule(
+        &self,
+        req: ScheduleRequest,
+        id: Option<String>,
+    ) -> Result<ScheduleInfo, ApiError>;
+    /// Deletes a schedule.
+    fn delete_schedule(&self, id: &str) -> Result<(), ApiError>;
+    /// Size limits.
+    fn quotas(&self) -> Result<Quotas, ApiError>;
+    /// Replaces the size limits.
+    fn set_quotas(&self, q: Quotas) -> Result<Quotas, ApiError>;
 }
 
 /// The control API. Everything but health needs a token from `tokens`,
@@ -87,6 +115,34 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/jobs/{id}/events", get(jobs::events))
         .route("/api/v1/store", get(jobs::store_info))
+        .route("/api/v1/snapshots/{id}/protect", post(policy::protect))
+        .route("/api/v1/snapshots/{id}/unprotect", post(policy::unprotect))
+        .route(
+            "/api/v1/retention/policies",
+            get(policy::policies).post(policy::create_policy),
+        )
+        .route(
+            "/api/v1/retention/policies/{name}",
+            get(policy::policy)
+                .put(policy::update_policy)
+                .delete(policy::delete_policy),
+        )
+        .route("/api/v1/prune", post(policy::prune))
+        .route("/api/v1/gc", post(policy::gc))
+        .route(
+            "/api/v1/schedules",
+            get(policy::schedules).post(policy::create_schedule),
+        )
+        .route(
+            "/api/v1/schedules/{id}",
+            get(policy::schedule)
+                .put(policy::update_schedule)
+                .delete(policy::delete_schedule),
+        )
+        .route(
+            "/api/v1/quotas",
+            get(policy::quotas).put(policy::set_quotas),
+        )
         .route("/metrics", get(jobs::metrics))
         .with_state(svc.clone())
         .merge(token_routes)

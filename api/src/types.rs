@@ -79,6 +79,10 @@ pub struct BackupRequest {
     /// Read the whole disk even when an incremental is possible.
     #[serde(default)]
     pub full: bool,
+    /// Read the whole disk and check change tracking against it: every
+    /// chunk tracking calls unchanged must equal the base snapshot's.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 /// `POST /api/v1/restores`.
@@ -101,6 +105,12 @@ pub struct VerifyRequest {
     /// Snapshot ids; none or absent means every snapshot.
     #[serde(default)]
     pub snapshots: Option<Vec<String>>,
+    /// Only this disk's snapshots (when `snapshots` is absent).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Skip snapshots verified successfully within this long (`7d`).
+    #[serde(default)]
+    pub skip_verified_within: Option<String>,
 }
 
 /// A job's state.
@@ -169,6 +179,130 @@ pub struct SnapshotInfo {
     /// What the backup did.
     #[schema(value_type = Object)]
     pub stats: novabackup_engine::format::manifest::BackupStats,
+    /// Never pruned while set.
+    pub protected: bool,
+    /// The last verification: time, outcome, problems found.
+    #[schema(value_type = Option<Object>)]
+    pub verified: Option<novabackup_engine::format::manifest::Verification>,
+    /// What the change-tracking audit found, if this backup was one.
+    #[schema(value_type = Option<Object>)]
+    pub audit: Option<novabackup_engine::format::manifest::AuditRecord>,
+}
+
+/// A retention policy: for one disk, or (without `disk`) for every disk
+/// that has none of its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    /// Policy name (letters, digits, `._-`).
+    pub name: String,
+    /// The disk it applies to; absent: all disks without their own.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// The keep rules: keep_last, keep_hourly, keep_daily, keep_weekly,
+    /// keep_monthly, keep_yearly (counts), keep_within (`30d`), timezone.
+    #[schema(value_type = Object)]
+    pub rules: novabackup_engine::retention::Policy,
+}
+
+/// `POST /api/v1/prune`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    /// Only this disk; absent: every disk with snapshots.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Decide and report, delete nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a schedule runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleAction {
+    /// A backup (of the disk, or of every attached disk).
+    Backup,
+    /// Retention.
+    Prune,
+    /// Garbage collection of the store (`disk` must be absent).
+    Gc,
+    /// Verification.
+    Verify,
+}
+
+/// `POST /api/v1/schedules` and `PUT /api/v1/schedules/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// Schedule id (letters, digits, `._-`); chosen by the agent if absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// What to run.
+    pub action: ScheduleAction,
+    /// The disk; absent: every disk.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Cron expression: 5 fields (minute hour day month weekday), an
+    /// optional leading seconds field, or `@daily`-style nicknames.
+    pub cron: String,
+    /// IANA time zone of the expression; UTC if absent.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Paused when false.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Backup: read everything.
+    #[serde(default)]
+    pub full: bool,
+    /// Backup: audit change tracking.
+    #[serde(default)]
+    pub audit: bool,
+    /// Verify: skip snapshots verified within this long (`7d`).
+    #[serde(default)]
+    pub skip_verified_within: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A schedule, with its run times.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct ScheduleInfo {
+    /// Schedule id.
+    pub id: String,
+    /// The schedule as configured.
+    pub spec: ScheduleRequest,
+    /// Last time it fired, RFC 3339.
+    pub last_run: Option<String>,
+    /// Next time it fires, RFC 3339 (absent when paused).
+    pub next_run: Option<String>,
+}
+
+/// `GET/PUT /api/v1/quotas`: size limits in bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Limit of the whole store.
+    #[serde(default)]
+    pub store: Option<u64>,
+    /// Per-disk limits of what the disk's snapshots added to the store.
+    #[serde(default)]
+    pub disks: std::collections::BTreeMap<String, u64>,
+}
+
+/// Usage of one disk against its quota.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct DiskUsage {
+    /// Disk.
+    pub disk: String,
+    /// Bytes its existing snapshots added to the store.
+    pub bytes: u64,
+    /// Its limit.
+    pub limit: Option<u64>,
+    /// Its snapshots.
+    pub snapshots: usize,
 }
 
 /// `GET /api/v1/store`: the store the agent backs up to.
@@ -180,6 +314,12 @@ pub struct StoreInfo {
     pub bytes_used: u64,
     /// Snapshots in the store, of every disk.
     pub snapshots: usize,
+    /// The store's size limit.
+    pub limit: Option<u64>,
+    /// Per disk: bytes, limit, snapshots.
+    pub disks: Vec<DiskUsage>,
+    /// Schedules with their next run.
+    pub schedules: Vec<ScheduleInfo>,
 }
 
 /// One server-sent event of `GET /api/v1/jobs/{id}/events` (documentation

@@ -137,6 +137,8 @@ fn bench(c: &mut Criterion) {
                         trusted: true,
                     },
                     engine: ReadEngine::probe(),
+                    audit: None,
+                    budget: None,
                 };
                 black_box(
                     backup::run(

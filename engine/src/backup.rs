@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::digest::{is_all_zero, ChunkDigest};
 use crate::format::chunk;
 use crate::format::index::{self, PAGE_DIGESTS};
-use crate::format::manifest::{BackupKind, BackupStats, CbtRecord, Manifest, FORMAT};
+use crate::format::manifest::{AuditRecord, BackupKind, BackupStats, CbtRecord, Manifest, FORMAT};
 use crate::ids::{DiskName, SnapshotId};
 use crate::plan::BackupPlan;
 use crate::progress::Progress;
@@ -84,6 +84,9 @@ pub enum BackupError {
     /// Cancelled by the operator.
     #[error("the backup was cancelled")]
     Cancelled,
+    /// A quota would be exceeded.
+    #[error("the backup stopped: it would exceed {0}; prune snapshots and run `novabackup gc`, or raise the limit with `novabackup quota set`")]
+    Quota(String),
     /// zstd could not start.
     #[error("cannot start zstd at level {0}: {1}")]
     Zstd(i32, io::Error),
@@ -109,6 +112,12 @@ pub struct BackupRequest<'a> {
     pub cbt: CbtRecord,
     /// Read engine.
     pub engine: ReadEngine,
+    /// Compare with this base where these bits are clean (a CBT audit;
+    /// the plan must be a full read).
+    pub audit: Option<(&'a Manifest, &'a crate::cbt::DirtyBitmap)>,
+    /// The most bytes this backup may add to the store, and the quota
+    /// that sets it (for the error).
+    pub budget: Option<(u64, String)>,
 }
 
 struct Done {
@@ -126,7 +135,9 @@ pub fn run(
     progress: &Progress,
 ) -> Result<Manifest, BackupError> {
     let started = Instant::now();
-    let base = req.base.filter(|_| req.plan.kind == BackupKind::Incremental);
+    let base = req
+        .base
+        .filter(|_| req.plan.kind == BackupKind::Incremental);
     let _lock = store.lock(req.disk, base)?;
     if let Some(b) = base {
         // The lock pins the base against garbage collection; it must still
@@ -231,6 +242,12 @@ pub fn run(
                             stats.chunks_new += 1;
                             stats.bytes_new += plain;
                             stats.bytes_stored += stored;
+                            if let Some((max, what)) = &req.budget {
+                                if stats.bytes_stored > *max && first_err.is_none() {
+                                    first_err = Some(BackupError::Quota(what.clone()));
+                                    progress.cancel();
+                                }
+                            }
                         }
                         progress.add(d.bytes);
                     }
@@ -270,6 +287,17 @@ pub fn run(
     });
     result?;
     let piped = started.elapsed();
+    let audit = match req.audit {
+        Some((base, frozen)) if plan.kind == BackupKind::Full => Some(audit_against(
+            store,
+            base,
+            frozen,
+            &touched,
+            plan.chunks,
+            cs,
+        )?),
+        _ => None,
+    };
 
     // Index pages: changed ones are stored, the rest are the base's.
     let mut comp = zstd::bulk::Compressor::new(opts.zstd_level)
@@ -313,11 +341,57 @@ pub fn run(
         stats,
         protected: false,
         verified: None,
-        audit: None,
+        audit,
         checksum: String::new(),
     };
     store.commit(&manifest)?;
     Ok(manifest)
+}
+
+/// Compares what a full read found with the base wherever the frozen
+/// bitmap says nothing changed (pages absent from `read` are all zeroes).
+fn audit_against(
+    store: &dyn Store,
+    base: &Manifest,
+    frozen: &crate::cbt::DirtyBitmap,
+    read: &HashMap<u64, Vec<ChunkDigest>>,
+    chunks: u64,
+    cs: u64,
+) -> Result<AuditRecord, BackupError> {
+    let mut rec = AuditRecord {
+        base: base.id.clone(),
+        chunks_compared: 0,
+        mismatches: 0,
+        mismatch_offsets: Vec::new(),
+    };
+    for p in 0..index::page_count(chunks) {
+        let old = load_page(store, base, p)?;
+        let zeroes;
+        let new = match read.get(&p) {
+            Some(v) => v,
+            None => {
+                zeroes = vec![ChunkDigest::ZERO; old.len()];
+                &zeroes
+            }
+        };
+        for (i, (a, b)) in old.iter().zip(new).enumerate() {
+            let idx = p * PAGE_DIGESTS as u64 + i as u64;
+            if frozen
+                .block_range(idx * cs, cs)
+                .any(|blk| frozen.is_dirty(blk))
+            {
+                continue;
+            }
+            rec.chunks_compared += 1;
+            if a != b {
+                rec.mismatches += 1;
+                if rec.mismatch_offsets.len() < 100 {
+                    rec.mismatch_offsets.push(idx * cs);
+                }
+            }
+        }
+    }
+    Ok(rec)
 }
 
 /// Most chunks one worker hashes before asking the store which it lacks.
@@ -434,10 +508,24 @@ mod tests {
         base: Option<&Manifest>,
         t: u64,
     ) -> Manifest {
+        backup_with(store, img, size, frozen, base, t, Mode::Auto, None).unwrap()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backup_with(
+        store: &LocalStore,
+        img: &File,
+        size: u64,
+        frozen: &DirtyBitmap,
+        base: Option<&Manifest>,
+        t: u64,
+        mode: Mode,
+        budget: Option<u64>,
+    ) -> Result<Manifest, BackupError> {
         let p = plan(&PlanInput {
             size,
             chunk_size: CS,
-            mode: Mode::Auto,
+            mode,
             frozen,
             trust: &Trust::Trusted,
             base,
@@ -459,8 +547,88 @@ mod tests {
                 trusted: true,
             },
             engine: ReadEngine::probe(),
+            audit: (mode == Mode::Audit).then(|| (base.unwrap(), frozen)),
+            budget: budget.map(|b| (b, format!("a test quota of {b} bytes"))),
         };
-        run(store, &req, &BackupOptions::default(), &Progress::default()).unwrap()
+        run(store, &req, &BackupOptions::default(), &Progress::default())
+    }
+
+    #[test]
+    fn an_audit_finds_a_write_the_bitmap_missed_and_the_snapshot_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("store")).unwrap();
+        let path = dir.path().join("img");
+        let size = 2 * 1024 * 1024;
+        let mut data = image(&path, size);
+        let img = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let g = Granularity::new(CS).unwrap();
+        let clean = DirtyBitmap::new(size as u64, g);
+        let full = backup(&store, &img, size as u64, &clean, None, 1000);
+        // One tracked write (chunk 3) and one behind tracking's back (chunk 9).
+        let mut bits = DirtyBitmap::new(size as u64, g);
+        for (chunk, tracked) in [(3u64, true), (9, false)] {
+            let off = (chunk * CS) as usize;
+            data[off..off + 10].copy_from_slice(b"0123456789");
+            img.write_all_at(b"0123456789", off as u64).unwrap();
+            if tracked {
+                bits.mark(off as u64, 10);
+            }
+        }
+        let a = backup_with(
+            &store,
+            &img,
+            size as u64,
+            &bits,
+            Some(&full),
+            2000,
+            Mode::Audit,
+            None,
+        )
+        .unwrap();
+        assert_eq!(a.kind, BackupKind::Full);
+        let rec = a.audit.clone().unwrap();
+        assert_eq!(rec.base, full.id);
+        assert_eq!(rec.chunks_compared, size as u64 / CS - 1);
+        assert_eq!(
+            (rec.mismatches, rec.mismatch_offsets.clone()),
+            (1, vec![9 * CS])
+        );
+        let out = dir.path().join("out");
+        crate::restore::restore(&store, &a, &out, false, 2, &Progress::default()).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            data,
+            "the snapshot has what was read"
+        );
+    }
+
+    #[test]
+    fn a_backup_over_its_budget_stops_and_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("store")).unwrap();
+        let path = dir.path().join("img");
+        let size = 2 * 1024 * 1024;
+        image(&path, size);
+        let img = File::open(&path).unwrap();
+        let clean = DirtyBitmap::new(size as u64, Granularity::new(CS).unwrap());
+        let e = backup_with(
+            &store,
+            &img,
+            size as u64,
+            &clean,
+            None,
+            1000,
+            Mode::Auto,
+            Some(50_000),
+        )
+        .unwrap_err();
+        assert!(matches!(e, BackupError::Quota(_)), "{e}");
+        assert!(e.to_string().contains("test quota"), "{e}");
+        assert!(store.list(None).unwrap().0.is_empty());
     }
 
     #[test]

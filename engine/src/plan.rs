@@ -17,7 +17,14 @@ pub enum Mode {
     Auto,
     /// Read everything; store only what the store lacks.
     Full,
+    /// Read everything, like `Full`, and compare every chunk that change
+    /// tracking calls unchanged with the base snapshot's (a CBT audit).
+    Audit,
 }
+
+/// The reason a plan gives for an audit.
+pub const AUDIT_REASON: &str =
+    "change-tracking audit: every chunk read and compared with what an incremental would have kept";
 
 /// Inputs of [`plan`].
 #[derive(Debug)]
@@ -92,6 +99,7 @@ pub fn full_reason(
             "the chunk size changed from {} to {} bytes",
             b.chunk_size, chunk_size
         )),
+        (Mode::Audit, _, _) => Some(AUDIT_REASON.to_string()),
         _ => None,
     }
 }

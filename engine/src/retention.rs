@@ -93,7 +93,11 @@ impl Policy {
 
     fn parsed(&self) -> Result<(chrono_tz::Tz, Option<u64>), PolicyError> {
         let tz = parse_timezone(self.timezone.as_deref())?;
-        let within = self.keep_within.as_deref().map(parse_duration).transpose()?;
+        let within = self
+            .keep_within
+            .as_deref()
+            .map(parse_duration)
+            .transpose()?;
         let any = [
             self.keep_last,
             self.keep_hourly,
@@ -132,13 +136,17 @@ pub fn parse_duration(s: &str) -> Result<u64, PolicyError> {
         return Err(bad());
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "s" => 1,
             "min" => 60,
@@ -298,7 +306,10 @@ mod tests {
     }
 
     fn kept(plan: &[Decision]) -> BTreeSet<u64> {
-        plan.iter().filter(|d| d.keep).map(|d| d.time_unix).collect()
+        plan.iter()
+            .filter(|d| d.keep)
+            .map(|d| d.time_unix)
+            .collect()
     }
 
     fn only(f: impl FnOnce(&mut Policy)) -> Policy {
@@ -369,7 +380,13 @@ mod tests {
         let d = plan(&s, &p).unwrap();
         assert_eq!(
             kept(&d),
-            [t(2026, 2, 22, 2), t(2026, 2, 27, 2), t(2026, 2, 28, 2), t(2026, 3, 1, 2)].into()
+            [
+                t(2026, 2, 22, 2),
+                t(2026, 2, 27, 2),
+                t(2026, 2, 28, 2),
+                t(2026, 3, 1, 2)
+            ]
+            .into()
         );
         let newest = &d[0];
         assert_eq!(newest.time_unix, t(2026, 3, 1, 2));
@@ -410,7 +427,12 @@ mod tests {
     /// Sun Jan 4), like Mon 2025-12-29; Mon 2026-01-05 starts W02.
     #[test]
     fn table_iso_weeks_across_the_year() {
-        let s = snaps(&[t(2025, 12, 28, 9), t(2025, 12, 29, 9), t(2026, 1, 4, 9), t(2026, 1, 5, 9)]);
+        let s = snaps(&[
+            t(2025, 12, 28, 9),
+            t(2025, 12, 29, 9),
+            t(2026, 1, 4, 9),
+            t(2026, 1, 5, 9),
+        ]);
         let p = only(|p| p.keep_weekly = Some(3));
         assert_eq!(
             kept(&plan(&s, &p).unwrap()),
@@ -423,7 +445,11 @@ mod tests {
     /// Jan 2, and keep_daily keeps only the later one of that day.
     #[test]
     fn table_time_zone() {
-        let s = snaps(&[t(2026, 1, 1, 12), t(2026, 1, 1, 23) + 1800, t(2026, 1, 2, 10)]);
+        let s = snaps(&[
+            t(2026, 1, 1, 12),
+            t(2026, 1, 1, 23) + 1800,
+            t(2026, 1, 2, 10),
+        ]);
         let mut p = only(|p| p.keep_daily = Some(5));
         assert_eq!(
             kept(&plan(&s, &p).unwrap()),
@@ -438,7 +464,12 @@ mod tests {
 
     #[test]
     fn table_last_within_protected_newest() {
-        let s0 = snaps(&[t(2026, 1, 1, 0), t(2026, 1, 1, 1), t(2026, 1, 1, 2), t(2026, 1, 10, 0)]);
+        let s0 = snaps(&[
+            t(2026, 1, 1, 0),
+            t(2026, 1, 1, 1),
+            t(2026, 1, 1, 2),
+            t(2026, 1, 10, 0),
+        ]);
         let p = only(|p| p.keep_last = Some(2));
         assert_eq!(
             kept(&plan(&s0, &p).unwrap()),
@@ -485,7 +516,13 @@ mod tests {
                 }
             }
         }
-        let counts = [p.keep_hourly, p.keep_daily, p.keep_weekly, p.keep_monthly, p.keep_yearly];
+        let counts = [
+            p.keep_hourly,
+            p.keep_daily,
+            p.keep_weekly,
+            p.keep_monthly,
+            p.keep_yearly,
+        ];
         for (i, n) in counts.iter().enumerate() {
             let mut groups: BTreeMap<(i32, u32, u32), &Candidate> = BTreeMap::new();
             for c in &by_time {

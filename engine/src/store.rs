@@ -13,8 +13,8 @@ pub mod local;
 
 use crate::digest::ChunkDigest;
 use crate::format::manifest::{Annotation, Manifest};
-use crate::progress::Progress;
 use crate::ids::{DiskName, SnapshotId};
+use crate::progress::Progress;
 
 /// Errors of a store.
 #[derive(Debug, thiserror::Error)]

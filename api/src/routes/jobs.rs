@@ -53,7 +53,10 @@ pub(super) async fn verify_many(
                 caller.check_disk(snapshot_disk(id))?;
             }
         }
-        None => caller.check_every_disk()?,
+        None => match &req.disk {
+            Some(d) => caller.check_disk(d)?,
+            None => caller.check_every_disk()?,
+        },
     }
     let job = blocking(&svc, move |s| s.verify(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
@@ -73,6 +76,7 @@ pub(super) async fn verify_one(
     caller.check_disk(snapshot_disk(&id))?;
     let req = VerifyRequest {
         snapshots: Some(vec![id]),
+        ..VerifyRequest::default()
     };
     let job = blocking(&svc, move |s| s.verify(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))

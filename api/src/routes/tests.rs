@@ -113,7 +113,47 @@ impl DiskService for Mem {
             location: "/mem".into(),
             bytes_used: 1,
             snapshots: 0,
+            limit: None,
+            disks: vec![],
+            schedules: vec![],
         })
+    }
+    fn protect(&self, id: &str, _: bool) -> Result<SnapshotInfo, ApiError> {
+        self.snapshot(id)
+    }
+    fn policies(&self) -> Result<Vec<RetentionPolicy>, ApiError> {
+        Ok(vec![])
+    }
+    fn put_policy(&self, p: RetentionPolicy, _: bool) -> Result<RetentionPolicy, ApiError> {
+        Ok(p)
+    }
+    fn delete_policy(&self, _: &str) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn prune(&self, _: PruneRequest) -> Result<JobInfo, ApiError> {
+        Ok(job())
+    }
+    fn gc(&self) -> Result<JobInfo, ApiError> {
+        Ok(job())
+    }
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {
+        Ok(vec![])
+    }
+    fn put_schedule(
+        &self,
+        _: ScheduleRequest,
+        _: Option<String>,
+    ) -> Result<ScheduleInfo, ApiError> {
+        Err(ApiError::new(ErrorCode::BadRequest, "no"))
+    }
+    fn delete_schedule(&self, _: &str) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn quotas(&self) -> Result<Quotas, ApiError> {
+        Ok(Quotas::default())
+    }
+    fn set_quotas(&self, q: Quotas) -> Result<Quotas, ApiError> {
+        Ok(q)
     }
 }
 

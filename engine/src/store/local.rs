@@ -377,7 +377,8 @@ impl LocalStore {
     }
 
     fn read_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
-        let loc = *self            .index
+        let loc = *self
+            .index
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(digest)

@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{lock, read_toc, DigestSet, LocalStore, Loc, Writer, PACK_TARGET};
+use super::{lock, read_toc, DigestSet, Loc, LocalStore, Writer, PACK_TARGET};
 use crate::backup::load_page;
 use crate::format::manifest::Manifest;
 use crate::format::pack;
@@ -80,11 +80,7 @@ fn run(s: &LocalStore, progress: &Progress, stop: Stop) -> Result<GcReport, Stor
         )));
     }
     rep.snapshots = manifests.len() as u64;
-    let pins: Vec<Manifest> = lock(&s.guard)
-        .pins
-        .iter()
-        .map(|(_, m)| m.clone())
-        .collect();
+    let pins: Vec<Manifest> = lock(&s.guard).pins.iter().map(|(_, m)| m.clone()).collect();
     let roots: Vec<&Manifest> = manifests.iter().chain(&pins).collect();
     let packs: Vec<(u32, String)> = lock(&s.packs)
         .iter()
@@ -267,9 +263,13 @@ mod tests {
     /// Stores chunks `names` and a snapshot at `t` whose page names them.
     fn snap(s: &LocalStore, t: u64, names: &[&str]) -> (Manifest, Vec<ChunkDigest>) {
         let mut z = zstd::bulk::Compressor::new(1).unwrap();
-        let ds: Vec<ChunkDigest> = names.iter().map(|n| ChunkDigest::of(n.as_bytes())).collect();
+        let ds: Vec<ChunkDigest> = names
+            .iter()
+            .map(|n| ChunkDigest::of(n.as_bytes()))
+            .collect();
         for (n, d) in names.iter().zip(&ds) {
-            s.put_chunk(d, &chunk::encode(n.as_bytes(), &mut z).0).unwrap();
+            s.put_chunk(d, &chunk::encode(n.as_bytes(), &mut z).0)
+                .unwrap();
         }
         let page = index::encode_page(&ds);
         let p = ChunkDigest::of(&page);
@@ -296,14 +296,23 @@ mod tests {
         let r = gc(&s);
         assert_eq!(r.snapshots, 1);
         assert_eq!(r.chunks_removed, 2, "chunk a and m1's page: {r:?}");
-        assert_eq!(s.missing(&[d1[0], d2[0], d2[1]]).unwrap(), [true, false, false]);
+        assert_eq!(
+            s.missing(&[d1[0], d2[0], d2[1]]).unwrap(),
+            [true, false, false]
+        );
         assert!(r.bytes_after < r.bytes_before);
         // Reopened, the store agrees, and a second run has nothing to do.
         drop(s);
         let s = LocalStore::open(dir.path()).unwrap();
-        assert_eq!(s.missing(&[d1[0], d2[0], d2[1]]).unwrap(), [true, false, false]);
+        assert_eq!(
+            s.missing(&[d1[0], d2[0], d2[1]]).unwrap(),
+            [true, false, false]
+        );
         let r = gc(&s);
-        assert_eq!((r.chunks_removed, r.packs_rewritten, r.packs_deleted), (0, 0, 0));
+        assert_eq!(
+            (r.chunks_removed, r.packs_rewritten, r.packs_deleted),
+            (0, 0, 0)
+        );
     }
 
     #[test]
@@ -337,7 +346,7 @@ mod tests {
         collect(&s, &Progress::default(), Stop::AfterPublish).unwrap();
         drop(s); // the crash
         let s = LocalStore::open(dir.path()).unwrap();
-        let report = crate::verify::verify(&s, &[m2.clone()], 1, &Progress::default());
+        let report = crate::verify::verify(&s, std::slice::from_ref(&m2), 1, &Progress::default());
         assert!(report.ok(), "{report:?}");
         let r = gc(&s);
         assert!(r.packs_deleted + r.packs_rewritten > 0, "{r:?}");
