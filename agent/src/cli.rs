@@ -5,6 +5,7 @@ mod backup;
 mod demo;
 mod disk;
 mod job;
+mod retention;
 mod status;
 mod store;
 mod token;
@@ -93,6 +94,23 @@ enum Command {
     /// Run a store server that many agents back up to.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Apply retention: remove the snapshots the policy does not keep.
+    Prune(retention::PruneArgs),
+    /// Garbage collection: free the chunks no snapshot references.
+    Gc {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retention policies (GFS: last, hourly, daily, weekly, monthly, yearly, within).
+    #[command(subcommand)]
+    Retention(retention::RetentionCommand),
+    /// Schedules of backup, prune, gc and verify (cron expressions).
+    #[command(subcommand)]
+    Schedule(retention::ScheduleCommand),
+    /// Size limits of the store and of each disk.
+    #[command(subcommand)]
+    Quota(retention::QuotaCommand),
     /// List the agent's jobs.
     Jobs {
         /// Print JSON.
@@ -149,6 +167,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Jobs { json } => backup::jobs(&client, json),
                 Command::Status { json } => status::status(&client, json),
                 Command::Token(c) => token::run(&client, c),
+                Command::Prune(a) => retention::prune(&client, a),
+                Command::Gc { json } => retention::gc(&client, json),
+                Command::Retention(c) => retention::retention(&client, c),
+                Command::Schedule(c) => retention::schedule(&client, c),
+                Command::Quota(c) => retention::quota(&client, c),
             }
         }
     }

@@ -11,6 +11,7 @@
 //! store_token_file = "/etc/novabackup/store.token"
 //! chunk_size = "64K"
 //! zstd_level = 1
+//! audit_every = 14                    # CBT audit every 14th backup of a disk
 //!
 //! [[disk]]
 //! name = "web"
@@ -59,6 +60,8 @@ pub struct FileConfig {
     pub insecure_listen: Option<bool>,
     /// The https store server's certificate fingerprint.
     pub store_fingerprint: Option<String>,
+    /// Audit change tracking every N backups of a disk (0: only on request).
+    pub audit_every: Option<u32>,
     /// Disks to attach.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,

@@ -8,6 +8,8 @@ mod jobs;
 mod listen;
 mod metrics;
 mod notify;
+mod policy;
+mod schedule;
 mod state;
 mod work;
 
@@ -76,6 +78,9 @@ pub struct AgentArgs {
     /// Pin an https store server's certificate (`sha256:...`, printed by `store serve`).
     #[arg(long)]
     pub store_fingerprint: Option<String>,
+    /// Audit change tracking every N backups of a disk (0: only on request) [default: 14].
+    #[arg(long)]
+    pub audit_every: Option<u32>,
     /// Where the boot id is read (tests point it at a file to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     pub boot_id_file: PathBuf,
@@ -112,6 +117,8 @@ pub struct AgentOptions {
     pub insecure_listen: bool,
     /// The store server's pinned certificate.
     pub store_fingerprint: Option<String>,
+    /// Audit change tracking every N backups of a disk (0: never).
+    pub audit_every: u32,
 }
 
 impl AgentArgs {
@@ -154,6 +161,7 @@ impl AgentArgs {
             },
             insecure_listen: self.insecure_listen || c.insecure_listen.unwrap_or(false),
             store_fingerprint: self.store_fingerprint.or(c.store_fingerprint),
+            audit_every: self.audit_every.or(c.audit_every).unwrap_or(14),
         }
     }
 }
@@ -221,22 +229,31 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         workers: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2),
+        audit_every: opts.audit_every,
     };
+    let policy = policy::Settings::load(&dir)?;
+    let schedules = Arc::new(schedule::Schedules::load(&dir)?);
     let agent = Arc::new(Agent::new(
         dir.clone(),
         server.clone(),
         boot_id,
         store,
         settings,
+        policy,
+        schedules.clone(),
     ));
     agent.restore()?;
     attach_declared(&agent, &opts.disks);
+    let stop_scheduler = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scheduler = schedule::spawn(schedules, agent.clone(), stop_scheduler.clone());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let result = rt.block_on(serve(&dir, &opts, agent.clone(), server.clone(), token));
+    stop_scheduler.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = scheduler.join();
     // Connections drain on their own threads; wait for them before saving.
     server.shutdown(Duration::from_secs(30));
     agent.shutdown();

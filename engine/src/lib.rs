@@ -14,6 +14,7 @@ pub mod progress;
 pub mod read;
 pub mod restore;
 pub mod retention;
+pub mod schedule;
 pub mod size;
 pub mod store;
 pub mod time;

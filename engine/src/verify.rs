@@ -96,7 +96,8 @@ pub fn verify(
         }
     }
     let list: Vec<ChunkDigest> = uses.keys().copied().collect();
-    progress.set_total(list.len() as u64);
+    // Callers may verify in parts on one progress: this part adds to it.
+    progress.set_total(progress.get().0 + list.len() as u64);
     let next = AtomicUsize::new(0);
     let bad: Mutex<BTreeMap<ChunkDigest, String>> = Mutex::new(BTreeMap::new());
     let bytes = AtomicUsize::new(0);

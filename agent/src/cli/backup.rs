@@ -17,8 +17,12 @@ pub struct BackupArgs {
     /// The disk to back up.
     disk: String,
     /// Read the whole disk even when an incremental backup is possible.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "audit")]
     full: bool,
+    /// Read the whole disk and prove change tracking: every chunk it calls
+    /// unchanged must equal the base snapshot's (exit 1 if one differs).
+    #[arg(long)]
+    audit: bool,
     /// Print the job id and return at once.
     #[arg(long)]
     no_wait: bool,
@@ -51,6 +55,12 @@ pub struct VerifyArgs {
     /// Verify every snapshot.
     #[arg(long, conflicts_with = "snapshots")]
     all: bool,
+    /// Verify every snapshot of this disk.
+    #[arg(long, conflicts_with_all = ["snapshots", "all"])]
+    disk: Option<String>,
+    /// Skip snapshots verified successfully within this long (`7d`, `12h`).
+    #[arg(long)]
+    skip_verified_within: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -69,12 +79,23 @@ pub enum SnapshotCommand {
         /// Snapshot id.
         id: String,
     },
+    /// Protect a snapshot: prune keeps it and delete refuses it.
+    Protect {
+        /// Snapshot id.
+        id: String,
+    },
+    /// Lift a snapshot's protection.
+    Unprotect {
+        /// Snapshot id.
+        id: String,
+    },
 }
 
 pub fn backup(client: &Client, a: BackupArgs) -> anyhow::Result<()> {
     let j = client.backup(&BackupRequest {
         disk: a.disk,
         full: a.full,
+        audit: a.audit,
     })?;
     if a.no_wait {
         if a.json {
@@ -88,6 +109,9 @@ pub fn backup(client: &Client, a: BackupArgs) -> anyhow::Result<()> {
     let r = job::result(&j)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(r)?);
+        if r["audit"]["mismatches"].as_u64().unwrap_or(0) > 0 {
+            anyhow::bail!("change tracking missed writes: see \"audit\" above");
+        }
         return Ok(());
     }
     let st = &r["stats"];
@@ -121,6 +145,36 @@ pub fn backup(client: &Client, a: BackupArgs) -> anyhow::Result<()> {
         r["compression_ratio"].as_f64().unwrap_or(0.0)
     );
     println!("  duration:   {secs:.2} s");
+    audit_verdict(r)
+}
+
+/// Prints what an audit found; an error (exit 1) when it found missed writes.
+fn audit_verdict(r: &serde_json::Value) -> anyhow::Result<()> {
+    let a = &r["audit"];
+    if a.is_null() {
+        return Ok(());
+    }
+    let n = a["mismatches"].as_u64().unwrap_or(0);
+    println!(
+        "  audit:      {} chunks compared with {}, {} differed",
+        a["chunks_compared"],
+        a["base"].as_str().unwrap_or("?"),
+        n
+    );
+    if n > 0 {
+        let offsets: Vec<String> = a["mismatch_offsets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(10)
+            .map(|o| o.to_string())
+            .collect();
+        anyhow::bail!(
+            "CHANGE TRACKING MISSED WRITES: {n} chunk(s) changed although tracking said they did not (first offsets: {}). \
+             The new snapshot holds what was read, so it is correct; find what writes to the image without going through the proxy",
+            offsets.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -132,17 +186,24 @@ pub fn snapshots(client: &Client, disk: Option<String>, json: bool) -> anyhow::R
         println!("no snapshots; take one with `novabackup backup DISK`");
     } else {
         println!(
-            "{:<36} {:<11} {:>10} {:>10} {:>10}  PARENT",
-            "ID", "KIND", "SIZE", "READ", "STORED"
+            "{:<36} {:<11} {:>10} {:>10} {:>10} {:<9} {:<10} PARENT",
+            "ID", "KIND", "SIZE", "READ", "STORED", "PROTECTED", "VERIFIED"
         );
         for s in list {
+            let verified = match &s.verified {
+                Some(v) if v.ok => v.time.get(..10).unwrap_or("ok").to_string(),
+                Some(_) => "DAMAGED".to_string(),
+                None => "-".to_string(),
+            };
             println!(
-                "{:<36} {:<11} {:>10} {:>10} {:>10}  {}",
+                "{:<36} {:<11} {:>10} {:>10} {:>10} {:<9} {:<10} {}",
                 s.id,
                 format!("{:?}", s.kind).to_lowercase(),
                 format_size(s.image_size),
                 format_size(s.stats.bytes_read),
                 format_size(s.stats.bytes_stored),
+                if s.protected { "yes" } else { "-" },
+                verified,
                 s.parent.as_deref().unwrap_or("-")
             );
         }
@@ -158,6 +219,14 @@ pub fn snapshot(client: &Client, c: SnapshotCommand) -> anyhow::Result<()> {
         }
         SnapshotCommand::Show { id } => {
             println!("{}", serde_json::to_string_pretty(&client.snapshot(&id)?)?)
+        }
+        SnapshotCommand::Protect { id } => {
+            client.protect(&id, true)?;
+            println!("protected {id}: prune keeps it and delete refuses it");
+        }
+        SnapshotCommand::Unprotect { id } => {
+            client.protect(&id, false)?;
+            println!("{id} is no longer protected");
         }
     }
     Ok(())
@@ -190,11 +259,13 @@ pub fn restore(client: &Client, a: RestoreArgs) -> anyhow::Result<()> {
 }
 
 pub fn verify(client: &Client, a: VerifyArgs) -> anyhow::Result<()> {
-    if a.snapshots.is_empty() && !a.all {
-        anyhow::bail!("name the snapshots to verify, or pass --all");
+    if a.snapshots.is_empty() && !a.all && a.disk.is_none() {
+        anyhow::bail!("name the snapshots to verify, or pass --disk DISK or --all");
     }
     let req = VerifyRequest {
-        snapshots: (!a.all).then_some(a.snapshots),
+        snapshots: (!a.snapshots.is_empty()).then_some(a.snapshots),
+        disk: a.disk,
+        skip_verified_within: a.skip_verified_within,
     };
     let j = job::wait(client, client.verify(&req)?, a.json, "chunks")?;
     let r = job::result(&j)?;
@@ -223,6 +294,12 @@ pub fn verify(client: &Client, a: VerifyArgs) -> anyhow::Result<()> {
         }
         for d in r["damaged_manifests"].as_array().into_iter().flatten() {
             println!("{}", d.as_str().unwrap_or(""));
+        }
+        let skipped = r["skipped_recently_verified"]
+            .as_array()
+            .map_or(0, |v| v.len());
+        if skipped > 0 {
+            println!("{skipped} snapshot(s) skipped: verified recently");
         }
         println!(
             "{} chunks checked ({})",

@@ -196,6 +196,7 @@ fn demo(root: &Path, size: u64) -> anyhow::Result<()> {
 
 fn backup(api: &Client) -> anyhow::Result<serde_json::Value> {
     let j = api.backup(&BackupRequest {
+        audit: false,
         disk: "demo".into(),
         full: false,
     })?;

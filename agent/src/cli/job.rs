@@ -16,11 +16,12 @@ pub fn wait(client: &Client, mut job: JobInfo, quiet: bool, unit: &str) -> anyho
     };
     let template = if unit == "bytes" {
         "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}"
+            .to_string()
     } else {
-        "{msg} [{bar:30}] {pos}/{len} chunks {per_sec} ETA {eta}"
+        format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}")
     };
     bar.set_style(
-        ProgressStyle::with_template(template)
+        ProgressStyle::with_template(&template)
             .expect("valid template")
             .progress_chars("=> "),
     );

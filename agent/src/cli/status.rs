@@ -25,7 +25,7 @@ pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
                 serde_json::json!({
                     "disk": d,
                     "last_backup": last.get(d.name.as_str()),
-                    "next_backup": null,
+                    "next_backup": next_backup(&store, &d.name),
                 })
             })
             .collect();
@@ -42,11 +42,36 @@ pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
         health.status, health.version, health.io_engine
     );
     println!(
-        "store:  {} ({} used, {} snapshots)",
+        "store:  {} ({} used{}, {} snapshots)",
         store.location,
         format_size(store.bytes_used),
+        store
+            .limit
+            .map(|l| format!(" of a {} quota", format_size(l)))
+            .unwrap_or_default(),
         store.snapshots
     );
+    for u in store.disks.iter().filter(|u| u.limit.is_some()) {
+        println!(
+            "quota:  disk {} {} of {}",
+            u.disk,
+            format_size(u.bytes),
+            format_size(u.limit.unwrap_or(0))
+        );
+    }
+    if !store.schedules.is_empty() {
+        println!("schedules:");
+        for s in &store.schedules {
+            println!(
+                "  {:<16} {:<7} {:<12} {:<16} next {}",
+                s.id,
+                serde_json::to_value(s.spec.action)?.as_str().unwrap_or("?"),
+                s.spec.disk.as_deref().unwrap_or("all disks"),
+                s.spec.cron,
+                s.next_run.as_deref().unwrap_or("paused")
+            );
+        }
+    }
     if disks.is_empty() {
         println!("disks:  none attached (`novabackup disk attach NAME --image PATH`)");
         return Ok(());
@@ -66,16 +91,28 @@ pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
             None => "never".into(),
         };
         println!(
-            "{:<16} {:>9} {:>5} {:>14} {:<9} {:<28} not scheduled",
+            "{:<16} {:>9} {:>5} {:>14} {:<9} {:<28} {}",
             d.name,
             format_size(d.size),
             d.connections,
             format_size(d.cbt.dirty_bytes),
             trust,
-            lastb
+            lastb,
+            next_backup(&store, &d.name).unwrap_or_else(|| "not scheduled".into())
         );
     }
     Ok(())
+}
+
+/// The soonest next run of a backup schedule covering `disk`.
+fn next_backup(store: &novabackup_api::types::StoreInfo, disk: &str) -> Option<String> {
+    store
+        .schedules
+        .iter()
+        .filter(|s| s.spec.action == novabackup_api::types::ScheduleAction::Backup)
+        .filter(|s| s.spec.disk.as_deref().is_none_or(|d| d == disk))
+        .filter_map(|s| s.next_run.clone())
+        .min()
 }
 
 /// Prints a completion script for `shell`.

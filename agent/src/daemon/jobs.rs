@@ -49,6 +49,10 @@ pub struct Totals {
     pub durations: std::collections::BTreeMap<String, ([u64; 8], f64)>,
     /// Successful backups' bytes read, new and stored.
     pub backup_bytes: [u64; 3],
+    /// Backups that audited change tracking.
+    pub audits: u64,
+    /// Chunks those audits found changed behind tracking's back.
+    pub audit_mismatches: u64,
 }
 
 impl Jobs {
@@ -124,6 +128,10 @@ impl Jobs {
                         .enumerate()
                     {
                         t.backup_bytes[i] += v["stats"][k].as_u64().unwrap_or(0);
+                    }
+                    if let Some(m) = v["audit"]["mismatches"].as_u64() {
+                        t.audits += 1;
+                        t.audit_mismatches += m;
                     }
                 }
             }

@@ -33,6 +33,10 @@ pub struct StoreSample {
     pub snapshots: usize,
     /// Distinct stored chunks, when the store knows cheaply.
     pub chunks: Option<u64>,
+    /// The store's size limit.
+    pub limit: Option<u64>,
+    /// Per disk: bytes its snapshots added, and its limit.
+    pub disks: Vec<(String, u64, Option<u64>)>,
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -214,5 +218,48 @@ pub fn render(t: &Totals, disks: &[DiskSample], store: &StoreSample) -> String {
         );
         let _ = writeln!(o, "novabackup_store_chunks {c}");
     }
+    if let Some(l) = store.limit {
+        header(
+            &mut o,
+            "novabackup_store_quota_bytes",
+            "gauge",
+            "The store's size limit.",
+        );
+        let _ = writeln!(o, "novabackup_store_quota_bytes {l}");
+    }
+    header(
+        &mut o,
+        "novabackup_disk_store_bytes",
+        "gauge",
+        "Bytes a disk's existing snapshots added to the store (what its quota counts).",
+    );
+    for (d, b, _) in &store.disks {
+        let _ = writeln!(o, "novabackup_disk_store_bytes{{disk=\"{d}\"}} {b}");
+    }
+    header(
+        &mut o,
+        "novabackup_disk_quota_bytes",
+        "gauge",
+        "A disk's size limit.",
+    );
+    for (d, _, l) in &store.disks {
+        if let Some(l) = l {
+            let _ = writeln!(o, "novabackup_disk_quota_bytes{{disk=\"{d}\"}} {l}");
+        }
+    }
+    header(
+        &mut o,
+        "novabackup_cbt_audits_total",
+        "counter",
+        "Backups that audited change tracking.",
+    );
+    let _ = writeln!(o, "novabackup_cbt_audits_total {}", t.audits);
+    header(
+        &mut o,
+        "novabackup_cbt_audit_mismatches_total",
+        "counter",
+        "Chunks audits found changed although change tracking said unchanged (missed writes; should stay 0).",
+    );
+    let _ = writeln!(o, "novabackup_cbt_audit_mismatches_total {}", t.audit_mismatches);
     o
 }

@@ -10,7 +10,8 @@ use nbd_proxy::export::ExportError;
 use nbd_proxy::server::ServerError;
 use nbd_proxy::{Export, Image, Server, Tracker};
 use novabackup_api::types::{
-    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, RestoreRequest, SnapshotInfo,
+    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, PruneRequest, Quotas,
+    RestoreRequest, RetentionPolicy, ScheduleAction, ScheduleInfo, ScheduleRequest, SnapshotInfo,
     VerifyRequest,
 };
 use novabackup_engine::format::manifest::Manifest;
@@ -19,6 +20,8 @@ use novabackup_engine::plan::Mode;
 use novabackup_engine::store::{Store, StoreError};
 
 use super::jobs::Jobs;
+use super::policy::{self, Busy, Settings};
+use super::schedule::{self, Run, Schedules, Start};
 use super::work::{self, EngineSettings};
 use novabackup_api::{ApiError, DiskService, ErrorCode};
 use novabackup_engine::cbt::Granularity;
@@ -55,6 +58,9 @@ pub struct Agent {
     store: Arc<dyn Store>,
     jobs: Jobs,
     settings: EngineSettings,
+    policy: Arc<Settings>,
+    schedules: Arc<Schedules>,
+    busy: Busy,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
@@ -69,6 +75,8 @@ impl Agent {
         boot_id: String,
         store: Arc<dyn Store>,
         settings: EngineSettings,
+        policy: Settings,
+        schedules: Arc<Schedules>,
     ) -> Agent {
         Agent {
             dir,
@@ -79,8 +87,71 @@ impl Agent {
             store,
             jobs: Jobs::default(),
             settings,
+            policy: Arc::new(policy),
+            schedules,
+            busy: Busy::default(),
         }
     }
+
+    /// Starts a backup job holding the disk's claim.
+    fn start_backup(&self, disk: &str, mode: Mode) -> Result<JobInfo, ApiError> {
+        let export = self.export(disk)?;
+        let busy = || {
+            err(
+                ErrorCode::Conflict,
+                format!("a backup, prune or verify of disk {disk} is running; wait for it to finish"),
+            )
+        };
+        if export.tracker.status().checkpoint_active {
+            return Err(busy());
+        }
+        let claim = self.busy.try_claim(disk).ok_or_else(busy)?;
+        let store = self.store.clone();
+        let settings = self.settings.clone();
+        let quotas = self.policy.quotas();
+        Ok(self.jobs.spawn("backup", disk, move |p| {
+            let _claim = claim;
+            work::backup(export, store, settings, mode, &quotas, p)
+        }))
+    }
+
+    fn start_verify(&self, scope: work::VerifyScope, target: String) -> JobInfo {
+        let store = self.store.clone();
+        let workers = self.settings.workers;
+        let busy = self.busy.clone();
+        self.jobs.spawn("verify", &target, move |p| {
+            work::verify(store, scope, &busy, workers, p)
+        })
+    }
+
+    fn start_prune(&self, disk: Option<DiskName>, dry_run: bool) -> JobInfo {
+        let store = self.store.clone();
+        let settings = self.policy.clone();
+        let busy = self.busy.clone();
+        let target = disk.as_ref().map_or("all".to_string(), |d| d.to_string());
+        let kind = if dry_run { "prune-dry-run" } else { "prune" };
+        self.jobs.spawn(kind, &target, move |p| {
+            policy::prune(&*store, &settings, &busy, disk.as_ref(), dry_run, p)
+        })
+    }
+
+    fn start_gc(&self) -> Result<JobInfo, ApiError> {
+        // One collection at a time; the store refuses a second one too.
+        let claim = self.busy.try_claim("\0gc").ok_or_else(|| {
+            err(
+                ErrorCode::Conflict,
+                "a garbage collection is running; wait for it to finish",
+            )
+        })?;
+        let store = self.store.clone();
+        Ok(self.jobs.spawn("gc", "store", move |p| {
+            let _claim = claim;
+            let r = store.gc(p).map_err(|e| e.to_string())?;
+            tracing::info!(removed = r.chunks_removed, freed = r.bytes_before.saturating_sub(r.bytes_after), "garbage collection done");
+            Ok(serde_json::to_value(r).expect("report serializes"))
+        }))
+    }
+
 
     pub(super) fn set_endpoints(&self, tcp: Option<String>, socket: Option<PathBuf>) {
         *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = Endpoints { tcp, socket };
@@ -220,6 +291,11 @@ fn snapshot_id(id: &str) -> Result<SnapshotId, ApiError> {
         })
 }
 
+fn parse_disk(d: &str) -> Result<DiskName, ApiError> {
+    d.parse::<DiskName>()
+        .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))
+}
+
 fn snapshot_info(m: Manifest) -> SnapshotInfo {
     SnapshotInfo {
         id: m.id.to_string(),
@@ -231,6 +307,9 @@ fn snapshot_info(m: Manifest) -> SnapshotInfo {
         image_size: m.image_size,
         chunk_size: m.chunk_size,
         stats: m.stats,
+        protected: m.protected,
+        verified: m.verified,
+        audit: m.audit,
     }
 }
 
@@ -366,22 +445,18 @@ impl DiskService for Agent {
     }
 
     fn backup(&self, req: BackupRequest) -> Result<JobInfo, ApiError> {
-        let export = self.export(&req.disk)?;
-        if export.tracker.status().checkpoint_active {
-            return Err(err(
-                ErrorCode::Conflict,
-                format!(
-                    "a backup of disk {} is already running; wait for it to finish",
-                    req.disk
-                ),
-            ));
-        }
-        let store = self.store.clone();
-        let settings = self.settings.clone();
-        let mode = if req.full { Mode::Full } else { Mode::Auto };
-        Ok(self.jobs.spawn("backup", &req.disk, move |p| {
-            work::backup(export, store, settings, mode, p)
-        }))
+        let mode = match (req.full, req.audit) {
+            (true, true) => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "choose full or audit, not both (an audit reads everything too)",
+                ))
+            }
+            (true, false) => Mode::Full,
+            (false, true) => Mode::Audit,
+            (false, false) => Mode::Auto,
+        };
+        self.start_backup(&req.disk, mode)
     }
 
     fn snapshots(&self, disk: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError> {
@@ -408,6 +483,12 @@ impl DiskService for Agent {
 
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
         let id = snapshot_id(id)?;
+        if self.store.manifest(&id).map_err(store_err)?.protected {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!("snapshot {id} is protected; `novabackup snapshot unprotect {id}` first"),
+            ));
+        }
         self.store.delete(&id).map_err(store_err)?;
         tracing::info!(snapshot = %id, "snapshot deleted");
         Ok(())
@@ -436,11 +517,25 @@ impl DiskService for Agent {
                     .join(",")
             })
             .unwrap_or_else(|| "all".into());
-        let store = self.store.clone();
-        let workers = self.settings.workers;
-        Ok(self.jobs.spawn("verify", &target, move |p| {
-            work::verify(store, ids, workers, p)
-        }))
+        let disk = req.disk.as_deref().map(parse_disk).transpose()?;
+        let skip_within = req
+            .skip_verified_within
+            .as_deref()
+            .map(novabackup_engine::retention::parse_duration)
+            .transpose()
+            .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
+        let target = match (&ids, &disk) {
+            (None, Some(d)) => d.to_string(),
+            _ => target,
+        };
+        Ok(self.start_verify(
+            work::VerifyScope {
+                ids,
+                disk,
+                skip_within,
+            },
+            target,
+        ))
     }
 
     fn restore(&self, req: RestoreRequest) -> Result<JobInfo, ApiError> {
@@ -518,21 +613,167 @@ impl DiskService for Agent {
             })
             .collect();
         let (list, _) = self.store.list(None).map_err(store_err)?;
+        let q = self.policy.quotas();
         let store = StoreSample {
             bytes: self.store.usage().map_err(store_err)?,
             snapshots: list.len(),
             chunks: self.store.chunk_count(),
+            limit: q.store,
+            disks: policy::usage_report(&list, &q)
+                .into_iter()
+                .map(|u| (u.disk, u.bytes, u.limit))
+                .collect(),
         };
         Ok(render(&self.jobs.totals(), &disks, &store))
     }
 
     fn store_info(&self) -> Result<novabackup_api::types::StoreInfo, ApiError> {
         let (list, _) = self.store.list(None).map_err(store_err)?;
+        let q = self.policy.quotas();
         Ok(novabackup_api::types::StoreInfo {
             location: self.store.describe(),
             bytes_used: self.store.usage().map_err(store_err)?,
             snapshots: list.len(),
+            limit: q.store,
+            disks: policy::usage_report(&list, &q),
+            schedules: self.schedules.list(),
         })
+    }
+
+    fn protect(&self, id: &str, protected: bool) -> Result<SnapshotInfo, ApiError> {
+        let id = snapshot_id(id)?;
+        let a = novabackup_engine::format::manifest::Annotation {
+            protected: Some(protected),
+            ..Default::default()
+        };
+        let m = self.store.annotate(&id, &a).map_err(store_err)?;
+        tracing::info!(snapshot = %id, protected, "snapshot protection changed");
+        Ok(snapshot_info(m))
+    }
+
+    fn policies(&self) -> Result<Vec<RetentionPolicy>, ApiError> {
+        Ok(self.policy.policies())
+    }
+
+    fn put_policy(&self, p: RetentionPolicy, create: bool) -> Result<RetentionPolicy, ApiError> {
+        self.policy.put_policy(p, create)
+    }
+
+    fn delete_policy(&self, name: &str) -> Result<(), ApiError> {
+        self.policy.delete_policy(name)
+    }
+
+    fn prune(&self, req: PruneRequest) -> Result<JobInfo, ApiError> {
+        let disk = req.disk.as_deref().map(parse_disk).transpose()?;
+        Ok(self.start_prune(disk, req.dry_run))
+    }
+
+    fn gc(&self) -> Result<JobInfo, ApiError> {
+        self.start_gc()
+    }
+
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {
+        Ok(self.schedules.list())
+    }
+
+    fn put_schedule(
+        &self,
+        req: ScheduleRequest,
+        id: Option<String>,
+    ) -> Result<ScheduleInfo, ApiError> {
+        self.schedules
+            .put(req, id, novabackup_engine::time::now_unix())
+    }
+
+    fn delete_schedule(&self, id: &str) -> Result<(), ApiError> {
+        self.schedules.delete(id)
+    }
+
+    fn quotas(&self) -> Result<Quotas, ApiError> {
+        Ok(self.policy.quotas())
+    }
+
+    fn set_quotas(&self, q: Quotas) -> Result<Quotas, ApiError> {
+        self.policy.set_quotas(q)
+    }
+}
+
+impl schedule::Runner for Agent {
+    fn disks_for(&self, action: ScheduleAction) -> Vec<String> {
+        match action {
+            ScheduleAction::Backup => self.server.all().iter().map(|e| e.name.clone()).collect(),
+            // Every disk with snapshots, attached or not.
+            _ => {
+                let mut d: Vec<String> = match self.store.list(None) {
+                    Ok((l, _)) => l.iter().map(|m| m.disk.to_string()).collect(),
+                    Err(e) => {
+                        tracing::error!("scheduler cannot list snapshots: {e}");
+                        Vec::new()
+                    }
+                };
+                d.dedup();
+                d.sort();
+                d.dedup();
+                d
+            }
+        }
+    }
+
+    fn start(&self, run: &Run) -> Start {
+        let disk = run.disk.clone();
+        if let Some(d) = &disk {
+            if self.busy.is_busy(d) {
+                return Start::Busy;
+            }
+        }
+        let r = match (run.spec.action, disk) {
+            (ScheduleAction::Backup, Some(d)) => {
+                let mode = match (run.spec.full, run.spec.audit) {
+                    (true, _) => Mode::Full,
+                    (_, true) => Mode::Audit,
+                    _ => Mode::Auto,
+                };
+                match self.start_backup(&d, mode) {
+                    Err(e) if e.code == ErrorCode::Conflict => return Start::Busy,
+                    r => r,
+                }
+            }
+            (ScheduleAction::Prune, d) => d
+                .as_deref()
+                .map(parse_disk)
+                .transpose()
+                .map(|d| self.start_prune(d, false)),
+            (ScheduleAction::Verify, d) => {
+                let skip = run
+                    .spec
+                    .skip_verified_within
+                    .as_deref()
+                    .and_then(|w| novabackup_engine::retention::parse_duration(w).ok());
+                d.as_deref().map(parse_disk).transpose().map(|disk| {
+                    let target = disk.as_ref().map_or("all".into(), |d| d.to_string());
+                    self.start_verify(
+                        work::VerifyScope {
+                            ids: None,
+                            disk,
+                            skip_within: skip,
+                        },
+                        target,
+                    )
+                })
+            }
+            (ScheduleAction::Gc, _) => match self.start_gc() {
+                Err(e) if e.code == ErrorCode::Conflict => return Start::Busy,
+                r => r,
+            },
+            (ScheduleAction::Backup, None) => Err(err(ErrorCode::BadRequest, "no disk")),
+        };
+        match r {
+            Ok(j) => {
+                tracing::info!(schedule = %run.schedule, job = %j.id, kind = %j.kind, target = %j.target, "scheduled job started");
+                Start::Started
+            }
+            Err(e) => Start::Failed(e.message),
+        }
     }
 }
 
