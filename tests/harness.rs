@@ -85,7 +85,7 @@ impl Agent {
         self.child.as_ref().expect("running").id()
     }
 
-    fn state(&self) -> PathBuf {
+    pub fn state(&self) -> PathBuf {
         self.dir.join("state")
     }
 
@@ -221,6 +221,24 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `GET /metrics` with the admin token.
+    pub fn metrics(&self) -> String {
+        let token = std::fs::read_to_string(self.state().join("api.token")).unwrap();
+        ureq::get(&format!("http://{}/metrics", self.api))
+            .set("Authorization", &format!("Bearer {}", token.trim()))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    /// Waits for the agent to exit on its own (a crash point) and returns
+    /// how it ended.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        c.wait().unwrap()
     }
 
     pub fn restart(&mut self) {

@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod cbt;
 pub mod digest;
+pub mod fault;
 pub mod format;
 pub mod fsutil;
 pub mod ids;

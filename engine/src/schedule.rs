@@ -61,14 +61,26 @@ mod tests {
     #[test]
     fn next_times_in_utc_and_in_a_zone() {
         let w = When::parse("30 2 * * *", None).unwrap();
-        assert_eq!(w.next_after(t(2026, 3, 1, 0, 0)), Some(t(2026, 3, 1, 2, 30)));
-        assert_eq!(w.next_after(t(2026, 3, 1, 2, 30)), Some(t(2026, 3, 2, 2, 30)));
+        assert_eq!(
+            w.next_after(t(2026, 3, 1, 0, 0)),
+            Some(t(2026, 3, 1, 2, 30))
+        );
+        assert_eq!(
+            w.next_after(t(2026, 3, 1, 2, 30)),
+            Some(t(2026, 3, 2, 2, 30))
+        );
         // 02:30 in New York is 07:30 UTC in winter.
         let ny = When::parse("30 2 * * *", Some("America/New_York")).unwrap();
-        assert_eq!(ny.next_after(t(2026, 1, 10, 0, 0)), Some(t(2026, 1, 10, 7, 30)));
+        assert_eq!(
+            ny.next_after(t(2026, 1, 10, 0, 0)),
+            Some(t(2026, 1, 10, 7, 30))
+        );
         let weekly = When::parse("0 3 * * SUN", None).unwrap();
         // Thu 2026-11-26 -> Sun 2026-11-29.
-        assert_eq!(weekly.next_after(t(2026, 11, 26, 12, 0)), Some(t(2026, 11, 29, 3, 0)));
+        assert_eq!(
+            weekly.next_after(t(2026, 11, 26, 12, 0)),
+            Some(t(2026, 11, 29, 3, 0))
+        );
         assert!(When::parse("@daily", None).is_ok());
         assert!(When::parse("*/5 * * * * *", None).is_ok(), "seconds field");
     }
@@ -95,7 +107,10 @@ mod tests {
         let ran = t(2026, 11, 26, 11, 0);
         assert!(!w.due(created, Some(ran), t(2026, 11, 26, 11, 30)));
         let start = t(2026, 11, 26, 15, 10);
-        assert!(w.due(created, Some(ran), start), "missed runs: run once at start");
+        assert!(
+            w.due(created, Some(ran), start),
+            "missed runs: run once at start"
+        );
         assert!(!w.due(created, Some(start), start + 60), "only once");
         assert!(w.due(created, Some(start), t(2026, 11, 26, 16, 0)));
         // A schedule changed at 15:20 (its anchor) does not fire for the

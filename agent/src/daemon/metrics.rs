@@ -260,6 +260,10 @@ pub fn render(t: &Totals, disks: &[DiskSample], store: &StoreSample) -> String {
         "counter",
         "Chunks audits found changed although change tracking said unchanged (missed writes; should stay 0).",
     );
-    let _ = writeln!(o, "novabackup_cbt_audit_mismatches_total {}", t.audit_mismatches);
+    let _ = writeln!(
+        o,
+        "novabackup_cbt_audit_mismatches_total {}",
+        t.audit_mismatches
+    );
     o
 }

@@ -93,7 +93,11 @@ impl Settings {
     }
 
     /// Creates or replaces a policy.
-    pub fn put_policy(&self, p: RetentionPolicy, create: bool) -> Result<RetentionPolicy, ApiError> {
+    pub fn put_policy(
+        &self,
+        p: RetentionPolicy,
+        create: bool,
+    ) -> Result<RetentionPolicy, ApiError> {
         check_name("policy name", &p.name)?;
         if let Some(d) = &p.disk {
             d.parse::<DiskName>()
@@ -119,10 +123,7 @@ impl Settings {
             }
             _ => {}
         }
-        if let Some(other) = all
-            .iter()
-            .find(|x| x.name != p.name && x.disk == p.disk)
-        {
+        if let Some(other) = all.iter().find(|x| x.name != p.name && x.disk == p.disk) {
             let scope = p
                 .disk
                 .as_deref()
@@ -235,11 +236,7 @@ pub fn usage_report(manifests: &[Manifest], q: &Quotas) -> Vec<DiskUsage> {
 
 /// The most a backup of `disk` may add to the store under the quotas, or
 /// an error when a limit is reached already (the backup must not start).
-pub fn budget(
-    store: &dyn Store,
-    q: &Quotas,
-    disk: &str,
-) -> Result<Option<(u64, String)>, String> {
+pub fn budget(store: &dyn Store, q: &Quotas, disk: &str) -> Result<Option<(u64, String)>, String> {
     if q.store.is_none() && !q.disks.contains_key(disk) {
         return Ok(None);
     }

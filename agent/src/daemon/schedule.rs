@@ -87,10 +87,14 @@ pub fn validate(r: &ScheduleRequest) -> Result<When, ApiError> {
         ));
     }
     if (r.full || r.audit) && r.action != ScheduleAction::Backup {
-        return Err(bad("`full` and `audit` apply to backup schedules only".into()));
+        return Err(bad(
+            "`full` and `audit` apply to backup schedules only".into()
+        ));
     }
     if r.full && r.audit {
-        return Err(bad("choose `full` or `audit`, not both (an audit reads everything too)".into()));
+        return Err(bad(
+            "choose `full` or `audit`, not both (an audit reads everything too)".into(),
+        ));
     }
     if let Some(w) = &r.skip_verified_within {
         if r.action != ScheduleAction::Verify {
@@ -106,7 +110,10 @@ pub fn validate(r: &ScheduleRequest) -> Result<When, ApiError> {
 fn info(s: &Stored) -> ScheduleInfo {
     let next = if s.spec.enabled {
         validate(&s.spec).ok().and_then(|w| {
-            w.next_after(s.last_run_unix.map_or(s.anchor_unix, |l| l.max(s.anchor_unix)))
+            w.next_after(
+                s.last_run_unix
+                    .map_or(s.anchor_unix, |l| l.max(s.anchor_unix)),
+            )
         })
     } else {
         None
@@ -208,7 +215,9 @@ impl Schedules {
                         if next.iter().any(|s| s.id == *id) {
                             return Err(err(
                                 ErrorCode::Conflict,
-                                format!("a schedule {id} exists; change it with PUT or `schedule set`"),
+                                format!(
+                                    "a schedule {id} exists; change it with PUT or `schedule set`"
+                                ),
                             ));
                         }
                         id.clone()
@@ -391,8 +400,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Schedules::load(dir.path()).unwrap();
         let t0: u64 = 1_800_000_000; // a multiple of 3600: on the hour
-        s.put(req(ScheduleAction::Backup, None, "0 * * * *"), None, t0 + 10)
-            .unwrap();
+        s.put(
+            req(ScheduleAction::Backup, None, "0 * * * *"),
+            None,
+            t0 + 10,
+        )
+        .unwrap();
         s.put(req(ScheduleAction::Gc, None, "30 * * * *"), None, t0 + 10)
             .unwrap();
         assert!(s.take_due(t0 + 1000).is_empty());
@@ -405,7 +418,10 @@ mod tests {
         drain(&mut q, &fake);
         assert_eq!(
             *fake.started.lock().unwrap(),
-            [(ScheduleAction::Backup, Some("a".into())), (ScheduleAction::Gc, None)]
+            [
+                (ScheduleAction::Backup, Some("a".into())),
+                (ScheduleAction::Gc, None)
+            ]
         );
         assert_eq!(q.len(), 1, "b waits");
         // Due again before b is free: b is not queued twice.

@@ -99,7 +99,9 @@ impl Agent {
         let busy = || {
             err(
                 ErrorCode::Conflict,
-                format!("a backup, prune or verify of disk {disk} is running; wait for it to finish"),
+                format!(
+                    "a backup, prune or verify of disk {disk} is running; wait for it to finish"
+                ),
             )
         };
         if export.tracker.status().checkpoint_active {
@@ -147,11 +149,14 @@ impl Agent {
         Ok(self.jobs.spawn("gc", "store", move |p| {
             let _claim = claim;
             let r = store.gc(p).map_err(|e| e.to_string())?;
-            tracing::info!(removed = r.chunks_removed, freed = r.bytes_before.saturating_sub(r.bytes_after), "garbage collection done");
+            tracing::info!(
+                removed = r.chunks_removed,
+                freed = r.bytes_before.saturating_sub(r.bytes_after),
+                "garbage collection done"
+            );
             Ok(serde_json::to_value(r).expect("report serializes"))
         }))
     }
-
 
     pub(super) fn set_endpoints(&self, tcp: Option<String>, socket: Option<PathBuf>) {
         *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = Endpoints { tcp, socket };

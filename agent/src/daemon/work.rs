@@ -50,9 +50,15 @@ pub fn backup(
     let (base, no_base) = find_base(&*store, &disk, status.base.as_deref())?;
     let (_, trust) = export.tracker.live();
     let size = export.image.size;
-    let incremental_possible =
-        plan::full_reason(Mode::Auto, base.as_ref(), &no_base, &trust, size, opts.chunk_size)
-            .is_none();
+    let incremental_possible = plan::full_reason(
+        Mode::Auto,
+        base.as_ref(),
+        &no_base,
+        &trust,
+        size,
+        opts.chunk_size,
+    )
+    .is_none();
     let mode = match mode {
         Mode::Auto if s.audit_every > 0 && incremental_possible => {
             let (list, _) = store.list(Some(&disk)).map_err(|e| e.to_string())?;
@@ -247,10 +253,12 @@ pub fn verify(
     };
     let now = time::now_unix();
     let (todo, skipped): (Vec<Manifest>, Vec<Manifest>) =
-        manifests.into_iter().partition(|m| match (&m.verified, scope.skip_within) {
-            (Some(v), Some(w)) => !(v.ok && now.saturating_sub(v.time_unix) < w),
-            _ => true,
-        });
+        manifests
+            .into_iter()
+            .partition(|m| match (&m.verified, scope.skip_within) {
+                (Some(v), Some(w)) => !(v.ok && now.saturating_sub(v.time_unix) < w),
+                _ => true,
+            });
     let mut by_disk: std::collections::BTreeMap<DiskName, Vec<Manifest>> = Default::default();
     for m in todo {
         by_disk.entry(m.disk.clone()).or_default().push(m);
@@ -266,7 +274,9 @@ pub fn verify(
         }
         let t = time::now_unix();
         for v in &part.snapshots {
-            let Ok(id) = v.id.parse::<SnapshotId>() else { continue };
+            let Ok(id) = v.id.parse::<SnapshotId>() else {
+                continue;
+            };
             let rec = novabackup_engine::format::manifest::Verification {
                 time: time::rfc3339(t),
                 time_unix: t,
@@ -288,5 +298,7 @@ pub fn verify(
     let damaged: Vec<String> = damaged.iter().map(|e| e.to_string()).collect();
     let ok = report.ok() && damaged.is_empty();
     let skipped: Vec<String> = skipped.iter().map(|m| m.id.to_string()).collect();
-    Ok(json!({ "ok": ok, "report": report, "damaged_manifests": damaged, "skipped_recently_verified": skipped }))
+    Ok(
+        json!({ "ok": ok, "report": report, "damaged_manifests": damaged, "skipped_recently_verified": skipped }),
+    )
 }

@@ -194,7 +194,12 @@ fn run(s: &LocalStore, progress: &Progress, stop: Stop) -> Result<GcReport, Stor
     if stop == Stop::AfterPublish {
         return Ok(rep);
     }
+    crate::fault::point("gc-before-delete");
+    let mut first = true;
     for (n, id) in doomed {
+        if !std::mem::take(&mut first) {
+            crate::fault::point("gc-mid-delete");
+        }
         let path = s.pack_path(&id, true);
         {
             let mut packs = lock(&s.packs);
