@@ -349,7 +349,11 @@ pub fn schedule(client: &Client, c: ScheduleCommand) -> anyhow::Result<()> {
                     "{:<16} {:<7} {:<12} {:<18} {:<21} {}",
                     s.id,
                     serde_json::to_value(s.spec.action)?.as_str().unwrap_or("?"),
-                    s.spec.disk.as_deref().unwrap_or("all"),
+                    match (&s.spec.disk, s.spec.action) {
+                        (_, ScheduleAction::Gc) => "store",
+                        (Some(d), _) => d.as_str(),
+                        (None, _) => "all",
+                    },
                     s.spec.cron,
                     s.last_run.as_deref().unwrap_or("never"),
                     s.next_run.as_deref().unwrap_or("paused")

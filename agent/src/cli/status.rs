@@ -66,7 +66,11 @@ pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
                 "  {:<16} {:<7} {:<12} {:<16} next {}",
                 s.id,
                 serde_json::to_value(s.spec.action)?.as_str().unwrap_or("?"),
-                s.spec.disk.as_deref().unwrap_or("all disks"),
+                match (&s.spec.disk, s.spec.action) {
+                    (_, novabackup_api::types::ScheduleAction::Gc) => "the store",
+                    (Some(d), _) => d.as_str(),
+                    (None, _) => "all disks",
+                },
                 s.spec.cron,
                 s.next_run.as_deref().unwrap_or("paused")
             );
@@ -87,7 +91,7 @@ pub fn status(client: &Client, json: bool) -> anyhow::Result<()> {
             "untrusted"
         };
         let lastb = match last.get(d.name.as_str()) {
-            Some(s) => format!("{} ({:?})", s.time, s.kind).to_lowercase(),
+            Some(s) => format!("{} ({})", s.time, format!("{:?}", s.kind).to_lowercase()),
             None => "never".into(),
         };
         println!(
