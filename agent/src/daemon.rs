@@ -63,18 +63,9 @@ pub struct AgentArgs {
     /// zstd compression level (1-19; negative levels are faster) [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     pub zstd_level: Option<i32>,
-    /// Serve the API over TLS (a self-signed certificate in DATA_DIR unless --tls-cert/--tls-key).
-    #[arg(long)]
-    pub tls: bool,
-    /// PEM certificate chain for the API (implies --tls).
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for the API (implies --tls).
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Allow the API on a non-loopback address without TLS.
-    #[arg(long)]
-    pub insecure_listen: bool,
+    /// TLS on the API.
+    #[command(flatten)]
+    pub tls: crate::tlsopts::TlsArgs,
     /// Pin an https store server's certificate (`sha256:...`, printed by `store serve`).
     #[arg(long)]
     pub store_fingerprint: Option<String>,
@@ -111,8 +102,8 @@ pub struct AgentOptions {
     pub boot_id_file: PathBuf,
     /// Disks the configuration declares.
     pub disks: Vec<crate::config::DiskConfig>,
-    /// TLS on the API: None, or the PEM pair (None inside: self-signed).
-    pub tls: Option<Option<(PathBuf, PathBuf)>>,
+    /// TLS on the API.
+    pub tls: crate::tlsopts::TlsMode,
     /// Allow a non-loopback API without TLS.
     pub insecure_listen: bool,
     /// The store server's pinned certificate.
@@ -154,12 +145,10 @@ impl AgentArgs {
             zstd_level: self.zstd_level.or(c.zstd_level).unwrap_or(1),
             boot_id_file: self.boot_id_file,
             disks: c.disks,
-            tls: match (self.tls_cert.or(c.tls_cert), self.tls_key.or(c.tls_key)) {
-                (Some(cert), Some(key)) => Some(Some((cert, key))),
-                _ if self.tls || c.tls.unwrap_or(false) => Some(None),
-                _ => None,
-            },
-            insecure_listen: self.insecure_listen || c.insecure_listen.unwrap_or(false),
+            tls: self
+                .tls
+                .mode(c.tls_cert.zip(c.tls_key), c.tls.unwrap_or(false)),
+            insecure_listen: self.tls.insecure_listen || c.insecure_listen.unwrap_or(false),
             store_fingerprint: self.store_fingerprint.or(c.store_fingerprint),
             audit_every: self.audit_every.or(c.audit_every).unwrap_or(14),
         }
@@ -391,20 +380,15 @@ fn api_tls(
     dir: &Path,
     opts: &AgentOptions,
 ) -> anyhow::Result<Option<(String, Arc<rustls::ServerConfig>)>> {
-    use novabackup_api::tls::{is_loopback, Identity};
-    let id = match &opts.tls {
-        None if !is_loopback(&opts.api_listen) && !opts.insecure_listen => anyhow::bail!(
-            "refusing to serve the API on {} without TLS: pass --tls (a self-signed \
-             certificate) or --tls-cert/--tls-key, or --insecure-listen to accept plain HTTP",
-            opts.api_listen
-        ),
-        None => return Ok(None),
-        Some(Some((cert, key))) => Identity::load(cert, key)?,
-        Some(None) => {
-            let mut names = vec!["localhost".to_string()];
-            names.push(opts.api_listen.ip().to_string());
-            Identity::self_signed(dir, &names)?
-        }
+    let Some(id) = crate::tlsopts::identity(
+        "the API",
+        &opts.tls,
+        opts.insecure_listen,
+        opts.api_listen,
+        dir,
+    )?
+    else {
+        return Ok(None);
     };
     tracing::info!(fingerprint = %id.fingerprint, "the API serves TLS; clients pin this fingerprint");
     Ok(Some((id.fingerprint.clone(), id.server_config()?)))

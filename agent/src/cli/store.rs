@@ -26,19 +26,9 @@ pub struct ServeArgs {
     /// The token agents must present (default: DIR/server.token, created 0600 at first start).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Serve TLS (a self-signed certificate in DIR unless --tls-cert/--tls-key);
-    /// its fingerprint is logged and written to DIR/server.fingerprint.
-    #[arg(long)]
-    pub tls: bool,
-    /// PEM certificate chain (implies --tls).
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key (implies --tls).
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Allow a non-loopback address without TLS.
-    #[arg(long)]
-    pub insecure_listen: bool,
+    /// TLS; the fingerprint is logged and written to DIR/server.fingerprint.
+    #[command(flatten)]
+    pub tls: crate::tlsopts::TlsArgs,
 }
 
 /// Runs the store server until SIGTERM or SIGINT.
@@ -51,20 +41,13 @@ pub fn run(c: StoreCommand) -> anyhow::Result<()> {
     }
     let token_file = a.token_file.unwrap_or_else(|| a.dir.join("server.token"));
     let token = crate::daemon::load_or_create_token_at(&token_file)?;
-    use novabackup_api::tls::{is_loopback, Identity};
-    let id = match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Some(Identity::load(c, k)?),
-        _ if a.tls => Some(Identity::self_signed(
-            &a.dir,
-            &["localhost".to_string(), a.listen.ip().to_string()],
-        )?),
-        _ if !is_loopback(&a.listen) && !a.insecure_listen => anyhow::bail!(
-            "refusing to serve the store on {} without TLS: pass --tls (self-signed) or \
-             --tls-cert/--tls-key, or --insecure-listen to accept plain HTTP",
-            a.listen
-        ),
-        _ => None,
-    };
+    let id = crate::tlsopts::identity(
+        "the store",
+        &a.tls.mode(None, false),
+        a.tls.insecure_listen,
+        a.listen,
+        &a.dir,
+    )?;
     let tls = match &id {
         Some(id) => {
             let p = a.dir.join("server.fingerprint");
