@@ -316,8 +316,8 @@ impl Client {
     }
 
     /// `POST /api/v1/gc`.
-    pub fn gc(&self) -> Result<JobInfo, ClientError> {
-        self.json("POST", "/api/v1/gc", None::<&()>)
+    pub fn gc(&self, req: &crate::types::GcRequest) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/gc", Some(req))
     }
 
     /// `GET /api/v1/schedules`.

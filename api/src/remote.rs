@@ -24,7 +24,7 @@ use novabackup_engine::digest::ChunkDigest;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::progress::Progress;
-use novabackup_engine::store::{DiskLock, GcReport, Store, StoreError};
+use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
 use crate::store_server::{Lease, SnapshotList};
@@ -417,12 +417,24 @@ impl Store for RemoteStore {
         })
     }
 
-    fn gc(&self, _progress: &Progress) -> Result<GcReport, StoreError> {
+    fn gc(&self, opts: &GcOptions, _progress: &Progress) -> Result<GcReport, StoreError> {
         // What this client remembers uploading may be collected now (it
         // forgets it at every lock anyway, and chunks a locked backup
         // uploads are kept by the server).
         self.inner.drained().uploaded.clear();
-        match self.inner.send("POST", "/store/v1/gc", None) {
+        // A collection of a big store takes long: no read timeout of its own.
+        let r = self
+            .inner
+            .call(
+                "POST",
+                &format!(
+                    "/store/v1/gc?min_garbage_percent={}",
+                    opts.min_garbage_percent
+                ),
+            )
+            .timeout(Duration::from_secs(7 * 24 * 3600))
+            .call();
+        match r {
             Ok(r) => r.into_json().map_err(|e| self.inner.remote(e.to_string())),
             Err(ureq::Error::Status(409, r)) => Err(StoreError::Gc(
                 r.into_json::<ErrorBody>()

@@ -69,7 +69,7 @@ pub trait DiskService: Send + Sync + 'static {
     /// Starts a prune job.
     fn prune(&self, req: PruneRequest) -> Result<JobInfo, ApiError>;
     /// Starts a garbage-collection job.
-    fn gc(&self) -> Result<JobInfo, ApiError>;
+    fn gc(&self, req: crate::types::GcRequest) -> Result<JobInfo, ApiError>;
     /// Schedules with their next run.
     fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError>;
     /// Creates (`id` None) or replaces a schedule.

@@ -15,7 +15,7 @@
 //! GET    /store/v1/snapshots/{id}              one manifest
 //! DELETE /store/v1/snapshots/{id}
 //! PATCH  /store/v1/snapshots/{id}              set protection/verification (JSON Annotation)
-//! POST   /store/v1/gc                          garbage collection -> GcReport
+//! POST   /store/v1/gc[?min_garbage_percent=N] garbage collection -> GcReport
 //! POST   /store/v1/locks/{disk}[?base=ID]      take the disk's backup lock -> {"lease": ...}
 //! POST   /store/v1/locks/{disk}/{lease}        renew it
 //! DELETE /store/v1/locks/{disk}/{lease}        release it
@@ -44,7 +44,7 @@ use novabackup_engine::format::index;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::store::local::LocalStore;
-use novabackup_engine::store::{DiskLock, GcReport, Store, StoreError};
+use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ErrorCode};
@@ -326,10 +326,17 @@ async fn annotate(
     Ok(([(header::CONTENT_TYPE, "application/json")], m.encode()).into_response())
 }
 
-async fn gc(State(s): State<Shared>) -> Result<Json<GcReport>, ApiError> {
+async fn gc(
+    State(s): State<Shared>,
+    q: Result<Query<GcOptions>, QueryRejection>,
+) -> Result<Json<GcReport>, ApiError> {
+    let Query(opts) = q.map_err(|e| bad(format!("bad query: {}", e.body_text())))?;
+    if opts.min_garbage_percent > 100 {
+        return Err(bad("min_garbage_percent is a percentage (0-100)"));
+    }
     blocking(move || {
         s.store
-            .gc(&novabackup_engine::progress::Progress::default())
+            .gc(&opts, &novabackup_engine::progress::Progress::default())
             .map_err(store_error)
     })
     .await

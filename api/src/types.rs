@@ -217,6 +217,16 @@ pub struct PruneRequest {
     pub dry_run: bool,
 }
 
+/// `POST /api/v1/gc` (an empty body means the defaults).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Rewrite only packs at least this many percent unreferenced (0-100;
+    /// default 0: every unreferenced chunk goes).
+    #[serde(default)]
+    pub min_garbage_percent: u8,
+}
+
 /// What a schedule runs.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -261,6 +271,9 @@ pub struct ScheduleRequest {
     /// Verify: skip snapshots verified within this long (`7d`).
     #[serde(default)]
     pub skip_verified_within: Option<String>,
+    /// Gc: rewrite only packs at least this many percent unreferenced.
+    #[serde(default)]
+    pub min_garbage_percent: Option<u8>,
 }
 
 fn yes() -> bool {

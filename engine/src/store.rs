@@ -92,6 +92,17 @@ impl StoreError {
     }
 }
 
+/// How a garbage collection trades copying against space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcOptions {
+    /// Rewrite only packs at least this many percent unreferenced (0, the
+    /// default: every pack with anything unreferenced, so every
+    /// unreferenced chunk goes). A pack is rewritten whole to drop part of
+    /// it; on a big store a threshold such as 20 saves most of the copying.
+    pub min_garbage_percent: u8,
+}
+
 /// What a garbage collection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
@@ -107,6 +118,13 @@ pub struct GcReport {
     pub packs_deleted: u64,
     /// Packs rewritten without their unreferenced chunks.
     pub packs_rewritten: u64,
+    /// Packs left alone because their unreferenced share was under the
+    /// threshold.
+    #[serde(default)]
+    pub packs_below_threshold: u64,
+    /// Unreferenced bytes those packs still hold.
+    #[serde(default)]
+    pub bytes_left: u64,
     /// Store bytes before.
     pub bytes_before: u64,
     /// Store bytes after.
@@ -155,7 +173,7 @@ pub trait Store: Send + Sync {
     /// Safe while backups run: what a backup holding a [`DiskLock`] stored,
     /// found present or builds on is kept. A crash part-way loses nothing;
     /// the next run finishes the job.
-    fn gc(&self, progress: &Progress) -> Result<GcReport, StoreError>;
+    fn gc(&self, opts: &GcOptions, progress: &Progress) -> Result<GcReport, StoreError>;
     /// Bytes used by chunks and manifests.
     fn usage(&self) -> Result<u64, StoreError>;
     /// Where the store is (a folder or a URL), for people.

@@ -75,8 +75,11 @@ pub fn prune(client: &Client, a: PruneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn gc(client: &Client, json: bool) -> anyhow::Result<()> {
-    let j = job::wait(client, client.gc()?, json, "steps")?;
+pub fn gc(client: &Client, min_garbage: u8, json: bool) -> anyhow::Result<()> {
+    let req = novabackup_api::types::GcRequest {
+        min_garbage_percent: min_garbage,
+    };
+    let j = job::wait(client, client.gc(&req)?, json, "steps")?;
     let r = job::result(&j)?;
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
@@ -95,6 +98,13 @@ pub fn gc(client: &Client, json: bool) -> anyhow::Result<()> {
         n("packs_deleted"),
         n("packs_rewritten")
     );
+    if n("packs_below_threshold") > 0 {
+        println!(
+            "  {} pack(s) under the threshold kept {} unreferenced",
+            n("packs_below_threshold"),
+            format_size(n("bytes_left"))
+        );
+    }
     println!(
         "  store: {} -> {} (freed {}) in {:.2} s",
         format_size(n("bytes_before")),
@@ -274,6 +284,9 @@ pub struct ScheduleSpec {
     /// Verify: skip snapshots verified within this long (`7d`).
     #[arg(long)]
     skip_verified_within: Option<String>,
+    /// Gc: rewrite only packs at least this many percent unreferenced.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    min_garbage: Option<u8>,
 }
 
 fn parse_action(s: &str) -> Result<ScheduleAction, String> {
@@ -293,6 +306,7 @@ impl ScheduleSpec {
             full: self.full,
             audit: self.audit,
             skip_verified_within: self.skip_verified_within,
+            min_garbage_percent: self.min_garbage,
         }
     }
 }

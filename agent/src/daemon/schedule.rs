@@ -96,6 +96,13 @@ pub fn validate(r: &ScheduleRequest) -> Result<When, ApiError> {
             "choose `full` or `audit`, not both (an audit reads everything too)".into(),
         ));
     }
+    if let Some(p) = r.min_garbage_percent {
+        if r.action != ScheduleAction::Gc || p > 100 {
+            return Err(bad(
+                "`min_garbage_percent` (0-100) applies to gc schedules only".into(),
+            ));
+        }
+    }
     if let Some(w) = &r.skip_verified_within {
         if r.action != ScheduleAction::Verify {
             return Err(bad(
@@ -348,6 +355,7 @@ mod tests {
             full: false,
             audit: false,
             skip_verified_within: None,
+            min_garbage_percent: None,
         }
     }
 

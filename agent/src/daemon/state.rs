@@ -137,7 +137,7 @@ impl Agent {
         })
     }
 
-    fn start_gc(&self) -> Result<JobInfo, ApiError> {
+    fn start_gc(&self, opts: novabackup_engine::store::GcOptions) -> Result<JobInfo, ApiError> {
         // One collection at a time; the store refuses a second one too.
         let claim = self.busy.try_claim("\0gc").ok_or_else(|| {
             err(
@@ -148,7 +148,7 @@ impl Agent {
         let store = self.store.clone();
         Ok(self.jobs.spawn("gc", "store", move |p| {
             let _claim = claim;
-            let r = store.gc(p).map_err(|e| e.to_string())?;
+            let r = store.gc(&opts, p).map_err(|e| e.to_string())?;
             tracing::info!(
                 removed = r.chunks_removed,
                 freed = r.bytes_before.saturating_sub(r.bytes_after),
@@ -673,8 +673,10 @@ impl DiskService for Agent {
         Ok(self.start_prune(disk, req.dry_run))
     }
 
-    fn gc(&self) -> Result<JobInfo, ApiError> {
-        self.start_gc()
+    fn gc(&self, req: novabackup_api::types::GcRequest) -> Result<JobInfo, ApiError> {
+        self.start_gc(novabackup_engine::store::GcOptions {
+            min_garbage_percent: req.min_garbage_percent,
+        })
     }
 
     fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {
@@ -766,7 +768,9 @@ impl schedule::Runner for Agent {
                     )
                 })
             }
-            (ScheduleAction::Gc, _) => match self.start_gc() {
+            (ScheduleAction::Gc, _) => match self.start_gc(novabackup_engine::store::GcOptions {
+                min_garbage_percent: run.spec.min_garbage_percent.unwrap_or(0),
+            }) {
                 Err(e) if e.code == ErrorCode::Conflict => return Start::Busy,
                 r => r,
             },

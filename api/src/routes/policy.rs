@@ -11,7 +11,8 @@ use axum::Json;
 use super::{blocking, json_body, DiskService};
 use crate::error::{ApiError, ErrorCode};
 use crate::types::{
-    JobInfo, PruneRequest, Quotas, RetentionPolicy, ScheduleInfo, ScheduleRequest, SnapshotInfo,
+    GcRequest, JobInfo, PruneRequest, Quotas, RetentionPolicy, ScheduleInfo, ScheduleRequest,
+    SnapshotInfo,
 };
 
 type Svc = State<Arc<dyn DiskService>>;
@@ -111,9 +112,21 @@ pub(super) async fn prune(
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
-#[utoipa::path(post, path = "/api/v1/gc", tag = "retention", responses((status = 202, description = "Garbage collection job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
-pub(super) async fn gc(State(svc): Svc) -> Started {
-    let job = blocking(&svc, |s| s.gc()).await?;
+#[utoipa::path(post, path = "/api/v1/gc", tag = "retention", request_body(content = GcRequest, description = "Optional; an empty body means the defaults"), responses((status = 202, description = "Garbage collection job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
+pub(super) async fn gc(State(svc): Svc, body: axum::body::Bytes) -> Started {
+    let req: GcRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        GcRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request body: {e}")))?
+    };
+    if req.min_garbage_percent > 100 {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "min_garbage_percent is a percentage (0-100)",
+        ));
+    }
+    let job = blocking(&svc, move |s| s.gc(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 

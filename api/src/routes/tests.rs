@@ -133,7 +133,7 @@ impl DiskService for Mem {
     fn prune(&self, _: PruneRequest) -> Result<JobInfo, ApiError> {
         Ok(job())
     }
-    fn gc(&self) -> Result<JobInfo, ApiError> {
+    fn gc(&self, _: crate::types::GcRequest) -> Result<JobInfo, ApiError> {
         Ok(job())
     }
     fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {

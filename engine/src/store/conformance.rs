@@ -95,7 +95,12 @@ pub fn run(s: &dyn Store) {
     let c = ChunkDigest::of(b"c");
     s.put_chunk(&c, &file_c).unwrap();
     s.sync().unwrap();
-    let r = s.gc(&crate::progress::Progress::default()).unwrap();
+    let r = s
+        .gc(
+            &super::GcOptions::default(),
+            &crate::progress::Progress::default(),
+        )
+        .unwrap();
     assert_eq!(r.chunks_removed, 1, "{r:?}");
     assert_eq!(s.missing(&[a, p, c]).unwrap(), vec![false, false, true]);
     assert_eq!(s.get_chunk(&a).unwrap(), file_a);

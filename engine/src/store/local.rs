@@ -605,8 +605,12 @@ impl Store for LocalStore {
         Ok(m)
     }
 
-    fn gc(&self, progress: &crate::progress::Progress) -> Result<super::GcReport, StoreError> {
-        gc::collect(self, progress, gc::Stop::Never)
+    fn gc(
+        &self,
+        opts: &super::GcOptions,
+        progress: &crate::progress::Progress,
+    ) -> Result<super::GcReport, StoreError> {
+        gc::collect(self, opts, progress, gc::Stop::Never)
     }
 
     fn commit(&self, m: &Manifest) -> Result<(), StoreError> {

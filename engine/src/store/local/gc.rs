@@ -30,7 +30,7 @@ use crate::format::manifest::Manifest;
 use crate::format::pack;
 use crate::fsutil;
 use crate::progress::Progress;
-use crate::store::{GcReport, Store, StoreError};
+use crate::store::{GcOptions, GcReport, Store, StoreError};
 
 /// Where a test makes the collection stop, as a crash would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,7 @@ pub(crate) enum Stop {
 /// Runs one collection (module doc).
 pub(crate) fn collect(
     s: &LocalStore,
+    opts: &GcOptions,
     progress: &Progress,
     stop: Stop,
 ) -> Result<GcReport, StoreError> {
@@ -54,7 +55,7 @@ pub(crate) fn collect(
         .try_lock()
         .map_err(|_| StoreError::Gc("another garbage collection is running".into()))?;
     lock(&s.guard).gc = true;
-    let r = run(s, progress, stop);
+    let r = run(s, opts, progress, stop);
     {
         let mut g = lock(&s.guard);
         g.gc = false;
@@ -67,7 +68,12 @@ pub(crate) fn collect(
     Ok(rep)
 }
 
-fn run(s: &LocalStore, progress: &Progress, stop: Stop) -> Result<GcReport, StoreError> {
+fn run(
+    s: &LocalStore,
+    opts: &GcOptions,
+    progress: &Progress,
+    stop: Stop,
+) -> Result<GcReport, StoreError> {
     let mut rep = GcReport {
         bytes_before: s.usage()?,
         ..GcReport::default()
@@ -137,6 +143,13 @@ fn run(s: &LocalStore, progress: &Progress, stop: Stop) -> Result<GcReport, Stor
             .iter()
             .partition(|e| here(e) && live.contains(&e.digest));
         if gone.is_empty() {
+            continue;
+        }
+        let garbage: u64 = gone.iter().map(|e| e.len as u64).sum();
+        let size: u64 = entries.iter().map(|e| e.len as u64).sum();
+        if garbage * 100 < u64::from(opts.min_garbage_percent) * size {
+            rep.packs_below_threshold += 1;
+            rep.bytes_left += garbage;
             continue;
         }
         if progress.cancelled() {
@@ -288,7 +301,7 @@ mod tests {
     }
 
     fn gc(s: &LocalStore) -> GcReport {
-        collect(s, &Progress::default(), Stop::Never).unwrap()
+        collect(s, &GcOptions::default(), &Progress::default(), Stop::Never).unwrap()
     }
 
     #[test]
@@ -348,7 +361,13 @@ mod tests {
         let (m1, _) = snap(&s, 1000, &["a", "b"]);
         let (m2, d2) = snap(&s, 2000, &["b", "c"]);
         s.delete(&m1.id).unwrap();
-        collect(&s, &Progress::default(), Stop::AfterPublish).unwrap();
+        collect(
+            &s,
+            &GcOptions::default(),
+            &Progress::default(),
+            Stop::AfterPublish,
+        )
+        .unwrap();
         drop(s); // the crash
         let s = LocalStore::open(dir.path()).unwrap();
         let report = crate::verify::verify(&s, std::slice::from_ref(&m2), 1, &Progress::default());
@@ -361,13 +380,39 @@ mod tests {
     }
 
     #[test]
+    fn a_threshold_leaves_packs_that_are_mostly_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let names: Vec<String> = (0..20).map(|i| format!("chunk {i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (m1, _) = snap(&s, 1000, &refs);
+        // A second snapshot keeps 19 of the 20 chunks.
+        let (_m2, _) = snap(&s, 2000, &refs[1..]);
+        s.delete(&m1.id).unwrap();
+        // The chunks spread over one pack per writer; every pack holding
+        // garbage (chunk 0, m1's page) holds live chunks too, so at 100%
+        // nothing qualifies.
+        let all = GcOptions {
+            min_garbage_percent: 100,
+        };
+        let r = collect(&s, &all, &Progress::default(), Stop::Never).unwrap();
+        assert_eq!((r.packs_rewritten, r.chunks_removed), (0, 0), "{r:?}");
+        assert!(r.packs_below_threshold >= 1 && r.bytes_left > 0, "{r:?}");
+        let d0 = ChunkDigest::of(b"chunk 0");
+        assert_eq!(s.missing(&[d0]).unwrap(), [false]);
+        let r = gc(&s);
+        assert_eq!((r.chunks_removed, r.packs_below_threshold), (2, 0), "{r:?}");
+        assert_eq!(s.missing(&[d0]).unwrap(), [true]);
+    }
+
+    #[test]
     fn a_damaged_manifest_stops_the_collection() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
         let (m1, d1) = snap(&s, 1000, &["a"]);
         let path = s.manifest_path(&m1.id);
         fs::write(&path, b"{ broken").unwrap();
-        let e = collect(&s, &Progress::default(), Stop::Never).unwrap_err();
+        let e = collect(&s, &GcOptions::default(), &Progress::default(), Stop::Never).unwrap_err();
         assert!(e.to_string().contains("delete the snapshot"), "{e}");
         assert_eq!(s.missing(&d1).unwrap(), [false]);
     }
