@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use super::{lock, read_toc, DigestSet, Loc, LocalStore, Writer, PACK_TARGET};
 use crate::backup::load_page;
+use crate::digest::ChunkDigest;
 use crate::format::manifest::Manifest;
 use crate::format::pack;
 use crate::fsutil;
@@ -118,7 +119,56 @@ fn run(
     }
     rep.live_chunks = live.len() as u64;
 
-    // Sweep.
+    // Sweep. Until the new packs are durable, a failure (a full disk)
+    // puts every moved chunk back where the index had it: the old packs
+    // are all still there.
+    let mut moves = Moves::default();
+    let doomed = match sweep(s, opts, progress, &live, packs, &mut rep, &mut moves)
+        .and_then(|d| s.sync_packs().map(|()| d))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            rollback(s, &moves);
+            return Err(e);
+        }
+    };
+    if stop == Stop::AfterPublish {
+        return Ok(rep);
+    }
+    crate::fault::point("gc-before-delete");
+    let mut first = true;
+    for (n, id) in doomed {
+        if !std::mem::take(&mut first) {
+            crate::fault::point("gc-mid-delete");
+        }
+        let path = s.pack_path(&id, true);
+        {
+            let mut packs = lock(&s.packs);
+            packs[n as usize].removed = true;
+            packs[n as usize].file = None;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(&path, e)),
+        }
+    }
+    fsutil::sync_dir(&s.root.join("packs")).map_err(|e| StoreError::io(&s.root, e))?;
+    rep.bytes_after = s.usage()?;
+    Ok(rep)
+}
+
+/// Rewrites the packs holding garbage; returns the packs to delete once
+/// the new ones are published. Every index move goes into `journal`.
+fn sweep(
+    s: &LocalStore,
+    opts: &GcOptions,
+    progress: &Progress,
+    live: &DigestSet,
+    packs: Vec<(u32, String)>,
+    rep: &mut GcReport,
+    moves: &mut Moves,
+) -> Result<Vec<(u32, String)>, StoreError> {
     let mut out: Option<Writer> = None;
     let mut doomed: Vec<(u32, String)> = Vec::new();
     for (n, id) in packs {
@@ -158,7 +208,7 @@ fn run(
         let old = s.pack_file(n)?;
         let mut moved: Vec<(pack::Entry, Loc)> = Vec::with_capacity(keep.len());
         for e in keep {
-            moved.push((*e, append(s, &mut out, &old, e)?));
+            moved.push((*e, append(s, &mut out, &mut moves.open, &old, e)?));
         }
         // Decide the rest against what backups touched up to now.
         let g = lock(&s.guard);
@@ -169,7 +219,7 @@ fn run(
                 continue; // a duplicate copy: the index points elsewhere
             }
             if g.touched.contains(&e.digest) {
-                moved.push((*e, append(s, &mut out, &old, e)?));
+                moved.push((*e, append(s, &mut out, &mut moves.open, &old, e)?));
             } else {
                 dropped.push(e.digest);
             }
@@ -179,6 +229,7 @@ fn run(
             for (e, to) in &moved {
                 if let Some(l) = index.get_mut(&e.digest) {
                     if l.pack == n && l.offset == e.offset {
+                        moves.journal.push((e.digest, *l, *to));
                         *l = *to;
                     }
                 }
@@ -201,39 +252,54 @@ fn run(
     }
     if let Some(w) = out.take() {
         finish(s, w)?;
+        moves.open = None;
     }
-    // The new packs must be durable before any old one goes.
-    s.sync_packs()?;
-    if stop == Stop::AfterPublish {
-        return Ok(rep);
+    Ok(doomed)
+}
+
+/// What a sweep changed, to undo it if it fails before publishing.
+#[derive(Default)]
+struct Moves {
+    /// (chunk, old place, new place) of every index move.
+    journal: Vec<(ChunkDigest, Loc, Loc)>,
+    /// The sweep's open pack, if any (its file is only ours until sealed).
+    open: Option<u32>,
+}
+
+/// Points moved chunks back at their old packs (where they still are) and
+/// deletes the sweep's unsealed pack, which a full disk needs back.
+fn rollback(s: &LocalStore, moves: &Moves) {
+    {
+        let _g = lock(&s.guard);
+        let mut index = s.index.write().unwrap_or_else(|p| p.into_inner());
+        for (d, old, new) in &moves.journal {
+            if let Some(l) = index.get_mut(d) {
+                if l.pack == new.pack && l.offset == new.offset {
+                    *l = *old;
+                }
+            }
+        }
     }
-    crate::fault::point("gc-before-delete");
-    let mut first = true;
-    for (n, id) in doomed {
-        if !std::mem::take(&mut first) {
-            crate::fault::point("gc-mid-delete");
-        }
-        let path = s.pack_path(&id, true);
-        {
-            let mut packs = lock(&s.packs);
-            packs[n as usize].removed = true;
-            packs[n as usize].file = None;
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io(&path, e)),
+    if let Some(n) = moves.open {
+        let mut packs = lock(&s.packs);
+        let p = &mut packs[n as usize];
+        if !p.published {
+            let _ = fs::remove_file(s.pack_path(&p.id, false));
+            p.removed = true;
+            p.file = None;
         }
     }
-    fsutil::sync_dir(&s.root.join("packs")).map_err(|e| StoreError::io(&s.root, e))?;
-    rep.bytes_after = s.usage()?;
-    Ok(rep)
+    tracing::warn!(
+        moved = moves.journal.len(),
+        "garbage collection failed; every chunk it moved is read from its old pack again"
+    );
 }
 
 /// Copies one chunk file into the collection's open pack.
 fn append(
     s: &LocalStore,
     out: &mut Option<Writer>,
+    open: &mut Option<u32>,
     old: &Arc<fs::File>,
     e: &pack::Entry,
 ) -> Result<Loc, StoreError> {
@@ -241,7 +307,9 @@ fn append(
     old.read_exact_at(&mut buf, e.offset)
         .map_err(|x| StoreError::io(&s.root, x))?;
     if out.is_none() {
-        *out = Some(s.new_writer()?);
+        let w = s.new_writer()?;
+        *open = Some(w.pack);
+        *out = Some(w);
     }
     let w = out.as_mut().expect("just set");
     let offset = w.len;
@@ -262,6 +330,7 @@ fn append(
     if w.len >= PACK_TARGET {
         let full = out.take().expect("open");
         finish(s, full)?;
+        *open = None;
     }
     Ok(loc)
 }
