@@ -311,25 +311,7 @@ fn walk(p: &Path) -> Vec<std::path::PathBuf> {
 fn a_full_store_fails_cleanly_and_keeps_the_dirty_bits() {
     let t = tempdir();
     let mnt = t.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=6m",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ],
-    );
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    let _fs = Tmpfs::mount(&mnt, "6m");
     let img = t.path().join("disk.img");
     random_file(&img, 4 << 20, 5);
     std::fs::OpenOptions::new()

@@ -439,25 +439,7 @@ fn an_audit_catches_a_write_made_behind_the_proxys_back() {
 fn gc_on_a_full_disk_fails_cleanly_and_loses_nothing() {
     let t = tempdir();
     let mnt = t.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=24m",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ],
-    );
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    let _fs = Tmpfs::mount(&mnt, "24m");
     let img = t.path().join("vm.img");
     random_file(&img, 8 << 20, 21);
     let dir = t.path().join("a");

@@ -553,18 +553,24 @@ mod tests {
         run(store, &req, &BackupOptions::default(), &Progress::default())
     }
 
-    #[test]
-    fn an_audit_finds_a_write_the_bitmap_missed_and_the_snapshot_has_it() {
+    /// A store and a read-write image of `size` bytes (with its contents).
+    fn fixture(size: usize) -> (tempfile::TempDir, LocalStore, Vec<u8>, File) {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(&dir.path().join("store")).unwrap();
         let path = dir.path().join("img");
-        let size = 2 * 1024 * 1024;
-        let mut data = image(&path, size);
+        let data = image(&path, size);
         let img = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .unwrap();
+        (dir, store, data, img)
+    }
+
+    #[test]
+    fn an_audit_finds_a_write_the_bitmap_missed_and_the_snapshot_has_it() {
+        let (dir, store, mut data, img) = fixture(2 * 1024 * 1024);
+        let size = data.len();
         let g = Granularity::new(CS).unwrap();
         let clean = DirtyBitmap::new(size as u64, g);
         let full = backup(&store, &img, size as u64, &clean, None, 1000);
@@ -633,16 +639,8 @@ mod tests {
 
     #[test]
     fn full_incremental_restore_verify_and_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(&dir.path().join("store")).unwrap();
-        let path = dir.path().join("img");
-        let size = 3 * 1024 * 1024 + 1000;
-        let mut data = image(&path, size);
-        let img = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let (dir, store, mut data, img) = fixture(3 * 1024 * 1024 + 1000);
+        let size = data.len();
         let g = Granularity::new(CS).unwrap();
         let full = backup(
             &store,
