@@ -331,9 +331,17 @@ pub fn spawn(
     std::thread::spawn(move || {
         let mut queue = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            let due = schedules.take_due(novabackup_engine::time::now_unix());
-            enqueue(&mut queue, &due, &*runner);
-            drain(&mut queue, &*runner);
+            // A bug in one tick must not stop every schedule for good.
+            let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let due = schedules.take_due(novabackup_engine::time::now_unix());
+                enqueue(&mut queue, &due, &*runner);
+                drain(&mut queue, &*runner);
+            }));
+            if tick.is_err() {
+                tracing::error!(
+                    "the scheduler hit a bug in this tick; it goes on (see the log above)"
+                );
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     })

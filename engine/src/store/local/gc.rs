@@ -51,19 +51,31 @@ pub(crate) fn collect(
     stop: Stop,
 ) -> Result<GcReport, StoreError> {
     let started = Instant::now();
-    let _one = s
-        .collecting
-        .try_lock()
-        .map_err(|_| StoreError::Gc("another garbage collection is running".into()))?;
-    lock(&s.guard).gc = true;
-    let r = run(s, opts, progress, stop);
-    {
-        let mut g = lock(&s.guard);
-        g.gc = false;
-        if !g.tracking() {
-            g.touched = DigestSet::default();
+    let _one = match s.collecting.try_lock() {
+        Ok(g) => g,
+        // A collection that panicked is over; it must not block the next.
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            return Err(StoreError::Gc(
+                "another garbage collection is running".into(),
+            ))
+        }
+    };
+    /// Ends the collection's tracking however `run` returns (or panics).
+    struct Tracking<'a>(&'a LocalStore);
+    impl Drop for Tracking<'_> {
+        fn drop(&mut self) {
+            let mut g = lock(&self.0.guard);
+            g.gc = false;
+            if !g.tracking() {
+                g.touched = DigestSet::default();
+            }
         }
     }
+    lock(&s.guard).gc = true;
+    let tracking = Tracking(s);
+    let r = run(s, opts, progress, stop);
+    drop(tracking);
     let mut rep = r?;
     rep.duration_ms = started.elapsed().as_millis() as u64;
     Ok(rep)
