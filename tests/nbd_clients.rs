@@ -116,18 +116,7 @@ fn qemu_img_convert_in_and_out() {
                 back.to_str().unwrap(),
             ],
         );
-        run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                src.to_str().unwrap(),
-                back.to_str().unwrap(),
-            ],
-        );
+        compare_images(&src, &back);
         run(
             "qemu-img",
             &[

@@ -53,13 +53,19 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn prune_keeps_what_the_policy_says_and_gc_frees_the_rest() {
+/// An agent with disk "vm": a random image of `size` bytes.
+fn agent_with_disk(size: usize, seed: u64) -> (tempfile::TempDir, std::path::PathBuf, Agent) {
     let t = tempdir();
     let img = t.path().join("vm.img");
-    random_file(&img, 16 << 20, 7);
+    random_file(&img, size, seed);
     let a = Agent::start(&t.path().join("a"), "pread");
     a.attach("vm", &img, &[]);
+    (t, img, a)
+}
+
+#[test]
+fn prune_keeps_what_the_policy_says_and_gc_frees_the_rest() {
+    let (t, img, a) = agent_with_disk(16 << 20, 7);
     let mut ids = Vec::new();
     for i in 0..4u8 {
         if i > 0 {
@@ -342,11 +348,7 @@ fn schedules_run_on_time_once_after_downtime_and_show_in_status() {
 
 #[test]
 fn quotas_stop_backups_early_or_midway_and_keep_the_dirty_bits() {
-    let t = tempdir();
-    let img = t.path().join("vm.img");
-    random_file(&img, 32 << 20, 9);
-    let a = Agent::start(&t.path().join("a"), "pread");
-    a.attach("vm", &img, &[]);
+    let (t, img, a) = agent_with_disk(32 << 20, 9);
     // Mid-way: random data does not compress; 4 MiB is reached early.
     a.ok(&["quota", "set", "--disk", "vm", "4M"]);
     let o = a.cli(&["backup", "vm"]);

@@ -39,11 +39,15 @@ impl When {
             .map(|n| n.timestamp() as u64)
     }
 
-    /// Whether a run is due at `now` for a schedule last run at
-    /// `last_run` (if ever) and created or changed at `anchor`.
+    /// The next run of a schedule last run at `last_run` (if ever) and
+    /// created or changed at `anchor` (possibly past: a run not yet made).
+    pub fn next_run(&self, anchor: u64, last_run: Option<u64>) -> Option<u64> {
+        self.next_after(last_run.map_or(anchor, |l| l.max(anchor)))
+    }
+
+    /// Whether a run is due at `now` (see [`Self::next_run`]).
     pub fn due(&self, anchor: u64, last_run: Option<u64>, now: u64) -> bool {
-        let from = last_run.map_or(anchor, |l| l.max(anchor));
-        self.next_after(from).is_some_and(|n| n <= now)
+        self.next_run(anchor, last_run).is_some_and(|n| n <= now)
     }
 }
 

@@ -58,7 +58,8 @@ pub struct Settings {
     quotas: Mutex<Quotas>,
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+/// Checks a policy name or schedule id (the rules of disk names).
+pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = (1..=64).contains(&name.len())
         && !name.starts_with(['.', '-'])
         && name
@@ -236,7 +237,13 @@ pub fn usage_report(manifests: &[Manifest], q: &Quotas) -> Vec<DiskUsage> {
 
 /// The most a backup of `disk` may add to the store under the quotas, or
 /// an error when a limit is reached already (the backup must not start).
-pub fn budget(store: &dyn Store, q: &Quotas, disk: &str) -> Result<Option<(u64, String)>, String> {
+/// `snaps` are the disk's snapshots.
+pub fn budget(
+    store: &dyn Store,
+    q: &Quotas,
+    disk: &str,
+    snaps: &[Manifest],
+) -> Result<Option<(u64, String)>, String> {
     if q.store.is_none() && !q.disks.contains_key(disk) {
         return Ok(None);
     }
@@ -254,10 +261,7 @@ pub fn budget(store: &dyn Store, q: &Quotas, disk: &str) -> Result<Option<(u64, 
         best = Some((limit - used, what));
     }
     if let Some(&limit) = q.disks.get(disk) {
-        let (list, _) = store
-            .list(Some(&disk.parse().map_err(|e| format!("{e}"))?))
-            .map_err(|e| e.to_string())?;
-        let used = disk_usage(&list).get(disk).map_or(0, |u| u.0);
+        let used = disk_usage(snaps).get(disk).map_or(0, |u| u.0);
         let what = format!(
             "the quota of disk {disk} ({} of {} used)",
             format_size(used),

@@ -116,12 +116,9 @@ pub fn validate(r: &ScheduleRequest) -> Result<When, ApiError> {
 
 fn info(s: &Stored) -> ScheduleInfo {
     let next = if s.spec.enabled {
-        validate(&s.spec).ok().and_then(|w| {
-            w.next_after(
-                s.last_run_unix
-                    .map_or(s.anchor_unix, |l| l.max(s.anchor_unix)),
-            )
-        })
+        validate(&s.spec)
+            .ok()
+            .and_then(|w| w.next_run(s.anchor_unix, s.last_run_unix))
     } else {
         None
     };
@@ -209,16 +206,7 @@ impl Schedules {
             None => {
                 let id = match &req.id {
                     Some(id) => {
-                        let ok = (1..=64).contains(&id.len())
-                            && id
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-                        if !ok {
-                            return Err(err(
-                                ErrorCode::BadRequest,
-                                format!("schedule id {id:?} is not valid: use 1-64 letters, digits, '.', '_' or '-'"),
-                            ));
-                        }
+                        super::policy::check_name("schedule id", id)?;
                         if next.iter().any(|s| s.id == *id) {
                             return Err(err(
                                 ErrorCode::Conflict,

@@ -710,19 +710,18 @@ impl schedule::Runner for Agent {
         match action {
             ScheduleAction::Backup => self.server.all().iter().map(|e| e.name.clone()).collect(),
             // Every disk with snapshots, attached or not.
-            _ => {
-                let mut d: Vec<String> = match self.store.list(None) {
-                    Ok((l, _)) => l.iter().map(|m| m.disk.to_string()).collect(),
-                    Err(e) => {
-                        tracing::error!("scheduler cannot list snapshots: {e}");
-                        Vec::new()
-                    }
-                };
-                d.dedup();
-                d.sort();
-                d.dedup();
-                d
-            }
+            _ => match self.store.list(None) {
+                Ok((l, _)) => l
+                    .iter()
+                    .map(|m| m.disk.to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                Err(e) => {
+                    tracing::error!("scheduler cannot list snapshots: {e}");
+                    Vec::new()
+                }
+            },
         }
     }
 

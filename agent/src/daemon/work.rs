@@ -41,13 +41,16 @@ pub fn backup(
     let disk: DiskName = export.name.parse().map_err(|e| format!("{e}"))?;
     // A quota reached already stops the backup before the checkpoint, so
     // the dirty bits are untouched.
-    let budget = super::policy::budget(&*store, quotas, disk.as_str())?;
+    // The disk's snapshots, read once: the quota, the base and the audit
+    // rhythm all look at them.
+    let (snaps, _) = store.list(Some(&disk)).map_err(|e| e.to_string())?;
+    let budget = super::policy::budget(&*store, quotas, disk.as_str(), &snaps)?;
     let status = export.tracker.status();
     let mut opts = s.backup.clone();
     // A chunk never splits a CBT block, so copy-before-write copies line
     // up with what the backup reads.
     opts.chunk_size = opts.chunk_size.max(status.granularity);
-    let (base, no_base) = find_base(&*store, &disk, status.base.as_deref())?;
+    let (base, no_base) = find_base(&*store, &snaps, status.base.as_deref())?;
     let (_, trust) = export.tracker.live();
     let size = export.image.size;
     let incremental_possible = plan::full_reason(
@@ -61,9 +64,8 @@ pub fn backup(
     .is_none();
     let mode = match mode {
         Mode::Auto if s.audit_every > 0 && incremental_possible => {
-            let (list, _) = store.list(Some(&disk)).map_err(|e| e.to_string())?;
             // Every Nth backup: N-1 incrementals since the last full read.
-            let since = list
+            let since = snaps
                 .iter()
                 .rev()
                 .take_while(|m| m.kind == BackupKind::Incremental)
@@ -161,11 +163,10 @@ pub fn backup(
 
 fn find_base(
     store: &dyn Store,
-    disk: &DiskName,
+    existing: &[Manifest],
     base: Option<&str>,
 ) -> Result<(Option<Manifest>, String), String> {
     let Some(id) = base else {
-        let (existing, _) = store.list(Some(disk)).map_err(|e| e.to_string())?;
         let why = if existing.is_empty() {
             "no previous snapshot of this disk".to_string()
         } else {

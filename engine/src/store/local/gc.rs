@@ -263,7 +263,7 @@ fn sweep(
         doomed.push((n, id));
     }
     if let Some(w) = out.take() {
-        finish(s, w)?;
+        s.seal(&w)?;
         moves.open = None;
     }
     Ok(doomed)
@@ -341,14 +341,10 @@ fn append(
     };
     if w.len >= PACK_TARGET {
         let full = out.take().expect("open");
-        finish(s, full)?;
+        s.seal(&full)?;
         *open = None;
     }
     Ok(loc)
-}
-
-fn finish(s: &LocalStore, w: Writer) -> Result<(), StoreError> {
-    s.seal(&w)
 }
 
 #[cfg(test)]
