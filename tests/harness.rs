@@ -283,6 +283,22 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A loop device over a file, detached when dropped.
+pub struct LoopDev(pub PathBuf);
+
+impl LoopDev {
+    pub fn attach(backing: &Path) -> LoopDev {
+        let dev = run("losetup", &["-f", "--show", backing.to_str().unwrap()]);
+        LoopDev(PathBuf::from(dev.trim()))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
 /// Asserts two raw images are equal, with qemu-img compare.
 pub fn compare_images(a: &Path, b: &Path) {
     run(

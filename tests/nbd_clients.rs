@@ -399,20 +399,10 @@ fn block_device_export_through_a_loop_device() {
     let t = tempdir();
     let backing = t.path().join("backing.img");
     random_file(&backing, 16 << 20, 9);
-    let dev = run("losetup", &["-f", "--show", backing.to_str().unwrap()])
-        .trim()
-        .to_string();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .args(["-d", &self.0])
-                .status();
-        }
-    }
-    let _d = Detach(dev.clone());
+    let lo = LoopDev::attach(&backing);
+    let dev = &lo.0;
     let a = Agent::start(&t.path().join("a"), "uring");
-    a.attach("blk", std::path::Path::new(&dev), &[]);
+    a.attach("blk", dev, &[]);
     let d: serde_json::Value = serde_json::from_str(&a.ok(&["disk", "list", "--json"])).unwrap();
     assert_eq!(d[0]["backing"], "block_device");
     assert_eq!(d[0]["size"], 16 << 20);
@@ -443,7 +433,7 @@ fn block_device_export_through_a_loop_device() {
         "qemu-io",
         &["-f", "raw", "-c", "read -P 0 4M 64k", &a.uri("blk")],
     );
-    let data = std::fs::read(&dev).unwrap();
+    let data = std::fs::read(dev).unwrap();
     assert_eq!(data[(1 << 20) + 10], 0x5e);
     assert_eq!(
         dirty_blocks(&dirty_map(&a.uri("blk")), 65536),

@@ -11,6 +11,7 @@
 //! holds a partial file) for two filesystem syncs instead of one fsync per
 //! file.
 
+pub mod direct;
 mod writeback;
 
 pub use writeback::start_writeback;
