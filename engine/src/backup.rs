@@ -181,11 +181,14 @@ pub fn run(
     let (work_tx, work_rx) =
         crossbeam_channel::bounded::<(u64, Vec<u8>)>(opts.read_depth.max(workers * 2));
     let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<Done, BackupError>>(256);
+    // Read buffers go back to the reader once a worker is done with them.
+    let (spare_tx, spare_rx) =
+        crossbeam_channel::bounded::<Vec<u8>>(opts.read_depth.max(workers * 2) + workers * BATCH);
     let level = opts.zstd_level;
 
     let result: Result<(), BackupError> = std::thread::scope(|s| {
         for _ in 0..workers {
-            let (rx, tx) = (work_rx.clone(), done_tx.clone());
+            let (rx, tx, spare) = (work_rx.clone(), done_tx.clone(), spare_tx.clone());
             s.spawn(move || {
                 let mut comp = match zstd::bulk::Compressor::new(level) {
                     Ok(c) => c,
@@ -207,7 +210,9 @@ pub fn run(
                         }
                     }
                     let r = process(store, &mut comp, &batch);
-                    batch.clear();
+                    for (_, buf) in batch.drain(..) {
+                        let _ = spare.try_send(buf);
+                    }
                     let failed = r.is_err();
                     for d in r.map_or_else(|e| vec![Err(e)], |v| v.into_iter().map(Ok).collect()) {
                         if tx.send(d).is_err() {
@@ -222,6 +227,7 @@ pub fn run(
         }
         drop(work_rx);
         drop(done_tx);
+        drop(spare_tx);
         // The collector.
         let touched = &mut touched;
         let stats = &mut stats;
@@ -265,6 +271,7 @@ pub fn run(
             chunk_size: cs,
             ranges: &plan.read,
             depth: opts.read_depth,
+            recycled: Some(&spare_rx),
         };
         let read = read_chunks(req.engine, &job, &mut |idx, mut buf| {
             if progress.cancelled() {

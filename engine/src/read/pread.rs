@@ -22,7 +22,7 @@ pub(super) fn read<E>(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&idx) = idxs.get(i) else { return };
                 let (off, len) = chunk_span(job, idx);
-                let mut buf = vec![0u8; len];
+                let mut buf = super::buffer(job, len);
                 let r = job.file.read_exact_at(&mut buf, off).map(|()| (idx, buf));
                 if tx.send(r).is_err() {
                     return;

@@ -71,7 +71,7 @@ pub(super) fn read<E>(
                     let s = slots[slot].insert(Slot {
                         idx,
                         off,
-                        buf: vec![0u8; len],
+                        buf: super::buffer(job, len),
                         done: 0,
                     });
                     if let Err(e) = submit(&mut ring, slot, s) {
