@@ -1,9 +1,9 @@
 //! [`RemoteStore`]: the [`Store`] of a store server (`novabackup store
 //! serve`), spoken over the protocol in [`crate::store_server`].
 //!
-//! Uploads run on a pool of threads so that many are in flight while the
-//! backup's workers go on hashing and compressing: `put_chunk` queues and
-//! returns, `sync` waits for the queue to drain and fails if any upload
+//! Uploads run on a pool of threads so that several are in flight while
+//! the backup's workers go on hashing and compressing, each request a batch
+//! of about a megabyte of chunks: `put_chunk` queues and returns, `sync` waits for the queue to drain and fails if any upload
 //! failed. A chunk queued for upload counts as present (like a staged chunk
 //! in a local store), so one backup never sends the same chunk twice.
 //!
@@ -27,10 +27,36 @@ use novabackup_engine::progress::Progress;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
-use crate::store_server::{Lease, SnapshotList};
+use crate::store_server::{encode_batch, Lease, SnapshotList, BATCH_BYTES};
 
-/// Uploads in flight at most.
-const UPLOADERS: usize = 8;
+/// Upload requests in flight at most.
+const UPLOADERS: usize = 4;
+/// Chunks queued for upload at most (about 8 MiB of 64 KiB chunks): enough
+/// for every uploader to fill a batch while the others are on the wire.
+const QUEUED: usize = 128;
+/// How long an uploader waits for more chunks before sending a part batch.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// The next upload batch: the first queued chunk, then more until the
+/// batch holds [`BATCH_BYTES`] or nothing arrives for [`LINGER`]. None
+/// once the store is dropped and the queue is empty.
+fn next_batch(
+    rx: &crossbeam_channel::Receiver<(ChunkDigest, Vec<u8>)>,
+) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {
+    let first = rx.recv().ok()?;
+    let mut bytes = first.1.len();
+    let mut batch = vec![first];
+    while bytes < BATCH_BYTES {
+        match rx.recv_timeout(LINGER) {
+            Ok(c) => {
+                bytes += c.1.len();
+                batch.push(c);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
 
 #[derive(Default)]
 struct Pending {
@@ -98,14 +124,14 @@ impl RemoteStore {
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
         });
-        let (tx, rx) = crossbeam_channel::bounded::<(ChunkDigest, Vec<u8>)>(UPLOADERS * 4);
+        let (tx, rx) = crossbeam_channel::bounded::<(ChunkDigest, Vec<u8>)>(QUEUED);
         let threads = (0..UPLOADERS)
             .map(|_| {
                 let (inner, rx) = (inner.clone(), rx.clone());
                 std::thread::spawn(move || {
-                    for (d, file) in rx {
-                        let r = inner.send("PUT", &format!("/store/v1/chunks/{d}"), Some(&file));
-                        let failed = match r {
+                    while let Some(batch) = next_batch(&rx) {
+                        let body = encode_batch(batch.iter().map(|(d, f)| (d, f.as_slice())));
+                        let failed = match inner.send("POST", "/store/v1/chunks", Some(&body)) {
                             Ok(_) => None,
                             Err(e) => Some(match inner.error(e) {
                                 StoreError::Remote { why, .. } => why,
@@ -113,9 +139,11 @@ impl RemoteStore {
                             }),
                         };
                         let mut p = inner.pending();
-                        p.queued.remove(&d);
-                        if failed.is_none() {
-                            p.uploaded.insert(d);
+                        for (d, _) in &batch {
+                            p.queued.remove(d);
+                            if failed.is_none() {
+                                p.uploaded.insert(*d);
+                            }
                         }
                         if let Some(f) = failed {
                             p.failed.get_or_insert(f);
@@ -586,6 +614,45 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_with_one_tampered_chunk_stores_none_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let (good, _) = novabackup_engine::format::chunk::encode(b"good data", &mut z);
+        let good_d = ChunkDigest::of(b"good data");
+        let (bad, _) = novabackup_engine::format::chunk::encode(b"real data", &mut z);
+        let claimed = ChunkDigest::of(b"other data");
+        let post = |body: &[u8]| {
+            ureq::post(&format!("{url}/store/v1/chunks"))
+                .set("Authorization", "Bearer secret")
+                .send_bytes(body)
+                .map_err(Box::new)
+        };
+        let body = encode_batch([(&good_d, &good[..]), (&claimed, &bad[..])]);
+        match post(&body).map_err(|e| *e) {
+            Err(ureq::Error::Status(400, resp)) => {
+                let b: ErrorBody = resp.into_json().unwrap();
+                assert!(
+                    b.error.message.contains(&claimed.hex()),
+                    "{}",
+                    b.error.message
+                );
+            }
+            other => panic!("expected 400, got {other:?}"),
+        }
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        assert_eq!(s.missing(&[good_d, claimed]).unwrap(), vec![true, true]);
+        // The good chunk alone goes in, and reads back.
+        let r: serde_json::Value = post(&encode_batch([(&good_d, &good[..])]))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(r["chunks"], 1, "{r}");
+        assert_eq!(s.missing(&[good_d]).unwrap(), vec![false]);
+        assert_eq!(s.get_chunk(&good_d).unwrap(), good);
+    }
+
+    #[test]
     fn a_snapshot_missing_its_chunks_is_refused() {
         use novabackup_engine::format::index;
         let dir = tempfile::tempdir().unwrap();
@@ -659,6 +726,27 @@ mod malformed {
                 .call(),
                 404,
                 "not_found",
+            ),
+            // Upload batches: empty, a head cut short, a length past the end.
+            (
+                auth(ureq::post(&format!("{url}/store/v1/chunks"))).send_bytes(b""),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::post(&format!("{url}/store/v1/chunks"))).send_bytes(&[7u8; 35]),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::post(&format!("{url}/store/v1/chunks"))).send_bytes(&{
+                    let mut b = vec![7u8; 32];
+                    b.extend_from_slice(&1000u32.to_le_bytes());
+                    b.extend_from_slice(&[1u8; 10]);
+                    b
+                }),
+                400,
+                "bad_request",
             ),
             (
                 auth(ureq::post(&format!("{url}/store/v1/snapshots"))).send_bytes(b"{not json"),
