@@ -168,6 +168,7 @@ pub fn restore(
         failure: &failure,
     };
     let w = &w;
+    store.prefetch(&digests[..(batch * (AHEAD_BATCHES + 1)).min(digests.len())]);
     std::thread::scope(|s| {
         for _ in 0..decoders {
             let (free_rx, filled_tx) = (free_rx.clone(), filled_tx.clone());
@@ -228,6 +229,9 @@ struct Worker<'a> {
 /// `pwrite` per run of non-zero chunks.
 const BATCH_BYTES: usize = 1 << 20;
 
+/// Batches beyond the current one whose chunks are already prefetched.
+const AHEAD_BATCHES: usize = 4;
+
 /// A decoded batch on its way to the writer: the buffer and its runs of
 /// non-zero chunks, each as (offset in the target, range in the buffer).
 struct Filled {
@@ -260,6 +264,13 @@ fn decoder(
         let first = w.next.fetch_add(batch, Ordering::Relaxed);
         if first >= w.digests.len() {
             return Ok(());
+        }
+        // Ask for the batch after the ones in flight now, so its reads
+        // overlap this batch's decoding when the store is not cached.
+        let ahead = first + batch * (AHEAD_BATCHES + 1);
+        if ahead < w.digests.len() {
+            w.store
+                .prefetch(&w.digests[ahead..(ahead + batch).min(w.digests.len())]);
         }
         // Without a buffer the writer has stopped (and said why).
         let Ok(mut buf) = free.recv() else {

@@ -145,6 +145,12 @@ pub trait Store: Send + Sync {
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError>;
     /// The encoded chunk file of `digest`.
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError>;
+
+    /// Hints that these chunks will be read soon, so a store can start
+    /// fetching them while the caller works on earlier ones (a restore
+    /// from a store larger than memory). Best effort; the default does
+    /// nothing.
+    fn prefetch(&self, _digests: &[ChunkDigest]) {}
     /// Makes every chunk put so far durable.
     fn sync(&self) -> Result<(), StoreError>;
     /// Makes a snapshot visible. Fails if its id exists.

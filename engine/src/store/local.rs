@@ -31,6 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -54,6 +55,9 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// Published packs kept open for reading at most (a cache, not a limit on
 /// the store).
 const MAX_OPEN_PACKS: usize = 256;
+/// Chunks of one pack this close together are prefetched as one range
+/// (reading a little unneeded data beats another request).
+const PREFETCH_GAP: u64 = 256 << 10;
 const FORMAT: u32 = 2;
 
 /// Digests are SHA-256 output: their first bytes are already a good hash.
@@ -580,6 +584,37 @@ impl Store for LocalStore {
             *slot = None;
         }
         Ok(len as u64)
+    }
+
+    fn prefetch(&self, digests: &[ChunkDigest]) {
+        let mut locs: Vec<Loc> = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            digests
+                .iter()
+                .filter_map(|d| index.get(d).copied())
+                .collect()
+        };
+        locs.sort_by_key(|l| (l.pack, l.offset));
+        // Neighbouring chunks of one pack become one readahead request.
+        let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+        for l in locs {
+            match runs.last_mut() {
+                Some((p, _, end)) if *p == l.pack && l.offset <= *end + PREFETCH_GAP => {
+                    *end = (*end).max(l.offset + l.len as u64);
+                }
+                _ => runs.push((l.pack, l.offset, l.offset + l.len as u64)),
+            }
+        }
+        for (pack, start, end) in runs {
+            if let Ok(f) = self.pack_file(pack) {
+                let _ = nix::fcntl::posix_fadvise(
+                    f.as_raw_fd(),
+                    start as i64,
+                    (end - start) as i64,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
     }
 
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
