@@ -27,7 +27,9 @@ use novabackup_engine::progress::Progress;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
-use crate::store_server::{encode_batch, Lease, SnapshotList, BATCH_BYTES};
+use crate::store_server::{
+    decode_batch, encode_batch, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH,
+};
 
 /// Upload requests in flight at most.
 const UPLOADERS: usize = 4;
@@ -74,9 +76,20 @@ struct Inner {
     drained: Condvar,
 }
 
+/// Most bytes of prefetched chunk files held for `get_chunk`; past it
+/// the cache is emptied (a restore that stopped leaves no lasting garbage).
+const PREFETCH_LIMIT: usize = 64 << 20;
+
+#[derive(Default)]
+struct Prefetched {
+    files: std::collections::HashMap<ChunkDigest, Vec<u8>>,
+    bytes: usize,
+}
+
 /// A store server's store (module doc).
 pub struct RemoteStore {
     inner: Arc<Inner>,
+    prefetched: Mutex<Prefetched>,
     uploads: Option<crossbeam_channel::Sender<(ChunkDigest, Vec<u8>)>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -157,6 +170,7 @@ impl RemoteStore {
             .collect();
         let s = RemoteStore {
             inner,
+            prefetched: Mutex::default(),
             uploads: Some(tx),
             threads,
         };
@@ -336,7 +350,46 @@ impl Store for RemoteStore {
         Ok(file.len() as u64)
     }
 
+    /// Downloads the chunks in batches now (one request per batch instead
+    /// of one per chunk), to be handed out by `get_chunk`. Errors are left
+    /// for `get_chunk` to report, chunk by chunk.
+    fn prefetch(&self, digests: &[ChunkDigest]) {
+        for ask in digests.chunks(MAX_FETCH) {
+            let body: Vec<u8> = ask.iter().flat_map(|d| d.0).collect();
+            let Ok(r) = self.inner.send("POST", "/store/v1/fetch", Some(&body)) else {
+                return;
+            };
+            let limit = (ask.len() * (novabackup_engine::format::chunk::MAX_PLAIN + 64)) as u64;
+            let Ok(answer) = read_body(r, limit) else {
+                return;
+            };
+            let Ok(records) = decode_batch(&answer) else {
+                return;
+            };
+            let mut p = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+            for (d, file) in records {
+                if !ask.contains(&d) {
+                    continue;
+                }
+                if p.bytes + file.len() > PREFETCH_LIMIT {
+                    *p = Prefetched::default();
+                }
+                p.bytes += file.len();
+                if let Some(old) = p.files.insert(d, file.to_vec()) {
+                    p.bytes -= old.len();
+                }
+            }
+        }
+    }
+
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
+        {
+            let mut p = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = p.files.remove(digest) {
+                p.bytes -= f.len();
+                return Ok(f);
+            }
+        }
         match self
             .inner
             .send("GET", &format!("/store/v1/chunks/{digest}"), None)
@@ -653,6 +706,38 @@ mod tests {
     }
 
     #[test]
+    fn prefetched_chunks_are_served_once_and_absent_ones_still_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let mut want = Vec::new();
+        for i in 0..40u32 {
+            let data = format!("chunk {i} ").repeat(100 + i as usize);
+            let (file, _) = novabackup_engine::format::chunk::encode(data.as_bytes(), &mut z);
+            let d = ChunkDigest::of(data.as_bytes());
+            s.put_chunk(&d, &file).unwrap();
+            want.push((d, file));
+        }
+        s.sync().unwrap();
+        let absent = ChunkDigest::of(b"never stored");
+        let mut ask: Vec<ChunkDigest> = want.iter().map(|(d, _)| *d).collect();
+        ask.push(absent);
+        s.prefetch(&ask);
+        assert_eq!(s.prefetched.lock().unwrap().files.len(), 40);
+        for (d, file) in &want {
+            assert_eq!(&s.get_chunk(d).unwrap(), file);
+        }
+        assert_eq!(s.prefetched.lock().unwrap().bytes, 0, "handed out once");
+        // Asked again: from the server, not a stale cache.
+        assert_eq!(s.get_chunk(&want[0].0).unwrap(), want[0].1);
+        assert!(matches!(
+            s.get_chunk(&absent),
+            Err(StoreError::MissingChunk(_))
+        ));
+    }
+
+    #[test]
     fn a_snapshot_missing_its_chunks_is_refused() {
         use novabackup_engine::format::index;
         let dir = tempfile::tempdir().unwrap();
@@ -726,6 +811,17 @@ mod malformed {
                 .call(),
                 404,
                 "not_found",
+            ),
+            // Fetches: empty, not whole digests.
+            (
+                auth(ureq::post(&format!("{url}/store/v1/fetch"))).send_bytes(b""),
+                400,
+                "bad_request",
+            ),
+            (
+                auth(ureq::post(&format!("{url}/store/v1/fetch"))).send_bytes(&[1u8; 40]),
+                400,
+                "bad_request",
             ),
             // Upload batches: empty, a head cut short, a length past the end.
             (

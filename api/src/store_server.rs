@@ -11,6 +11,8 @@
 //! POST   /store/v1/chunks                      a batch of chunk files (see [`encode_batch`])
 //!                                              -> {"stored": bytes, "chunks": n}
 //! GET    /store/v1/chunks/{digest}             the chunk file
+//! POST   /store/v1/fetch                       N x 32-byte digests -> a batch of the
+//!                                              chunk files present (format of [`encode_batch`])
 //! POST   /store/v1/sync                        make every uploaded chunk durable
 //! POST   /store/v1/snapshots                   commit a manifest (JSON as stored)
 //! GET    /store/v1/snapshots[?disk=]           {"snapshots": [...], "damaged": [...]}
@@ -99,6 +101,7 @@ pub fn router(store: LocalStore, token: String) -> Router {
     let protected = Router::new()
         .route("/store/v1/missing", post(missing))
         .route("/store/v1/chunks", post(put_chunks))
+        .route("/store/v1/fetch", post(fetch))
         .route("/store/v1/chunks/{digest}", put(put_chunk).get(get_chunk))
         .route("/store/v1/sync", post(sync))
         .route("/store/v1/snapshots", post(commit).get(list))
@@ -304,6 +307,37 @@ async fn get_chunk(
     let d = parse_digest(&digest)?;
     let bytes = blocking(move || s.store.get_chunk(&d).map_err(store_error)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// Most digests one fetch may ask for (about 16 MiB of 64 KiB chunks).
+pub const MAX_FETCH: usize = 256;
+
+/// Many chunk files in one answer (a restore's batch): the ones the store
+/// lacks are left out, so the client can name them with single requests.
+async fn fetch(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    if body.is_empty() || !body.len().is_multiple_of(32) || body.len() / 32 > MAX_FETCH {
+        return Err(bad(format!(
+            "the body must be 1 to {MAX_FETCH} digests of 32 bytes, not {} bytes",
+            body.len()
+        )));
+    }
+    let digests: Vec<ChunkDigest> = body
+        .chunks_exact(32)
+        .map(|c| ChunkDigest(c.try_into().expect("32 bytes")))
+        .collect();
+    let out = blocking(move || {
+        let mut files = Vec::with_capacity(digests.len());
+        for d in &digests {
+            match s.store.get_chunk(d) {
+                Ok(f) => files.push((d, f)),
+                Err(StoreError::MissingChunk(_)) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Ok(encode_batch(files.iter().map(|(d, f)| (*d, f.as_slice()))))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 
 async fn sync(State(s): State<Shared>) -> Result<StatusCode, ApiError> {

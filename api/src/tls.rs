@@ -206,7 +206,13 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Without NODELAY a response's last small segment waits for the
+    // peer's delayed ACK: batched chunk downloads took 7 ms instead of 1.
     let Some(tls) = tls else {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         return axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
@@ -224,6 +230,7 @@ pub async fn serve(
                 }
             },
         };
+        let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
