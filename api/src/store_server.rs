@@ -204,7 +204,7 @@ fn check_upload(file: &[u8], d: &ChunkDigest) -> Result<(), ApiError> {
                     .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?,
             );
         }
-        v.as_mut().expect("just set").check(file, d).map_err(|e| {
+        v.as_mut().expect("just set").check(file, d).map(drop).map_err(|e| {
             bad(format!(
                 "chunk {d} rejected: {e}; nothing was stored (the client's data or the network is damaged)"
             ))

@@ -55,6 +55,11 @@ impl VerifyReport {
     }
 }
 
+/// Chunks a worker claims at once.
+const BATCH: usize = 16;
+/// Batches beyond the current one whose chunks are prefetched.
+const AHEAD: usize = 4;
+
 /// Verifies `manifests` against `store`.
 pub fn verify(
     store: &dyn Store,
@@ -95,33 +100,55 @@ pub fn verify(
             }
         }
     }
-    let list: Vec<ChunkDigest> = uses.keys().copied().collect();
+    // In the order of first use (a snapshot's chunks by offset): chunks
+    // written together sit together in the packs, so reads stay close.
+    let mut first_use: Vec<(ChunkDigest, (usize, u64))> =
+        uses.iter().map(|(d, u)| (*d, u[0])).collect();
+    first_use.sort_unstable_by_key(|&(_, at)| at);
+    let list: Vec<ChunkDigest> = first_use.into_iter().map(|(d, _)| d).collect();
     // Callers may verify in parts on one progress: this part adds to it.
     progress.set_total(progress.get().0 + list.len() as u64);
     let next = AtomicUsize::new(0);
     let bad: Mutex<BTreeMap<ChunkDigest, String>> = Mutex::new(BTreeMap::new());
     let bytes = AtomicUsize::new(0);
+    store.prefetch(&list[..list.len().min(BATCH * (AHEAD + 1))]);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
-            s.spawn(|| loop {
-                if progress.cancelled() {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(d) = list.get(i) else { return };
-                let r = store
-                    .get_chunk(d)
-                    .map_err(|e| e.to_string())
-                    .and_then(|f| chunk::decode_verified(&f, d).map_err(|e| e.to_string()));
-                match r {
-                    Ok(data) => {
-                        bytes.fetch_add(data.len(), Ordering::Relaxed);
+            s.spawn(|| {
+                // Without a reusable context (out of memory), each check
+                // allocates its own.
+                let mut verifier = chunk::Verifier::new().ok();
+                loop {
+                    if progress.cancelled() {
+                        return;
                     }
-                    Err(e) => {
-                        bad.lock().unwrap().insert(*d, e);
+                    let first = next.fetch_add(BATCH, Ordering::Relaxed);
+                    if first >= list.len() {
+                        return;
+                    }
+                    let ahead = first + BATCH * (AHEAD + 1);
+                    if ahead < list.len() {
+                        store.prefetch(&list[ahead..(ahead + BATCH).min(list.len())]);
+                    }
+                    for d in &list[first..(first + BATCH).min(list.len())] {
+                        let r = store.get_chunk(d).map_err(|e| e.to_string()).and_then(|f| {
+                            match verifier.as_mut() {
+                                Some(v) => v.check(&f, d),
+                                None => chunk::decode_verified(&f, d).map(|p| p.len()),
+                            }
+                            .map_err(|e| e.to_string())
+                        });
+                        match r {
+                            Ok(n) => {
+                                bytes.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                bad.lock().unwrap().insert(*d, e);
+                            }
+                        }
+                        progress.add(1);
                     }
                 }
-                progress.add(1);
             });
         }
     });

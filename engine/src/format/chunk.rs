@@ -197,17 +197,18 @@ impl Verifier {
         })
     }
 
-    /// What [`decode_verified`] checks, without keeping the data.
-    pub fn check(&mut self, file: &[u8], digest: &ChunkDigest) -> Result<(), ChunkError> {
+    /// What [`decode_verified`] checks, without keeping the data; the
+    /// plain length on success.
+    pub fn check(&mut self, file: &[u8], digest: &ChunkDigest) -> Result<usize, ChunkError> {
         if file.len() < HEADER_LEN {
-            return decode(file).map(drop);
+            return decode(file).map(|p| p.len());
         }
         let plain_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
         if plain_len > MAX_PLAIN {
-            return decode(file).map(drop);
+            return decode(file).map(|p| p.len());
         }
         self.buf.resize(plain_len, 0);
-        decode_verified_into(file, digest, &mut self.buf, &mut self.dctx)
+        decode_verified_into(file, digest, &mut self.buf, &mut self.dctx).map(|()| plain_len)
     }
 }
 
