@@ -172,17 +172,23 @@ fn parse_disk(s: &str) -> Result<DiskName, ApiError> {
         .map_err(|e| bad(format!("{s:?} is not a disk name: {e}")))
 }
 
-async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
-    if !body.len().is_multiple_of(32) || body.len() / 32 > MAX_QUERY {
+/// A body of 32-byte digests, between `min` and `max` of them.
+fn digest_list(body: &[u8], min: usize, max: usize) -> Result<Vec<ChunkDigest>, ApiError> {
+    let n = body.len() / 32;
+    if !body.len().is_multiple_of(32) || n < min || n > max {
         return Err(bad(format!(
-            "the body must be whole 32-byte digests, at most {MAX_QUERY}; got {} bytes",
+            "the body must be {min} to {max} whole 32-byte digests; got {} bytes",
             body.len()
         )));
     }
-    let digests: Vec<ChunkDigest> = body
+    Ok(body
         .chunks_exact(32)
         .map(|c| ChunkDigest(c.try_into().expect("32 bytes")))
-        .collect();
+        .collect())
+}
+
+async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    let digests = digest_list(&body, 0, MAX_QUERY)?;
     let m = blocking(move || s.store.missing(&digests).map_err(store_error)).await?;
     let out: Vec<u8> = m.into_iter().map(u8::from).collect();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
@@ -315,16 +321,7 @@ pub const MAX_FETCH: usize = 256;
 /// Many chunk files in one answer (a restore's batch): the ones the store
 /// lacks are left out, so the client can name them with single requests.
 async fn fetch(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
-    if body.is_empty() || !body.len().is_multiple_of(32) || body.len() / 32 > MAX_FETCH {
-        return Err(bad(format!(
-            "the body must be 1 to {MAX_FETCH} digests of 32 bytes, not {} bytes",
-            body.len()
-        )));
-    }
-    let digests: Vec<ChunkDigest> = body
-        .chunks_exact(32)
-        .map(|c| ChunkDigest(c.try_into().expect("32 bytes")))
-        .collect();
+    let digests = digest_list(&body, 1, MAX_FETCH)?;
     let out = blocking(move || {
         let mut files = Vec::with_capacity(digests.len());
         for d in &digests {
