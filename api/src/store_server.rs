@@ -194,9 +194,10 @@ async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiEr
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 
-/// Checks a chunk file against its digest before anything is written: a
-/// tampered or damaged upload never enters the store.
-fn check_upload(file: &[u8], d: &ChunkDigest) -> Result<(), ApiError> {
+/// Checks chunk files against their digests before anything is written:
+/// a tampered or damaged upload never enters the store. The first bad one
+/// is the error.
+fn check_uploads(items: &[(&[u8], ChunkDigest)]) -> Result<(), ApiError> {
     // One zstd context per blocking thread, reused across uploads.
     thread_local! {
         static VERIFIER: std::cell::RefCell<Option<chunk::Verifier>> =
@@ -210,11 +211,15 @@ fn check_upload(file: &[u8], d: &ChunkDigest) -> Result<(), ApiError> {
                     .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?,
             );
         }
-        v.as_mut().expect("just set").check(file, d).map(drop).map_err(|e| {
-            bad(format!(
-                "chunk {d} rejected: {e}; nothing was stored (the client's data or the network is damaged)"
-            ))
-        })
+        let verdicts = v.as_mut().expect("just set").check_each(items);
+        for ((_, d), r) in items.iter().zip(verdicts) {
+            r.map_err(|e| {
+                bad(format!(
+                    "chunk {d} rejected: {e}; nothing was stored (the client's data or the network is damaged)"
+                ))
+            })?;
+        }
+        Ok(())
     })
 }
 
@@ -225,7 +230,7 @@ async fn put_chunk(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = parse_digest(&digest)?;
     blocking(move || {
-        check_upload(&body, &d)?;
+        check_uploads(&[(&body[..], d)])?;
         let n = s.store.put_chunk(&d, &body).map_err(store_error)?;
         Ok(Json(serde_json::json!({ "stored": n })))
     })
@@ -292,9 +297,8 @@ async fn put_chunks(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
         let records = decode_batch(&body).map_err(|e| bad(format!("bad upload batch: {e}")))?;
-        for (d, file) in &records {
-            check_upload(file, d)?;
-        }
+        let items: Vec<(&[u8], ChunkDigest)> = records.iter().map(|(d, f)| (*f, *d)).collect();
+        check_uploads(&items)?;
         let mut stored = 0;
         for (d, file) in &records {
             stored += s.store.put_chunk(d, file).map_err(store_error)?;

@@ -413,22 +413,22 @@ fn process(
         .iter()
         .map(|(idx, buf)| Done {
             idx: *idx,
-            digest: if is_all_zero(buf) {
-                ChunkDigest::ZERO
-            } else {
-                ChunkDigest::of(buf)
-            },
+            digest: ChunkDigest::ZERO,
             bytes: buf.len() as u64,
             new: None,
         })
         .collect();
-    let asked: Vec<usize> = (0..done.len())
-        .filter(|&i| !done[i].digest.is_zero())
+    let asked: Vec<usize> = (0..batch.len())
+        .filter(|&i| !is_all_zero(&batch[i].1))
         .collect();
     if asked.is_empty() {
         return Ok(done);
     }
-    let digests: Vec<ChunkDigest> = asked.iter().map(|&i| done[i].digest).collect();
+    let bufs: Vec<&[u8]> = asked.iter().map(|&i| &batch[i].1[..]).collect();
+    let digests = ChunkDigest::of_each(&bufs);
+    for (&i, d) in asked.iter().zip(&digests) {
+        done[i].digest = *d;
+    }
     let missing = store.missing(&digests)?;
     for (&i, lacks) in asked.iter().zip(missing) {
         if lacks {

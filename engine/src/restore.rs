@@ -280,6 +280,8 @@ fn decoder(
         let mut runs = Vec::new();
         let mut run_start: Option<(u64, usize)> = None;
         let mut used = 0usize;
+        // Where each decoded chunk sits in `buf`, for the digest check.
+        let mut decoded: Vec<(ChunkDigest, u64, std::ops::Range<usize>)> = Vec::new();
         for (i, d) in w.digests[first..last].iter().enumerate() {
             let off = ((first + i) * cs) as u64;
             let len = (w.m.image_size - off).min(cs as u64) as usize;
@@ -295,20 +297,22 @@ fn decoder(
                 continue;
             }
             w.chunks.fetch_add(1, Ordering::Relaxed);
-            fetch_into(w.store, d, &mut buf[used..used + len], &mut dctx).map_err(|why| {
-                RestoreError::BadChunk {
-                    snapshot: w.m.id.to_string(),
-                    digest: *d,
-                    offset: off,
-                    why,
-                    target: w.target.display().to_string(),
-                }
-            })?;
+            fetch_into(w.store, d, &mut buf[used..used + len], &mut dctx)
+                .map_err(|why| w.bad_chunk(d, off, why))?;
+            decoded.push((*d, off, used..used + len));
             run_start.get_or_insert((off, used));
             used += len;
         }
         if let Some((at, from)) = run_start {
             runs.push((at, from..used));
+        }
+        // Nothing reaches the writer before its digest is checked.
+        let parts: Vec<&[u8]> = decoded.iter().map(|(_, _, r)| &buf[r.clone()]).collect();
+        for ((d, off, _), sum) in decoded.iter().zip(ChunkDigest::of_each(&parts)) {
+            if sum != *d {
+                let why = chunk::ChunkError::Digest(*d).to_string();
+                return Err(w.bad_chunk(d, *off, why));
+            }
         }
         if filled.send(Filled { buf, runs }).is_err() {
             return Ok(());
@@ -340,6 +344,7 @@ fn writer(
     Ok(())
 }
 
+/// Fetches and decodes one chunk into `out`; the caller checks its digest.
 fn fetch_into(
     store: &dyn Store,
     d: &ChunkDigest,
@@ -350,7 +355,19 @@ fn fetch_into(
         StoreError::MissingChunk(_) => "missing from the store".to_string(),
         e => e.to_string(),
     })?;
-    chunk::decode_verified_into(&file, d, out, dctx).map_err(|e| e.to_string())
+    chunk::decode_into(&file, out, dctx).map_err(|e| e.to_string())
+}
+
+impl Worker<'_> {
+    fn bad_chunk(&self, d: &ChunkDigest, offset: u64, why: String) -> RestoreError {
+        RestoreError::BadChunk {
+            snapshot: self.m.id.to_string(),
+            digest: *d,
+            offset,
+            why,
+            target: self.target.display().to_string(),
+        }
+    }
 }
 
 fn write_zeroes(f: &File, off: u64, len: u64) -> io::Result<()> {

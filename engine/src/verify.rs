@@ -130,20 +130,33 @@ pub fn verify(
                     if ahead < list.len() {
                         store.prefetch(&list[ahead..(ahead + BATCH).min(list.len())]);
                     }
-                    for d in &list[first..(first + BATCH).min(list.len())] {
-                        let r = store.get_chunk(d).map_err(|e| e.to_string()).and_then(|f| {
-                            match verifier.as_mut() {
-                                Some(v) => v.check(&f, d),
-                                None => chunk::decode_verified(&f, d).map(|p| p.len()),
+                    let part = &list[first..(first + BATCH).min(list.len())];
+                    let mut files = Vec::with_capacity(part.len());
+                    for d in part {
+                        match store.get_chunk(d) {
+                            Ok(f) => files.push((f, *d)),
+                            Err(e) => {
+                                bad.lock().unwrap().insert(*d, e.to_string());
+                                progress.add(1);
                             }
-                            .map_err(|e| e.to_string())
-                        });
+                        }
+                    }
+                    let items: Vec<(&[u8], ChunkDigest)> =
+                        files.iter().map(|(f, d)| (&f[..], *d)).collect();
+                    let verdicts = match verifier.as_mut() {
+                        Some(v) => v.check_each(&items),
+                        None => items
+                            .iter()
+                            .map(|(f, d)| chunk::decode_verified(f, d).map(|p| p.len()))
+                            .collect(),
+                    };
+                    for ((_, d), r) in items.iter().zip(verdicts) {
                         match r {
                             Ok(n) => {
                                 bytes.fetch_add(n, Ordering::Relaxed);
                             }
                             Err(e) => {
-                                bad.lock().unwrap().insert(*d, e);
+                                bad.lock().unwrap().insert(*d, e.to_string());
                             }
                         }
                         progress.add(1);

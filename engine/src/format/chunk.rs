@@ -131,6 +131,21 @@ pub fn decode_verified_into(
     out: &mut [u8],
     dctx: &mut zstd::bulk::Decompressor<'_>,
 ) -> Result<(), ChunkError> {
+    decode_into(file, out, dctx)?;
+    if ChunkDigest::of(out) != *digest {
+        return Err(ChunkError::Digest(*digest));
+    }
+    Ok(())
+}
+
+/// [`decode_verified_into`] without the digest check, for callers that
+/// check many chunks' digests at once ([`ChunkDigest::of_each`]); the
+/// contents must not be used before that check.
+pub fn decode_into(
+    file: &[u8],
+    out: &mut [u8],
+    dctx: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<(), ChunkError> {
     if file.len() < HEADER_LEN || &file[0..8] != MAGIC || file[8] != 1 {
         return decode(file).map(drop);
     }
@@ -165,9 +180,6 @@ pub fn decode_verified_into(
         }
         c => return Err(ChunkError::Header(format!("unknown codec {c}"))),
     }
-    if ChunkDigest::of(out) != *digest {
-        return Err(ChunkError::Digest(*digest));
-    }
     Ok(())
 }
 
@@ -185,6 +197,8 @@ pub fn decode_verified(file: &[u8], digest: &ChunkDigest) -> Result<Vec<u8>, Chu
 pub struct Verifier {
     dctx: zstd::bulk::Decompressor<'static>,
     buf: Vec<u8>,
+    /// A second buffer, so that two chunks can be hashed as a pair.
+    buf2: Vec<u8>,
 }
 
 impl Verifier {
@@ -194,6 +208,7 @@ impl Verifier {
             dctx: zstd::bulk::Decompressor::new()
                 .map_err(|e| ChunkError::Decompress(e.to_string()))?,
             buf: Vec::new(),
+            buf2: Vec::new(),
         })
     }
 
@@ -210,12 +225,88 @@ impl Verifier {
         self.buf.resize(plain_len, 0);
         decode_verified_into(file, digest, &mut self.buf, &mut self.dctx).map(|()| plain_len)
     }
+
+    /// [`Verifier::check`] of every (file, digest), two at a time so that
+    /// equal-sized chunks are hashed as a pair.
+    pub fn check_each(&mut self, items: &[(&[u8], ChunkDigest)]) -> Vec<Result<usize, ChunkError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for two in items.chunks(2) {
+            let [(fa, da), (fb, db)] = two else {
+                out.push(self.check(two[0].0, &two[0].1));
+                continue;
+            };
+            let (la, lb) = (plain_len_of(fa), plain_len_of(fb));
+            let (Some(la), Some(lb)) = (la, lb) else {
+                out.push(self.check(fa, da));
+                out.push(self.check(fb, db));
+                continue;
+            };
+            self.buf.resize(la, 0);
+            self.buf2.resize(lb, 0);
+            let ra = decode_into(fa, &mut self.buf, &mut self.dctx);
+            let rb = decode_into(fb, &mut self.buf2, &mut self.dctx);
+            let sums = match (ra.is_ok(), rb.is_ok()) {
+                (true, true) => {
+                    let v = ChunkDigest::of_each(&[&self.buf[..], &self.buf2[..]]);
+                    [Some(v[0]), Some(v[1])]
+                }
+                (true, false) => [Some(ChunkDigest::of(&self.buf)), None],
+                (false, true) => [None, Some(ChunkDigest::of(&self.buf2))],
+                (false, false) => [None, None],
+            };
+            for (r, (sum, (want, len))) in [ra, rb]
+                .into_iter()
+                .zip(sums.into_iter().zip([(da, la), (db, lb)]))
+            {
+                out.push(r.and_then(|()| match sum {
+                    Some(s) if s == *want => Ok(len),
+                    _ => Err(ChunkError::Digest(*want)),
+                }));
+            }
+        }
+        out
+    }
+}
+
+/// The plain length a chunk file's header claims, if the header is sane.
+fn plain_len_of(file: &[u8]) -> Option<usize> {
+    if file.len() < HEADER_LEN {
+        return None;
+    }
+    let n = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
+    (n <= MAX_PLAIN).then_some(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn check_each_judges_every_chunk_like_check() {
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let mut v = Verifier::new().unwrap();
+        let plains: Vec<Vec<u8>> = (0..7u8).map(|i| vec![i; 65536]).collect();
+        let files: Vec<Vec<u8>> = plains.iter().map(|p| encode(p, &mut z).0).collect();
+        let mut items: Vec<(&[u8], ChunkDigest)> = files
+            .iter()
+            .zip(&plains)
+            .map(|(f, p)| (&f[..], ChunkDigest::of(p)))
+            .collect();
+        // A wrong digest, a damaged file and a short one, at both places
+        // of a pair; the odd one out at the end is checked alone.
+        items[1].1 = ChunkDigest::of(b"other");
+        let mut bad = files[2].clone();
+        bad[30] ^= 1;
+        items[2].0 = &bad;
+        items[5].0 = &files[5][..10];
+        let got = v.check_each(&items);
+        let want: Vec<_> = items.iter().map(|(f, d)| v.check(f, d)).collect();
+        assert_eq!(got, want);
+        let ok: Vec<bool> = got.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, false, false, true, true, false, true]);
+        assert_eq!(got[0], Ok(65536));
+    }
 
     #[test]
     fn the_verifier_agrees_with_decode_verified() {
