@@ -80,17 +80,79 @@ struct Inner {
 /// the cache is emptied (a restore that stopped leaves no lasting garbage).
 const PREFETCH_LIMIT: usize = 64 << 20;
 
+/// Download requests of prefetched batches in flight at most.
+const FETCHERS: usize = 2;
+
 #[derive(Default)]
 struct Prefetched {
     files: std::collections::HashMap<ChunkDigest, Vec<u8>>,
     bytes: usize,
+    /// Asked for and not yet answered: `get_chunk` waits for these
+    /// instead of downloading them a second time.
+    inflight: HashSet<ChunkDigest>,
+}
+
+/// Chunks downloaded ahead by the fetcher threads, and the condition
+/// `get_chunk` waits on while its chunk is in flight.
+#[derive(Default)]
+struct Cache {
+    state: Mutex<Prefetched>,
+    arrived: Condvar,
+}
+
+impl Cache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Prefetched> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the chunk if it was prefetched, waiting while it is in flight.
+    fn take(&self, d: &ChunkDigest) -> Option<Vec<u8>> {
+        let mut p = self.lock();
+        loop {
+            if let Some(f) = p.files.remove(d) {
+                p.bytes -= f.len();
+                return Some(f);
+            }
+            if !p.inflight.contains(d) {
+                return None;
+            }
+            p = self.arrived.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Files the answer to `ask` brought (none when the request failed):
+    /// kept for `get_chunk`, and `ask` is no longer in flight.
+    fn arrive(&self, ask: &[ChunkDigest], got: Vec<(ChunkDigest, Vec<u8>)>) {
+        let mut p = self.lock();
+        for d in ask {
+            p.inflight.remove(d);
+        }
+        for (d, file) in got {
+            if !ask.contains(&d) {
+                continue;
+            }
+            if p.bytes + file.len() > PREFETCH_LIMIT {
+                let inflight = std::mem::take(&mut p.inflight);
+                *p = Prefetched {
+                    inflight,
+                    ..Prefetched::default()
+                };
+            }
+            p.bytes += file.len();
+            if let Some(old) = p.files.insert(d, file) {
+                p.bytes -= old.len();
+            }
+        }
+        self.arrived.notify_all();
+    }
 }
 
 /// A store server's store (module doc).
 pub struct RemoteStore {
     inner: Arc<Inner>,
-    prefetched: Mutex<Prefetched>,
+    cache: Arc<Cache>,
     uploads: Option<crossbeam_channel::Sender<(ChunkDigest, Vec<u8>)>>,
+    fetches: Option<crossbeam_channel::Sender<Vec<ChunkDigest>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -138,7 +200,7 @@ impl RemoteStore {
             drained: Condvar::new(),
         });
         let (tx, rx) = crossbeam_channel::bounded::<(ChunkDigest, Vec<u8>)>(QUEUED);
-        let threads = (0..UPLOADERS)
+        let mut threads: Vec<std::thread::JoinHandle<()>> = (0..UPLOADERS)
             .map(|_| {
                 let (inner, rx) = (inner.clone(), rx.clone());
                 std::thread::spawn(move || {
@@ -168,10 +230,22 @@ impl RemoteStore {
                 })
             })
             .collect();
+        let cache = Arc::new(Cache::default());
+        let (ftx, frx) = crossbeam_channel::unbounded::<Vec<ChunkDigest>>();
+        threads.extend((0..FETCHERS).map(|_| {
+            let (inner, cache, frx) = (inner.clone(), cache.clone(), frx.clone());
+            std::thread::spawn(move || {
+                for ask in frx {
+                    let got = inner.fetch(&ask).unwrap_or_default();
+                    cache.arrive(&ask, got);
+                }
+            })
+        }));
         let s = RemoteStore {
             inner,
-            prefetched: Mutex::default(),
+            cache,
             uploads: Some(tx),
+            fetches: Some(ftx),
             threads,
         };
         let h: serde_json::Value = s
@@ -192,6 +266,7 @@ impl RemoteStore {
 impl Drop for RemoteStore {
     fn drop(&mut self) {
         self.uploads.take();
+        self.fetches.take();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -199,6 +274,17 @@ impl Drop for RemoteStore {
 }
 
 impl Inner {
+    /// One batched download; `None` when it failed (each chunk is then
+    /// fetched, and its error reported, by `get_chunk`).
+    fn fetch(&self, ask: &[ChunkDigest]) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {
+        let body: Vec<u8> = ask.iter().flat_map(|d| d.0).collect();
+        let r = self.send("POST", "/store/v1/fetch", Some(&body)).ok()?;
+        let limit = (ask.len() * (novabackup_engine::format::chunk::MAX_PLAIN + 64)) as u64;
+        let answer = read_body(r, limit).ok()?;
+        let records = decode_batch(&answer).ok()?;
+        Some(records.into_iter().map(|(d, f)| (d, f.to_vec())).collect())
+    }
+
     fn call(&self, method: &str, path: &str) -> ureq::Request {
         self.http
             .request(method, &format!("{}{path}", self.base))
@@ -350,45 +436,37 @@ impl Store for RemoteStore {
         Ok(file.len() as u64)
     }
 
-    /// Downloads the chunks in batches now (one request per batch instead
-    /// of one per chunk), to be handed out by `get_chunk`. Errors are left
-    /// for `get_chunk` to report, chunk by chunk.
+    /// Queues the chunks for download in batches (one request per batch
+    /// instead of one per chunk) by the fetcher threads, to be handed out
+    /// by `get_chunk`; returns at once, so the network overlaps the
+    /// caller's decoding. Errors are left for `get_chunk` to report,
+    /// chunk by chunk.
     fn prefetch(&self, digests: &[ChunkDigest]) {
+        let Some(fetches) = self.fetches.as_ref() else {
+            return;
+        };
         for ask in digests.chunks(MAX_FETCH) {
-            let body: Vec<u8> = ask.iter().flat_map(|d| d.0).collect();
-            let Ok(r) = self.inner.send("POST", "/store/v1/fetch", Some(&body)) else {
-                return;
+            let ask: Vec<ChunkDigest> = {
+                let mut p = self.cache.lock();
+                let new: Vec<ChunkDigest> = ask
+                    .iter()
+                    .filter(|d| !p.files.contains_key(d) && !p.inflight.contains(d))
+                    .copied()
+                    .collect();
+                p.inflight.extend(new.iter().copied());
+                new
             };
-            let limit = (ask.len() * (novabackup_engine::format::chunk::MAX_PLAIN + 64)) as u64;
-            let Ok(answer) = read_body(r, limit) else {
-                return;
-            };
-            let Ok(records) = decode_batch(&answer) else {
-                return;
-            };
-            let mut p = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-            for (d, file) in records {
-                if !ask.contains(&d) {
-                    continue;
-                }
-                if p.bytes + file.len() > PREFETCH_LIMIT {
-                    *p = Prefetched::default();
-                }
-                p.bytes += file.len();
-                if let Some(old) = p.files.insert(d, file.to_vec()) {
-                    p.bytes -= old.len();
+            if !ask.is_empty() {
+                if let Err(e) = fetches.send(ask) {
+                    self.cache.arrive(&e.0, Vec::new());
                 }
             }
         }
     }
 
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
-        {
-            let mut p = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = p.files.remove(digest) {
-                p.bytes -= f.len();
-                return Ok(f);
-            }
+        if let Some(f) = self.cache.take(digest) {
+            return Ok(f);
         }
         match self
             .inner
@@ -724,11 +802,15 @@ mod tests {
         let mut ask: Vec<ChunkDigest> = want.iter().map(|(d, _)| *d).collect();
         ask.push(absent);
         s.prefetch(&ask);
-        assert_eq!(s.prefetched.lock().unwrap().files.len(), 40);
-        for (d, file) in &want {
+        // The first chunk waits for the download in flight; by then every
+        // chunk of the batch has arrived.
+        assert_eq!(s.get_chunk(&want[0].0).unwrap(), want[0].1);
+        assert_eq!(s.cache.lock().files.len(), 39);
+        assert!(s.cache.lock().inflight.is_empty());
+        for (d, file) in &want[1..] {
             assert_eq!(&s.get_chunk(d).unwrap(), file);
         }
-        assert_eq!(s.prefetched.lock().unwrap().bytes, 0, "handed out once");
+        assert_eq!(s.cache.lock().bytes, 0, "handed out once");
         // Asked again: from the server, not a stale cache.
         assert_eq!(s.get_chunk(&want[0].0).unwrap(), want[0].1);
         assert!(matches!(
