@@ -20,6 +20,7 @@ use crate::format::index;
 use crate::format::manifest::Manifest;
 use crate::fsutil::direct::{AlignedBuf, DirectWriter};
 use crate::progress::Progress;
+use crate::store::readahead::ReadAhead;
 use crate::store::{Store, StoreError};
 
 /// Errors of a restore.
@@ -133,7 +134,6 @@ pub fn restore(
     let written_path = partial.clone().unwrap_or_else(|| target.to_path_buf());
     let out = DirectWriter::new(out, &written_path);
     progress.set_total(m.image_size);
-    let next = AtomicUsize::new(0);
     let failure: Mutex<Option<RestoreError>> = Mutex::new(None);
     let mut stats = RestoreStats {
         bytes: m.image_size,
@@ -153,11 +153,12 @@ pub fn restore(
             .expect("the pool has room for every buffer");
     }
     let (filled_tx, filled_rx) = crossbeam_channel::bounded::<Filled>(decoders * 2);
+    let prefetch = |d: &[ChunkDigest]| store.prefetch(d);
     let w = Worker {
         store,
         m,
         digests: &digests,
-        next: &next,
+        batches: &ReadAhead::new(&prefetch, &digests, batch, AHEAD_BATCHES),
         progress,
         out: &out,
         is_dev,
@@ -168,12 +169,11 @@ pub fn restore(
         failure: &failure,
     };
     let w = &w;
-    store.prefetch(&digests[..(batch * (AHEAD_BATCHES + 1)).min(digests.len())]);
     std::thread::scope(|s| {
         for _ in 0..decoders {
             let (free_rx, filled_tx) = (free_rx.clone(), filled_tx.clone());
             s.spawn(move || {
-                if let Err(e) = decoder(w, batch, &free_rx, &filled_tx) {
+                if let Err(e) = decoder(w, &free_rx, &filled_tx) {
                     w.failure.lock().unwrap().get_or_insert(e);
                 }
             });
@@ -214,7 +214,7 @@ struct Worker<'a> {
     store: &'a dyn Store,
     m: &'a Manifest,
     digests: &'a [ChunkDigest],
-    next: &'a AtomicUsize,
+    batches: &'a ReadAhead<'a>,
     progress: &'a Progress,
     out: &'a DirectWriter,
     is_dev: bool,
@@ -229,7 +229,8 @@ struct Worker<'a> {
 /// `pwrite` per run of non-zero chunks.
 const BATCH_BYTES: usize = 1 << 20;
 
-/// Batches beyond the current one whose chunks are already prefetched.
+/// Batches beyond the current one whose chunks are already prefetched
+/// ([`ReadAhead`]).
 const AHEAD_BATCHES: usize = 4;
 
 /// A decoded batch on its way to the writer: the buffer and its runs of
@@ -244,7 +245,6 @@ struct Filled {
 /// buffers to the writer.
 fn decoder(
     w: &Worker<'_>,
-    batch: usize,
     free: &crossbeam_channel::Receiver<AlignedBuf>,
     filled: &crossbeam_channel::Sender<Filled>,
 ) -> Result<(), RestoreError> {
@@ -261,28 +261,20 @@ fn decoder(
         if w.progress.cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        let first = w.next.fetch_add(batch, Ordering::Relaxed);
-        if first >= w.digests.len() {
+        let Some(claimed) = w.batches.claim() else {
             return Ok(());
-        }
-        // Ask for the batch after the ones in flight now, so its reads
-        // overlap this batch's decoding when the store is not cached.
-        let ahead = first + batch * (AHEAD_BATCHES + 1);
-        if ahead < w.digests.len() {
-            w.store
-                .prefetch(&w.digests[ahead..(ahead + batch).min(w.digests.len())]);
-        }
+        };
+        let first = claimed.start;
         // Without a buffer the writer has stopped (and said why).
         let Ok(mut buf) = free.recv() else {
             return Ok(());
         };
-        let last = (first + batch).min(w.digests.len());
         let mut runs = Vec::new();
         let mut run_start: Option<(u64, usize)> = None;
         let mut used = 0usize;
         // Where each decoded chunk sits in `buf`, for the digest check.
         let mut decoded: Vec<(ChunkDigest, u64, std::ops::Range<usize>)> = Vec::new();
-        for (i, d) in w.digests[first..last].iter().enumerate() {
+        for (i, d) in w.digests[claimed].iter().enumerate() {
             let off = ((first + i) * cs) as u64;
             let len = (w.m.image_size - off).min(cs as u64) as usize;
             if d.is_zero() {

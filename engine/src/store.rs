@@ -10,6 +10,7 @@
 
 pub mod conformance;
 pub mod local;
+pub mod readahead;
 
 use crate::digest::ChunkDigest;
 use crate::format::manifest::{Annotation, Manifest};

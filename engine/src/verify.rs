@@ -11,6 +11,7 @@ use crate::digest::ChunkDigest;
 use crate::format::chunk;
 use crate::format::manifest::Manifest;
 use crate::progress::Progress;
+use crate::store::readahead::ReadAhead;
 use crate::store::Store;
 
 /// A bad chunk in one snapshot.
@@ -57,7 +58,8 @@ impl VerifyReport {
 
 /// Chunks a worker claims at once.
 const BATCH: usize = 16;
-/// Batches beyond the current one whose chunks are prefetched.
+/// Batches beyond the current one whose chunks are prefetched
+/// ([`ReadAhead`]).
 const AHEAD: usize = 4;
 
 /// Verifies `manifests` against `store`.
@@ -108,10 +110,10 @@ pub fn verify(
     let list: Vec<ChunkDigest> = first_use.into_iter().map(|(d, _)| d).collect();
     // Callers may verify in parts on one progress: this part adds to it.
     progress.set_total(progress.get().0 + list.len() as u64);
-    let next = AtomicUsize::new(0);
+    let prefetch = |d: &[ChunkDigest]| store.prefetch(d);
+    let batches = ReadAhead::new(&prefetch, &list, BATCH, AHEAD);
     let bad: Mutex<BTreeMap<ChunkDigest, String>> = Mutex::new(BTreeMap::new());
     let bytes = AtomicUsize::new(0);
-    store.prefetch(&list[..list.len().min(BATCH * (AHEAD + 1))]);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
             s.spawn(|| {
@@ -122,15 +124,10 @@ pub fn verify(
                     if progress.cancelled() {
                         return;
                     }
-                    let first = next.fetch_add(BATCH, Ordering::Relaxed);
-                    if first >= list.len() {
+                    let Some(claimed) = batches.claim() else {
                         return;
-                    }
-                    let ahead = first + BATCH * (AHEAD + 1);
-                    if ahead < list.len() {
-                        store.prefetch(&list[ahead..(ahead + BATCH).min(list.len())]);
-                    }
-                    let part = &list[first..(first + BATCH).min(list.len())];
+                    };
+                    let part = &list[claimed];
                     let mut files = Vec::with_capacity(part.len());
                     for d in part {
                         match store.get_chunk(d) {
