@@ -82,7 +82,7 @@ for run in $(seq "$RUNS"); do
       novabackup)
         store=$D/state/store
         "$BIN" --data-dir "$D/state" agent --nbd-listen none --api-listen 127.0.0.1:0 \
-          --chunk-size "${CHUNK_SIZE:-64K}" --zstd-level "${ZSTD_LEVEL:-1}" 2> "$D/agent.log" &
+          --chunk-size "${CHUNK_SIZE:-64K}" ${ZSTD_LEVEL:+--zstd-level "$ZSTD_LEVEL"} 2> "$D/agent.log" &
         AGENT=$!
         for _ in $(seq 100); do [ -f "$D/state/agent.json" ] && break; sleep 0.05; done
         nb() { "$BIN" --data-dir "$D/state" "$@"; }

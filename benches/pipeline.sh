@@ -16,7 +16,7 @@ python3 - "$ROOT/target/criterion/pipeline" "$(nproc)" <<'PY'
 import json, os, sys
 base, cores = sys.argv[1], int(sys.argv[2])
 mbs = {}
-for name in ["sha256", "sha256_pairs", "zstd1", "ideal_one_core", "backup_pipeline"]:
+for name in ["sha256", "sha256_pairs", "zstd", "ideal_one_core", "backup_pipeline"]:
     est = json.load(open(os.path.join(base, name, "new", "estimates.json")))
     ns = est["median"]["point_estimate"]
     mbs[name] = (64 << 20) / ns * 1e3  # bytes per ns -> MB/s

@@ -60,7 +60,7 @@ pub struct AgentArgs {
     /// Chunk size of new snapshots, at least the disk's CBT granularity [default: 64K].
     #[arg(long, value_parser = novabackup_engine::size::parse_size)]
     pub chunk_size: Option<u64>,
-    /// zstd compression level (1-19; negative levels are faster) [default: 1].
+    /// zstd compression level (-7 to 19; lower is faster, higher is smaller) [default: -3].
     #[arg(long, allow_negative_numbers = true)]
     pub zstd_level: Option<i32>,
     /// TLS on the API.
@@ -142,7 +142,10 @@ impl AgentArgs {
                     .chunk_size
                     .and_then(|s| novabackup_engine::size::parse_size(&s).ok()))
                 .unwrap_or(64 << 10),
-            zstd_level: self.zstd_level.or(c.zstd_level).unwrap_or(1),
+            zstd_level: self
+                .zstd_level
+                .or(c.zstd_level)
+                .unwrap_or(novabackup_engine::backup::DEFAULT_ZSTD_LEVEL),
             boot_id_file: self.boot_id_file,
             disks: c.disks,
             tls: self
