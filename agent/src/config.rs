@@ -10,7 +10,7 @@
 //! store = "/srv/backup/store"         # or "http://store-host:7820"
 //! store_token_file = "/etc/novabackup/store.token"
 //! chunk_size = "64K"
-//! zstd_level = -3                     # faster; 1 or 3 for a smaller store
+//! zstd_level = 1                      # -3 is faster, 3 smaller
 //! audit_every = 14                    # CBT audit every 14th backup of a disk
 //!
 //! [[disk]]
@@ -134,7 +134,7 @@ mod tests {
             .join("\n");
         let c: FileConfig = toml::from_str(&example).unwrap();
         assert_eq!(c.disks.len(), 1);
-        assert_eq!(c.zstd_level, Some(-3));
+        assert_eq!(c.zstd_level, Some(1));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.toml");
         std::fs::write(&p, "zstd_levle = 3\n").unwrap();

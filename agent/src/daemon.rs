@@ -60,7 +60,7 @@ pub struct AgentArgs {
     /// Chunk size of new snapshots, at least the disk's CBT granularity [default: 64K].
     #[arg(long, value_parser = novabackup_engine::size::parse_size)]
     pub chunk_size: Option<u64>,
-    /// zstd compression level (-7 to 19; lower is faster, higher is smaller) [default: -3].
+    /// zstd compression level (-7 to 19; lower is faster, higher is smaller) [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     pub zstd_level: Option<i32>,
     /// TLS on the API.
