@@ -215,13 +215,10 @@ impl Verifier {
     /// What [`decode_verified`] checks, without keeping the data; the
     /// plain length on success.
     pub fn check(&mut self, file: &[u8], digest: &ChunkDigest) -> Result<usize, ChunkError> {
-        if file.len() < HEADER_LEN {
+        let Some(plain_len) = plain_len_of(file) else {
+            // `decode` names what is wrong with the header.
             return decode(file).map(|p| p.len());
-        }
-        let plain_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
-        if plain_len > MAX_PLAIN {
-            return decode(file).map(|p| p.len());
-        }
+        };
         self.buf.resize(plain_len, 0);
         decode_verified_into(file, digest, &mut self.buf, &mut self.dctx).map(|()| plain_len)
     }
@@ -245,22 +242,19 @@ impl Verifier {
             self.buf2.resize(lb, 0);
             let ra = decode_into(fa, &mut self.buf, &mut self.dctx);
             let rb = decode_into(fb, &mut self.buf2, &mut self.dctx);
-            let sums = match (ra.is_ok(), rb.is_ok()) {
-                (true, true) => {
-                    let v = ChunkDigest::of_each(&[&self.buf[..], &self.buf2[..]]);
-                    [Some(v[0]), Some(v[1])]
-                }
-                (true, false) => [Some(ChunkDigest::of(&self.buf)), None],
-                (false, true) => [None, Some(ChunkDigest::of(&self.buf2))],
-                (false, false) => [None, None],
-            };
+            // A buffer that failed to decode is hashed too (its verdict is
+            // already the decode error): rare, and simpler than a third path.
+            let sums = ChunkDigest::of_each(&[&self.buf[..], &self.buf2[..]]);
             for (r, (sum, (want, len))) in [ra, rb]
                 .into_iter()
                 .zip(sums.into_iter().zip([(da, la), (db, lb)]))
             {
-                out.push(r.and_then(|()| match sum {
-                    Some(s) if s == *want => Ok(len),
-                    _ => Err(ChunkError::Digest(*want)),
+                out.push(r.and_then(|()| {
+                    if sum == *want {
+                        Ok(len)
+                    } else {
+                        Err(ChunkError::Digest(*want))
+                    }
                 }));
             }
         }
