@@ -526,6 +526,50 @@ fn metrics_count_nbd_requests_backups_and_the_store() {
 }
 
 #[test]
+fn a_long_poll_on_a_job_answers_when_the_job_ends() {
+    let t = tempdir();
+    let img = t.path().join("disk.img");
+    random_file(&img, 64 << 20, 29);
+    let a = Agent::start(&t.path().join("a"), "uring");
+    a.attach("vm", &img, &[]);
+    let job: serde_json::Value =
+        serde_json::from_str(&a.ok(&["backup", "vm", "--no-wait", "--json"])).unwrap();
+    let token = std::fs::read_to_string(t.path().join("a/state/api.token")).unwrap();
+    let auth = format!("Bearer {}", token.trim());
+    let url = |id: &str, q: &str| format!("http://{}/api/v1/jobs/{id}{q}", a.api);
+    let id = job["id"].as_str().unwrap();
+    // The longest wait is 30 s: an answer well before it came from the
+    // job's end, and the job has ended.
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let got: serde_json::Value = ureq::get(&url(id, "?wait_ms=30000"))
+            .set("Authorization", &auth)
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(got["state"], "succeeded", "{got}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+    }
+    for q in ["?wait_ms=soon", "?wait_ms=-1", "?wait=5"] {
+        match ureq::get(&url(id, q)).set("Authorization", &auth).call() {
+            Err(ureq::Error::Status(400, r)) => {
+                let e: serde_json::Value = r.into_json().unwrap();
+                assert_eq!(e["error"]["code"], "bad_request", "{q}: {e}");
+            }
+            other => panic!("{q}: {other:?}"),
+        }
+    }
+    match ureq::get(&url("job-99", "?wait_ms=30000"))
+        .set("Authorization", &auth)
+        .call()
+    {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("unknown job: {other:?}"),
+    }
+}
+
+#[test]
 fn job_progress_streams_as_server_sent_events_until_the_job_ends() {
     let t = tempdir();
     let img = t.path().join("disk.img");

@@ -257,6 +257,13 @@ impl Client {
         self.json("GET", &format!("/api/v1/jobs/{}", enc(id)), None::<&()>)
     }
 
+    /// `GET /api/v1/jobs/{id}?wait_ms=`: the job once it has ended or
+    /// after `wait`, whichever comes first.
+    pub fn wait_job(&self, id: &str, wait: std::time::Duration) -> Result<JobInfo, ClientError> {
+        let path = format!("/api/v1/jobs/{}?wait_ms={}", enc(id), wait.as_millis());
+        self.json("GET", &path, None::<&()>)
+    }
+
     /// `POST /api/v1/jobs/{id}/cancel`.
     pub fn cancel(&self, id: &str) -> Result<JobInfo, ClientError> {
         self.json(

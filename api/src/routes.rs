@@ -51,6 +51,13 @@ pub trait DiskService: Send + Sync + 'static {
     fn jobs(&self) -> Vec<JobInfo>;
     /// One job.
     fn job(&self, id: &str) -> Result<JobInfo, ApiError>;
+    /// One job, once it has ended or `timeout` has passed, whichever comes
+    /// first (a long poll: a client learns of the end at once instead of
+    /// at its next poll).
+    fn wait_job(&self, id: &str, timeout: std::time::Duration) -> Result<JobInfo, ApiError> {
+        let _ = timeout;
+        self.job(id)
+    }
     /// Asks a job to stop.
     fn cancel(&self, id: &str) -> Result<JobInfo, ApiError>;
     /// The Prometheus text exposition of `/metrics`.

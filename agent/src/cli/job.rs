@@ -26,7 +26,6 @@ pub fn wait(client: &Client, mut job: JobInfo, quiet: bool, unit: &str) -> anyho
             .progress_chars("=> "),
     );
     bar.set_message(format!("{} {}", job.kind, job.target));
-    let started = std::time::Instant::now();
     loop {
         bar.set_length(job.total);
         bar.set_position(job.done);
@@ -34,14 +33,9 @@ pub fn wait(client: &Client, mut job: JobInfo, quiet: bool, unit: &str) -> anyho
             bar.finish_and_clear();
             return Ok(job);
         }
-        // Short jobs (a small incremental) should not wait on the poll.
-        let pause = if started.elapsed() < Duration::from_secs(2) {
-            20
-        } else {
-            200
-        };
-        std::thread::sleep(Duration::from_millis(pause));
-        job = client.job(&job.id)?;
+        // A long poll: the agent answers at once when the job ends, else
+        // after the pause, which paces the bar.
+        job = client.wait_job(&job.id, Duration::from_millis(200))?;
     }
 }
 

@@ -26,6 +26,8 @@ struct Job {
     /// cancel switch itself to stop its threads after an error.
     cancelled: std::sync::atomic::AtomicBool,
     outcome: Mutex<Option<Outcome>>,
+    /// Signalled once `outcome` is set, for long polls.
+    ended: std::sync::Condvar,
 }
 
 /// The table.
@@ -73,6 +75,7 @@ impl Jobs {
             progress: Arc::new(Progress::default()),
             cancelled: Default::default(),
             outcome: Mutex::new(None),
+            ended: Default::default(),
         });
         {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -136,6 +139,7 @@ impl Jobs {
                 }
             }
             *j.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some((state, r, secs));
+            j.ended.notify_all();
         });
         info(&job)
     }
@@ -161,6 +165,18 @@ impl Jobs {
     /// One job.
     pub fn get(&self, id: &str) -> Option<JobInfo> {
         self.find(id).map(|j| info(&j))
+    }
+
+    /// One job, once it has ended or after `timeout`.
+    pub fn wait(&self, id: &str, timeout: std::time::Duration) -> Option<JobInfo> {
+        let j = self.find(id)?;
+        let outcome = j.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let r = j
+            .ended
+            .wait_timeout_while(outcome, timeout, |o| o.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        drop(r);
+        Some(info(&j))
     }
 
     /// Asks a job to stop.
@@ -214,5 +230,44 @@ fn info(j: &Job) -> JobInfo {
         elapsed_seconds: elapsed,
         result,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn wait_returns_at_the_timeout_while_running_and_at_once_when_the_job_ends() {
+        let jobs = Jobs::default();
+        let (go, gate) = std::sync::mpsc::sync_channel::<()>(0);
+        let j = jobs.spawn("backup", "vm", move |_| {
+            gate.recv().ok();
+            Ok(serde_json::json!({}))
+        });
+        let t = Instant::now();
+        let r = jobs.wait(&j.id, Duration::from_millis(100)).unwrap();
+        assert_eq!(r.state, JobState::Running);
+        assert!(t.elapsed() >= Duration::from_millis(100));
+
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            go.send(()).unwrap();
+        });
+        let t = Instant::now();
+        let r = jobs.wait(&j.id, Duration::from_secs(60)).unwrap();
+        assert_eq!(r.state, JobState::Succeeded);
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        releaser.join().unwrap();
+
+        // Ended: no wait at all; unknown: none.
+        let t = Instant::now();
+        assert_eq!(
+            jobs.wait(&j.id, Duration::from_secs(60)).unwrap().state,
+            JobState::Succeeded
+        );
+        assert!(t.elapsed() < Duration::from_secs(30));
+        assert!(jobs.wait("job-99", Duration::from_secs(60)).is_none());
     }
 }

@@ -587,18 +587,15 @@ impl DiskService for Agent {
     }
 
     fn job(&self, id: &str) -> Result<JobInfo, ApiError> {
-        self.jobs.get(id).ok_or_else(|| {
-            err(
-                ErrorCode::NotFound,
-                format!("no job {id:?}; `GET /api/v1/jobs` lists them"),
-            )
-        })
+        self.jobs.get(id).ok_or_else(|| no_job(id))
+    }
+
+    fn wait_job(&self, id: &str, timeout: std::time::Duration) -> Result<JobInfo, ApiError> {
+        self.jobs.wait(id, timeout).ok_or_else(|| no_job(id))
     }
 
     fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
-        self.jobs
-            .cancel(id)
-            .ok_or_else(|| err(ErrorCode::NotFound, format!("no job {id:?}")))
+        self.jobs.cancel(id).ok_or_else(|| no_job(id))
     }
 
     fn metrics(&self) -> Result<String, ApiError> {
@@ -791,4 +788,11 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(x), Ok(y)) => (x.dev(), x.ino(), x.rdev()) == (y.dev(), y.ino(), y.rdev()),
         _ => a == b,
     }
+}
+
+fn no_job(id: &str) -> ApiError {
+    err(
+        ErrorCode::NotFound,
+        format!("no job {id:?}; `GET /api/v1/jobs` lists them"),
+    )
 }

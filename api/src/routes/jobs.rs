@@ -147,8 +147,11 @@ pub(super) async fn events(
             let job = match pending {
                 Some(j) => j,
                 None => {
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    svc.job(&id).ok()?
+                    // Half a second between progress events, but the end
+                    // is sent as soon as it happens.
+                    let wait = std::time::Duration::from_millis(500);
+                    let idc = id.clone();
+                    blocking(&svc, move |s| s.wait_job(&idc, wait)).await.ok()?
                 }
             };
             let done = job.state != crate::types::JobState::Running;
@@ -186,12 +189,32 @@ pub(super) async fn jobs(State(svc): Svc) -> Result<Json<Vec<JobInfo>>, ApiError
     blocking(&svc, |s| Ok(s.jobs())).await.map(Json)
 }
 
-#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "The job", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
+/// The longest `wait_ms` a client may ask for; a longer one is cut to it
+/// (proxies and clients time out idle requests after some tens of seconds).
+pub const MAX_JOB_WAIT_MS: u64 = 30_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JobQuery {
+    wait_ms: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "Job id"), ("wait_ms" = Option<u64>, Query, description = "Long poll: answer when the job ends or after this many milliseconds (at most 30000), whichever comes first")), responses((status = 200, description = "The job", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn job(
     State(svc): Svc,
     Path(id): Path<String>,
+    q: Result<Query<JobQuery>, QueryRejection>,
 ) -> Result<Json<JobInfo>, ApiError> {
-    blocking(&svc, move |s| s.job(&id)).await.map(Json)
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            crate::error::ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
+        )
+    })?;
+    let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_JOB_WAIT_MS));
+    blocking(&svc, move |s| s.wait_job(&id, wait))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "Cancel asked for", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
