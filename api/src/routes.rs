@@ -9,7 +9,8 @@ pub(crate) mod tokens;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::Query;
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 
@@ -54,8 +55,7 @@ pub trait DiskService: Send + Sync + 'static {
     /// One job, once it has ended or `timeout` has passed, whichever comes
     /// first (a long poll: a client learns of the end at once instead of
     /// at its next poll).
-    fn wait_job(&self, id: &str, timeout: std::time::Duration) -> Result<JobInfo, ApiError> {
-        let _ = timeout;
+    fn wait_job(&self, id: &str, _timeout: std::time::Duration) -> Result<JobInfo, ApiError> {
         self.job(id)
     }
     /// Asks a job to stop.
@@ -194,6 +194,16 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
         ApiError::new(
             ErrorCode::BadRequest,
             format!("bad request body: {}", e.body_text()),
+        )
+    })
+}
+
+/// A query string whose rejection is our JSON error, not axum's plain text.
+fn query_params<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("bad query: {}", e.body_text()),
         )
     })
 }

@@ -171,11 +171,11 @@ impl Jobs {
     pub fn wait(&self, id: &str, timeout: std::time::Duration) -> Option<JobInfo> {
         let j = self.find(id)?;
         let outcome = j.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        let r = j
-            .ended
-            .wait_timeout_while(outcome, timeout, |o| o.is_none())
-            .unwrap_or_else(|p| p.into_inner());
-        drop(r);
+        // The guard must go before `info` locks the outcome again.
+        drop(
+            j.ended
+                .wait_timeout_while(outcome, timeout, |o| o.is_none()),
+        );
         Some(info(&j))
     }
 

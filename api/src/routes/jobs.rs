@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
 
-use super::{blocking, json_body, DiskService};
+use super::{blocking, json_body, query_params, DiskService};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::types::{BackupRequest, JobInfo, RestoreRequest, SnapshotInfo, VerifyRequest};
@@ -93,12 +93,7 @@ pub(super) async fn snapshots(
     State(svc): Svc,
     q: Result<Query<SnapshotQuery>, QueryRejection>,
 ) -> Result<Json<Vec<SnapshotInfo>>, ApiError> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::new(
-            crate::error::ErrorCode::BadRequest,
-            format!("bad query: {}", e.body_text()),
-        )
-    })?;
+    let q = query_params(q)?;
     blocking(&svc, move |s| s.snapshots(q.disk.as_deref()))
         .await
         .map(Json)
@@ -205,12 +200,7 @@ pub(super) async fn job(
     Path(id): Path<String>,
     q: Result<Query<JobQuery>, QueryRejection>,
 ) -> Result<Json<JobInfo>, ApiError> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::new(
-            crate::error::ErrorCode::BadRequest,
-            format!("bad query: {}", e.body_text()),
-        )
-    })?;
+    let q = query_params(q)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_JOB_WAIT_MS));
     blocking(&svc, move |s| s.wait_job(&id, wait))
         .await
