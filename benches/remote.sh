@@ -6,6 +6,8 @@
 #   ./benches/remote.sh            RUNS=3 ./benches/remote.sh
 #   SMOKE=1 ./benches/remote.sh    (64 MiB synthetic disk, no shared scripts)
 #   TLS=1 ./benches/remote.sh      (the store server serves TLS, the agent pins it)
+#   PIN=1 ./benches/remote.sh      (agent on CPU 0, store server on CPU 1: the
+#                                   server's own host, as in a fleet, on one box)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -20,6 +22,11 @@ log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2> /dev/null || true; wait "$p" 2> /dev/null || true; done; }
 trap cleanup EXIT
+# With PIN=1 the agent gets CPU 0 in both modes and the server CPU 1, so
+# the server's digest checks do not eat the agent's cores: on one 2-core
+# box that is the nearest model of a store server on its own host.
+AGENT_CPU=(); SERVER_CPU=()
+[ "${PIN:-0}" = 1 ] && { AGENT_CPU=(taskset -c 0); SERVER_CPU=(taskset -c 1); }
 
 if [ "${SMOKE:-0}" = 1 ]; then
   SRC=$D/smoke.img
@@ -51,14 +58,14 @@ for run in $(seq "$RUNS"); do
     if [ $mode = remote ]; then
       tls=(); scheme=http
       [ "${TLS:-0}" = 1 ] && { tls=(--tls); scheme=https; }
-      "$BIN" store serve --dir "$D/store" --listen 127.0.0.1:7829 "${tls[@]}" 2> "$D/server.log" &
+      "${SERVER_CPU[@]}" "$BIN" store serve --dir "$D/store" --listen 127.0.0.1:7829 "${tls[@]}" 2> "$D/server.log" &
       PIDS+=($!)
       for _ in $(seq 100); do (: > /dev/tcp/127.0.0.1/7829) 2> /dev/null && [ -f "$D/store/server.token" ] && break; sleep 0.05; done
       [ "${TLS:-0}" = 1 ] && for _ in $(seq 100); do [ -f "$D/store/server.fingerprint" ] && break; sleep 0.05; done
       extra=(--store $scheme://127.0.0.1:7829 --store-token-file "$D/store/server.token")
       [ "${TLS:-0}" = 1 ] && extra+=(--store-fingerprint "$(cat "$D/store/server.fingerprint")")
     fi
-    "$BIN" --data-dir "$D/state" agent --nbd-listen none --api-listen 127.0.0.1:0 "${extra[@]}" 2> "$D/agent.log" &
+    "${AGENT_CPU[@]}" "$BIN" --data-dir "$D/state" agent --nbd-listen none --api-listen 127.0.0.1:0 "${extra[@]}" 2> "$D/agent.log" &
     PIDS+=($!)
     for _ in $(seq 100); do [ -f "$D/state/agent.json" ] && break; sleep 0.05; done
     nb() { "$BIN" --data-dir "$D/state" "$@"; }

@@ -195,41 +195,7 @@ pub fn run(
     let result: Result<(), BackupError> = std::thread::scope(|s| {
         for _ in 0..workers {
             let (rx, tx, spare) = (work_rx.clone(), done_tx.clone(), spare_tx.clone());
-            s.spawn(move || {
-                let mut comp = match zstd::bulk::Compressor::new(level) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(BackupError::Zstd(level, e)));
-                        return;
-                    }
-                };
-                // Whatever is queued (up to BATCH chunks) is hashed and then
-                // asked about in one `missing` call: one round trip per
-                // batch to a remote store instead of one per chunk.
-                let mut batch = Vec::with_capacity(BATCH);
-                while let Ok(first) = rx.recv() {
-                    batch.push(first);
-                    while batch.len() < BATCH {
-                        match rx.try_recv() {
-                            Ok(more) => batch.push(more),
-                            Err(_) => break,
-                        }
-                    }
-                    let r = process(store, &mut comp, &batch);
-                    for (_, buf) in batch.drain(..) {
-                        let _ = spare.try_send(buf);
-                    }
-                    let failed = r.is_err();
-                    for d in r.map_or_else(|e| vec![Err(e)], |v| v.into_iter().map(Ok).collect()) {
-                        if tx.send(d).is_err() {
-                            return;
-                        }
-                    }
-                    if failed {
-                        return;
-                    }
-                }
-            });
+            s.spawn(move || worker(store, level, &rx, &tx, &spare));
         }
         drop(work_rx);
         drop(done_tx);
@@ -410,42 +376,171 @@ fn audit_against(
 /// Most chunks one worker hashes before asking the store which it lacks.
 const BATCH: usize = 16;
 
-fn process(
+/// One worker of the pipeline. It takes whatever is queued (up to
+/// [`BATCH`] chunks), hashes it and asks the store in one `missing` call
+/// which of those chunks it lacks: one round trip per batch to a remote
+/// store instead of one per chunk. The question goes to a helper thread,
+/// and while the answer travels the worker compresses and stores the
+/// batch before, so a store server's round trip does not idle the core
+/// (with the server on its own core, waiting on these answers left the
+/// agent's core a fifth idle).
+fn worker(
     store: &dyn Store,
-    comp: &mut zstd::bulk::Compressor<'_>,
-    batch: &[(u64, Vec<u8>)],
-) -> Result<Vec<Done>, BackupError> {
-    let mut done: Vec<Done> = batch
-        .iter()
-        .map(|(idx, buf)| Done {
-            idx: *idx,
-            digest: ChunkDigest::ZERO,
-            bytes: buf.len() as u64,
-            new: None,
-        })
-        .collect();
-    let asked: Vec<usize> = (0..batch.len())
-        .filter(|&i| !is_all_zero(&batch[i].1))
-        .collect();
-    if asked.is_empty() {
-        return Ok(done);
-    }
-    let bufs: Vec<&[u8]> = asked.iter().map(|&i| &batch[i].1[..]).collect();
-    let digests = ChunkDigest::of_each(&bufs);
-    for (&i, d) in asked.iter().zip(&digests) {
-        done[i].digest = *d;
-    }
-    let missing = store.missing(&digests)?;
-    for (&i, lacks) in asked.iter().zip(missing) {
-        if lacks {
-            let (file, _) = chunk::encode(&batch[i].1, comp);
-            let stored = store.put_chunk(&done[i].digest, &file)?;
-            if stored > 0 {
-                done[i].new = Some((done[i].bytes, stored));
+    level: i32,
+    rx: &crossbeam_channel::Receiver<(u64, Vec<u8>)>,
+    tx: &crossbeam_channel::Sender<Result<Done, BackupError>>,
+    spare: &crossbeam_channel::Sender<Vec<u8>>,
+) {
+    let mut comp = match zstd::bulk::Compressor::new(level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(BackupError::Zstd(level, e)));
+            return;
+        }
+    };
+    // One question in the channel at most, and one batch waiting on its
+    // answer: answers come back in the order of the questions.
+    let (ask_tx, ask_rx) = crossbeam_channel::bounded::<Vec<ChunkDigest>>(1);
+    let (answer_tx, answer_rx) = crossbeam_channel::bounded::<Result<Vec<bool>, StoreError>>(1);
+    // `move`: the channels drop when the worker ends, which ends the asker
+    // before the scope waits for it.
+    std::thread::scope(move |s| {
+        s.spawn(move || {
+            for digests in ask_rx {
+                if answer_tx.send(store.missing(&digests)).is_err() {
+                    return;
+                }
+            }
+        });
+        // Only a panic in `missing` ends the asker early (the scope
+        // re-raises it); the batch still gets an error, never a hole.
+        let answer = || {
+            answer_rx.recv().unwrap_or_else(|_| {
+                Err(StoreError::Io {
+                    path: "the store's missing-chunk query".into(),
+                    source: io::Error::other("the asking thread stopped"),
+                })
+            })
+        };
+        let mut waiting: Option<Hashed> = None;
+        loop {
+            // With a batch waiting on its answer, do not block for more
+            // input: finish that batch first.
+            let first = match waiting {
+                Some(_) => rx.try_recv().ok(),
+                None => rx.recv().ok(),
+            };
+            let Some(first) = first else {
+                match waiting.take() {
+                    Some(h) => {
+                        if !emit(h.finish(store, &mut comp, answer()), tx, spare) {
+                            return;
+                        }
+                        continue;
+                    }
+                    None => return,
+                }
+            };
+            let mut batch = Vec::with_capacity(BATCH);
+            batch.push(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            let h = Hashed::new(batch);
+            if h.asked.is_empty() {
+                if !emit(Ok(h), tx, spare) {
+                    return;
+                }
+                continue;
+            }
+            if ask_tx.send(h.digests()).is_err() {
+                return;
+            }
+            if let Some(before) = waiting.replace(h) {
+                if !emit(before.finish(store, &mut comp, answer()), tx, spare) {
+                    return;
+                }
             }
         }
+    });
+}
+
+/// A batch of chunks, hashed: what the collector will get for each, and
+/// which of them (the non-zero ones) the store is asked about.
+struct Hashed {
+    batch: Vec<(u64, Vec<u8>)>,
+    done: Vec<Done>,
+    asked: Vec<usize>,
+}
+
+impl Hashed {
+    fn new(batch: Vec<(u64, Vec<u8>)>) -> Hashed {
+        let mut done: Vec<Done> = batch
+            .iter()
+            .map(|(idx, buf)| Done {
+                idx: *idx,
+                digest: ChunkDigest::ZERO,
+                bytes: buf.len() as u64,
+                new: None,
+            })
+            .collect();
+        let asked: Vec<usize> = (0..batch.len())
+            .filter(|&i| !is_all_zero(&batch[i].1))
+            .collect();
+        let bufs: Vec<&[u8]> = asked.iter().map(|&i| &batch[i].1[..]).collect();
+        for (&i, d) in asked.iter().zip(ChunkDigest::of_each(&bufs)) {
+            done[i].digest = d;
+        }
+        Hashed { batch, done, asked }
     }
-    Ok(done)
+
+    fn digests(&self) -> Vec<ChunkDigest> {
+        self.asked.iter().map(|&i| self.done[i].digest).collect()
+    }
+
+    /// Compresses and stores the chunks the store lacks, given its answer.
+    fn finish(
+        mut self,
+        store: &dyn Store,
+        comp: &mut zstd::bulk::Compressor<'_>,
+        missing: Result<Vec<bool>, StoreError>,
+    ) -> Result<Hashed, BackupError> {
+        for (&i, lacks) in self.asked.iter().zip(missing?) {
+            if lacks {
+                let (file, _) = chunk::encode(&self.batch[i].1, comp);
+                let stored = store.put_chunk(&self.done[i].digest, &file)?;
+                if stored > 0 {
+                    self.done[i].new = Some((self.done[i].bytes, stored));
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Hands a finished batch's results to the collector and its buffers back
+/// to the reader; false when the worker must stop (an error, sent on, or
+/// the collector gone).
+fn emit(
+    r: Result<Hashed, BackupError>,
+    tx: &crossbeam_channel::Sender<Result<Done, BackupError>>,
+    spare: &crossbeam_channel::Sender<Vec<u8>>,
+) -> bool {
+    match r {
+        Ok(h) => {
+            for (_, buf) in h.batch {
+                let _ = spare.try_send(buf);
+            }
+            h.done.into_iter().all(|d| tx.send(Ok(d)).is_ok())
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            false
+        }
+    }
 }
 
 fn store_page(

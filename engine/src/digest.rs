@@ -63,12 +63,17 @@ impl ChunkDigest {
 
 /// Whether every byte is zero (the fast path of the chunker).
 pub fn is_all_zero(data: &[u8]) -> bool {
-    // Word-wide ORs; the compiler vectorises this loop.
-    let mut words = data.chunks_exact(8);
-    let any = words
-        .by_ref()
-        .fold(0u64, |a, w| a | u64::from_ne_bytes(w.try_into().unwrap()));
-    any == 0 && words.remainder().iter().all(|b| *b == 0)
+    // Word-wide ORs over 256-byte blocks (the compiler vectorises each
+    // block's loop), stopping at the first non-zero block: most chunks of
+    // data end the test in their first block, where a full scan spent 2%
+    // of a full backup's CPU.
+    data.chunks(256).all(|block| {
+        let mut words = block.chunks_exact(8);
+        let any = words
+            .by_ref()
+            .fold(0u64, |a, w| a | u64::from_ne_bytes(w.try_into().unwrap()));
+        any == 0 && words.remainder().iter().all(|b| *b == 0)
+    })
 }
 
 impl fmt::Display for ChunkDigest {
@@ -139,6 +144,19 @@ mod tests {
         let mut v = vec![0u8; 100];
         v[99] = 1;
         assert!(!is_all_zero(&v));
+    }
+
+    #[test]
+    fn is_all_zero_sees_a_byte_anywhere() {
+        // Block edges, a block's word remainder and the last short block.
+        let len = 65536 + 13;
+        assert!(is_all_zero(&vec![0u8; len]));
+        assert!(is_all_zero(&[]));
+        for at in [0, 7, 8, 255, 256, 257, 4095, 65535, 65536, 65540, len - 1] {
+            let mut v = vec![0u8; len];
+            v[at] = 0x80;
+            assert!(!is_all_zero(&v), "missed a byte at {at}");
+        }
     }
 
     #[test]
