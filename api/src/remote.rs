@@ -419,6 +419,10 @@ impl Store for RemoteStore {
     }
 
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
+        self.put_chunk_owned(digest, file.to_vec())
+    }
+
+    fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
         {
             let mut p = self.inner.pending();
             if let Some(f) = p.failed.take() {
@@ -428,12 +432,13 @@ impl Store for RemoteStore {
                 return Ok(0);
             }
         }
+        let len = file.len() as u64;
         self.uploads
             .as_ref()
             .expect("open until drop")
-            .send((*digest, file.to_vec()))
+            .send((*digest, file))
             .map_err(|_| self.inner.remote("the upload threads stopped".into()))?;
-        Ok(file.len() as u64)
+        Ok(len)
     }
 
     /// Queues the chunks for download in batches (one request per batch

@@ -168,12 +168,36 @@ pub fn run(
             touched.entry(p).or_default();
         }
     }
-    for (&p, page) in touched.iter_mut() {
-        let n = index::page_len(plan.chunks, p);
-        *page = match (plan.kind, req.base) {
-            (BackupKind::Incremental, Some(b)) => load_page(store, b, p)?,
-            _ => vec![ChunkDigest::ZERO; n],
-        };
+    match (plan.kind, req.base) {
+        (BackupKind::Incremental, Some(b)) => {
+            // The base's pages are asked for a group ahead of their use, so
+            // a store server sends them in batches instead of one round
+            // trip each (and never more than two groups are held).
+            let mut order: Vec<u64> = touched.keys().copied().collect();
+            order.sort_unstable();
+            let groups: Vec<&[u64]> = order.chunks(PAGES_AHEAD).collect();
+            let digests = |g: &[u64]| -> Vec<ChunkDigest> {
+                g.iter()
+                    .filter_map(|&p| b.pages.get(p as usize).copied())
+                    .collect()
+            };
+            for (i, group) in groups.iter().enumerate() {
+                if i == 0 {
+                    store.prefetch(&digests(group));
+                }
+                if let Some(next) = groups.get(i + 1) {
+                    store.prefetch(&digests(next));
+                }
+                for &p in group.iter() {
+                    touched.insert(p, load_page(store, b, p)?);
+                }
+            }
+        }
+        _ => {
+            for (&p, page) in touched.iter_mut() {
+                *page = vec![ChunkDigest::ZERO; index::page_len(plan.chunks, p)];
+            }
+        }
     }
 
     let workers = if opts.workers == 0 {
@@ -282,21 +306,26 @@ pub fn run(
     let mut comp = zstd::bulk::Compressor::new(opts.zstd_level)
         .map_err(|e| BackupError::Zstd(opts.zstd_level, e))?;
     let mut pages = Vec::with_capacity(pages_total as usize);
+    let mut to_store = Vec::with_capacity(PAGES_AHEAD);
     for p in 0..pages_total {
-        let digest = match touched.get(&p) {
-            Some(page) => store_page(store, &mut comp, page, &mut stats)?,
+        let bytes = match touched.get(&p) {
+            Some(page) => index::encode_page(page),
             None => match (plan.kind, req.base) {
-                (BackupKind::Incremental, Some(b)) => b.pages[p as usize],
-                _ => store_page(
-                    store,
-                    &mut comp,
-                    &vec![ChunkDigest::ZERO; index::page_len(plan.chunks, p)],
-                    &mut stats,
-                )?,
+                (BackupKind::Incremental, Some(b)) => {
+                    pages.push(b.pages[p as usize]);
+                    continue;
+                }
+                _ => index::encode_page(&vec![ChunkDigest::ZERO; index::page_len(plan.chunks, p)]),
             },
         };
-        pages.push(digest);
+        let d = ChunkDigest::of(&bytes);
+        pages.push(d);
+        to_store.push((d, bytes));
+        if to_store.len() == PAGES_AHEAD {
+            store_pages(store, &mut comp, &mut to_store, &mut stats)?;
+        }
     }
+    store_pages(store, &mut comp, &mut to_store, &mut stats)?;
     let paged = started.elapsed();
     store.sync()?;
     tracing::debug!(pipeline = ?piped, pages = ?(paged - piped), sync = ?(started.elapsed() - paged), "backup phases");
@@ -511,7 +540,7 @@ impl Hashed {
         for (&i, lacks) in self.asked.iter().zip(missing?) {
             if lacks {
                 let (file, _) = chunk::encode(&self.batch[i].1, comp);
-                let stored = store.put_chunk(&self.done[i].digest, &file)?;
+                let stored = store.put_chunk_owned(&self.done[i].digest, file)?;
                 if stored > 0 {
                     self.done[i].new = Some((self.done[i].bytes, stored));
                 }
@@ -543,21 +572,31 @@ fn emit(
     }
 }
 
-fn store_page(
+/// Index pages a backup loads or stores per round trip to the store.
+const PAGES_AHEAD: usize = 32;
+
+/// Stores the index pages (digest, encoded page) the store lacks, asking
+/// about all of them at once, and empties the list.
+fn store_pages(
     store: &dyn Store,
     comp: &mut zstd::bulk::Compressor<'_>,
-    page: &[ChunkDigest],
+    pages: &mut Vec<(ChunkDigest, Vec<u8>)>,
     stats: &mut BackupStats,
-) -> Result<ChunkDigest, BackupError> {
-    let bytes = index::encode_page(page);
-    let d = ChunkDigest::of(&bytes);
-    if store.missing(&[d])?[0] {
-        let (file, _) = chunk::encode(&bytes, comp);
-        if store.put_chunk(&d, &file)? > 0 {
-            stats.pages_new += 1;
+) -> Result<(), BackupError> {
+    if pages.is_empty() {
+        return Ok(());
+    }
+    let digests: Vec<ChunkDigest> = pages.iter().map(|(d, _)| *d).collect();
+    let missing = store.missing(&digests)?;
+    for ((d, bytes), lacks) in pages.drain(..).zip(missing) {
+        if lacks {
+            let (file, _) = chunk::encode(&bytes, comp);
+            if store.put_chunk_owned(&d, file)? > 0 {
+                stats.pages_new += 1;
+            }
         }
     }
-    Ok(d)
+    Ok(())
 }
 
 /// Reads page `p` of a snapshot's index, checking its digest.
@@ -621,7 +660,7 @@ mod tests {
 
     #[allow(clippy::too_many_arguments)]
     fn backup_with(
-        store: &LocalStore,
+        store: &dyn Store,
         img: &File,
         size: u64,
         frozen: &DirtyBitmap,
@@ -717,6 +756,135 @@ mod tests {
             std::fs::read(&out).unwrap(),
             data,
             "the snapshot has what was read"
+        );
+    }
+
+    /// A local store whose `missing` answers late, each call by a
+    /// different delay, and fails from call `fail_from` on: a store server
+    /// far away, whose link may drop.
+    struct SlowStore {
+        inner: LocalStore,
+        calls: std::sync::atomic::AtomicUsize,
+        fail_from: usize,
+    }
+
+    impl Store for SlowStore {
+        fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError> {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n >= self.fail_from {
+                return Err(StoreError::Remote {
+                    url: "https://far.example".into(),
+                    why: "the link dropped".into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros((n % 4) as u64 * 700));
+            self.inner.missing(digests)
+        }
+        fn put_chunk(&self, d: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
+            self.inner.put_chunk(d, file)
+        }
+        fn get_chunk(&self, d: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
+            self.inner.get_chunk(d)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            self.inner.sync()
+        }
+        fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
+            self.inner.commit(m)
+        }
+        fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
+            self.inner.manifest(id)
+        }
+        fn list(
+            &self,
+            disk: Option<&DiskName>,
+        ) -> Result<(Vec<Manifest>, Vec<StoreError>), StoreError> {
+            self.inner.list(disk)
+        }
+        fn delete(&self, id: &SnapshotId) -> Result<(), StoreError> {
+            self.inner.delete(id)
+        }
+        fn lock(
+            &self,
+            disk: &DiskName,
+            base: Option<&Manifest>,
+        ) -> Result<Box<dyn crate::store::DiskLock>, StoreError> {
+            self.inner.lock(disk, base)
+        }
+        fn annotate(
+            &self,
+            id: &SnapshotId,
+            a: &crate::format::manifest::Annotation,
+        ) -> Result<Manifest, StoreError> {
+            self.inner.annotate(id, a)
+        }
+        fn gc(
+            &self,
+            opts: &crate::store::GcOptions,
+            progress: &Progress,
+        ) -> Result<crate::store::GcReport, StoreError> {
+            self.inner.gc(opts, progress)
+        }
+        fn usage(&self) -> Result<u64, StoreError> {
+            self.inner.usage()
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    #[test]
+    fn late_answers_land_on_their_own_chunks_and_a_failed_one_fails_the_backup() {
+        // 256 chunks: many batches, with questions in flight while the
+        // batches before them are compressed.
+        let (dir, local, mut data, img) = fixture(16 * 1024 * 1024);
+        let size = data.len() as u64;
+        let clean = DirtyBitmap::new(size, Granularity::new(CS).unwrap());
+        let slow = SlowStore {
+            inner: local,
+            calls: Default::default(),
+            fail_from: usize::MAX,
+        };
+        let full = backup_with(&slow, &img, size, &clean, None, 1000, Mode::Auto, None).unwrap();
+        assert!(slow.calls.load(std::sync::atomic::Ordering::SeqCst) > 4);
+        let out = dir.path().join("out");
+        crate::restore::restore(&slow, &full, &out, false, 2, &Progress::default()).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "restored image differs"
+        );
+
+        // Every fifth chunk changes and a full read follows: the answers
+        // now mix "lacks" and "has", so one landing on the wrong batch
+        // would leave a new chunk unstored.
+        for c in (0..data.len() / CS as usize).step_by(5) {
+            let off = c * CS as usize + 17;
+            data[off..off + 8].copy_from_slice(&(c as u64 + 0xfeed).to_le_bytes());
+            img.write_all_at(&data[off..off + 8], off as u64).unwrap();
+        }
+        let second = backup_with(&slow, &img, size, &clean, None, 2000, Mode::Full, None).unwrap();
+        assert_eq!(second.stats.chunks_new, 52, "{:?}", second.stats);
+        std::fs::remove_file(&out).unwrap();
+        crate::restore::restore(&slow, &second, &out, false, 2, &Progress::default()).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "restored image differs"
+        );
+
+        // The link drops at the third question of a full read: the backup
+        // fails with the store's error and commits nothing.
+        let failing = SlowStore {
+            inner: slow.inner,
+            calls: Default::default(),
+            fail_from: 2,
+        };
+        let e =
+            backup_with(&failing, &img, size, &clean, None, 3000, Mode::Full, None).unwrap_err();
+        assert!(e.to_string().contains("the link dropped"), "{e}");
+        assert_eq!(
+            failing.list(None).unwrap().0.len(),
+            2,
+            "nothing more committed"
         );
     }
 

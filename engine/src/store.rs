@@ -144,6 +144,12 @@ pub trait Store: Send + Sync {
     fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError>;
     /// Stores an encoded chunk file under `digest` (the caller checked it).
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError>;
+    /// [`Store::put_chunk`] of a file the caller no longer needs: a store
+    /// that keeps the bytes for later (a store server's upload queue)
+    /// takes them without a copy.
+    fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
+        self.put_chunk(digest, &file)
+    }
     /// The encoded chunk file of `digest`.
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError>;
 
