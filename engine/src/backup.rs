@@ -200,6 +200,7 @@ pub fn run(
         }
     }
 
+    let prepared = started.elapsed();
     let workers = if opts.workers == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -328,7 +329,7 @@ pub fn run(
     store_pages(store, &mut comp, &mut to_store, &mut stats)?;
     let paged = started.elapsed();
     store.sync()?;
-    tracing::debug!(pipeline = ?piped, pages = ?(paged - piped), sync = ?(started.elapsed() - paged), "backup phases");
+    let synced = started.elapsed();
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let manifest = Manifest {
         format: FORMAT,
@@ -353,6 +354,14 @@ pub fn run(
         checksum: String::new(),
     };
     store.commit(&manifest)?;
+    tracing::debug!(
+        prepare = ?prepared,
+        pipeline = ?(piped - prepared),
+        pages = ?(paged - piped),
+        sync = ?(synced - paged),
+        commit = ?(started.elapsed() - synced),
+        "backup phases"
+    );
     Ok(manifest)
 }
 
@@ -405,14 +414,21 @@ fn audit_against(
 /// Most chunks one worker hashes before asking the store which it lacks.
 const BATCH: usize = 16;
 
+/// Batches one worker holds while their questions are in flight. With the
+/// agent and a store server on a core each, one question in flight left
+/// the worker waiting for answers 2.7-2.9 s of a 14-17 s full backup,
+/// three 1.2 s, six 0.7 s (one run each); every batch held is about 1 MiB.
+const QUESTIONS: usize = 4;
+
 /// One worker of the pipeline. It takes whatever is queued (up to
 /// [`BATCH`] chunks), hashes it and asks the store in one `missing` call
 /// which of those chunks it lacks: one round trip per batch to a remote
 /// store instead of one per chunk. The question goes to a helper thread,
-/// and while the answer travels the worker compresses and stores the
-/// batch before, so a store server's round trip does not idle the core
-/// (with the server on its own core, waiting on these answers left the
-/// agent's core a fifth idle).
+/// and while the answers travel the worker compresses and stores the
+/// batches asked about before (up to [`QUESTIONS`] wait), so a store
+/// server's round trips do not idle the core (with the server on a core
+/// of its own, waiting on these answers left the agent's core 12-15%
+/// idle).
 fn worker(
     store: &dyn Store,
     level: i32,
@@ -427,10 +443,12 @@ fn worker(
             return;
         }
     };
-    // One question in the channel at most, and one batch waiting on its
-    // answer: answers come back in the order of the questions.
-    let (ask_tx, ask_rx) = crossbeam_channel::bounded::<Vec<ChunkDigest>>(1);
-    let (answer_tx, answer_rx) = crossbeam_channel::bounded::<Result<Vec<bool>, StoreError>>(1);
+    // Answers come back in the order of the questions; the channels hold
+    // every question and answer of the batches waiting, so neither side
+    // blocks the other.
+    let (ask_tx, ask_rx) = crossbeam_channel::bounded::<Vec<ChunkDigest>>(QUESTIONS + 1);
+    let (answer_tx, answer_rx) =
+        crossbeam_channel::bounded::<Result<Vec<bool>, StoreError>>(QUESTIONS + 1);
     // `move`: the channels drop when the worker ends, which ends the asker
     // before the scope waits for it.
     std::thread::scope(move |s| {
@@ -451,16 +469,16 @@ fn worker(
                 })
             })
         };
-        let mut waiting: Option<Hashed> = None;
+        let mut waiting: std::collections::VecDeque<Hashed> = Default::default();
         loop {
-            // With a batch waiting on its answer, do not block for more
-            // input: finish that batch first.
-            let first = match waiting {
-                Some(_) => rx.try_recv().ok(),
-                None => rx.recv().ok(),
+            // With batches waiting on their answers, do not block for more
+            // input: finish the oldest first.
+            let first = match waiting.is_empty() {
+                false => rx.try_recv().ok(),
+                true => rx.recv().ok(),
             };
             let Some(first) = first else {
-                match waiting.take() {
+                match waiting.pop_front() {
                     Some(h) => {
                         if !emit(h.finish(store, &mut comp, answer()), tx, spare) {
                             return;
@@ -488,8 +506,10 @@ fn worker(
             if ask_tx.send(h.digests()).is_err() {
                 return;
             }
-            if let Some(before) = waiting.replace(h) {
-                if !emit(before.finish(store, &mut comp, answer()), tx, spare) {
+            waiting.push_back(h);
+            if waiting.len() > QUESTIONS {
+                let oldest = waiting.pop_front().expect("more than one waiting");
+                if !emit(oldest.finish(store, &mut comp, answer()), tx, spare) {
                     return;
                 }
             }
