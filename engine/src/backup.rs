@@ -460,15 +460,12 @@ fn worker(
             }
         });
         // Only a panic in `missing` ends the asker early (the scope
-        // re-raises it); the batch still gets an error, never a hole.
-        let answer = || {
-            answer_rx.recv().unwrap_or_else(|_| {
-                Err(StoreError::Io {
-                    path: "the store's missing-chunk query".into(),
-                    source: io::Error::other("the asking thread stopped"),
-                })
-            })
+        // re-raises it); the batches still get an error, never a hole.
+        let asker_gone = || StoreError::Io {
+            path: "the store's missing-chunk query".into(),
+            source: io::Error::other("the asking thread stopped"),
         };
+        let answer = || answer_rx.recv().unwrap_or_else(|_| Err(asker_gone()));
         let mut waiting: std::collections::VecDeque<Hashed> = Default::default();
         loop {
             // With batches waiting on their answers, do not block for more
@@ -504,6 +501,7 @@ fn worker(
                 continue;
             }
             if ask_tx.send(h.digests()).is_err() {
+                emit(Err(asker_gone().into()), tx, spare);
                 return;
             }
             waiting.push_back(h);
