@@ -181,10 +181,10 @@ pub fn run(
                     .filter_map(|&p| b.pages.get(p as usize).copied())
                     .collect()
             };
+            if let Some(first) = groups.first() {
+                store.prefetch(&digests(first));
+            }
             for (i, group) in groups.iter().enumerate() {
-                if i == 0 {
-                    store.prefetch(&digests(group));
-                }
                 if let Some(next) = groups.get(i + 1) {
                     store.prefetch(&digests(next));
                 }
@@ -465,25 +465,27 @@ fn worker(
             path: "the store's missing-chunk query".into(),
             source: io::Error::other("the asking thread stopped"),
         };
-        let answer = || answer_rx.recv().unwrap_or_else(|_| Err(asker_gone()));
         let mut waiting: std::collections::VecDeque<Hashed> = Default::default();
+        // Finishes the oldest waiting batch once its answer is in; false
+        // when the worker must stop.
+        let mut finish_oldest = |waiting: &mut std::collections::VecDeque<Hashed>| {
+            let oldest = waiting.pop_front().expect("a batch waiting");
+            let answer = answer_rx.recv().unwrap_or_else(|_| Err(asker_gone()));
+            emit(oldest.finish(store, &mut comp, answer), tx, spare)
+        };
         loop {
             // With batches waiting on their answers, do not block for more
             // input: finish the oldest first.
-            let first = match waiting.is_empty() {
-                false => rx.try_recv().ok(),
-                true => rx.recv().ok(),
+            let first = if waiting.is_empty() {
+                rx.recv().ok()
+            } else {
+                rx.try_recv().ok()
             };
             let Some(first) = first else {
-                match waiting.pop_front() {
-                    Some(h) => {
-                        if !emit(h.finish(store, &mut comp, answer()), tx, spare) {
-                            return;
-                        }
-                        continue;
-                    }
-                    None => return,
+                if waiting.is_empty() || !finish_oldest(&mut waiting) {
+                    return;
                 }
+                continue;
             };
             let mut batch = Vec::with_capacity(BATCH);
             batch.push(first);
@@ -505,11 +507,8 @@ fn worker(
                 return;
             }
             waiting.push_back(h);
-            if waiting.len() > QUESTIONS {
-                let oldest = waiting.pop_front().expect("more than one waiting");
-                if !emit(oldest.finish(store, &mut comp, answer()), tx, spare) {
-                    return;
-                }
+            if waiting.len() > QUESTIONS && !finish_oldest(&mut waiting) {
+                return;
             }
         }
     });
