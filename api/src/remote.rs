@@ -633,6 +633,9 @@ impl Store for RemoteStore {
                 .into_json()
                 .map_err(|e| self.inner.remote(e.to_string()))?,
             Err(ureq::Error::Status(409, _)) => return Err(StoreError::Locked(disk.clone())),
+            Err(ureq::Error::Status(404, _)) if base.is_some() => {
+                return Err(StoreError::NoSnapshot(base.expect("some").id.clone()))
+            }
             Err(e) => return Err(self.inner.error(e)),
         };
         // Renewed at a third of its life; released when the guard drops.
@@ -844,6 +847,65 @@ mod tests {
             "{e}"
         );
         assert!(matches!(s.manifest(&m.id), Err(StoreError::NoSnapshot(_))));
+    }
+
+    /// A child snapshot is checked only where it differs from its parent;
+    /// after a garbage collection the parent's word counts for nothing.
+    #[test]
+    fn a_child_snapshot_is_checked_where_it_changed_and_in_full_after_a_collection() {
+        use novabackup_engine::format::index;
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let mut put = |bytes: &[u8]| {
+            let (f, _) = novabackup_engine::format::chunk::encode(bytes, &mut z);
+            let d = ChunkDigest::of(bytes);
+            s.put_chunk(&d, &f).unwrap();
+            d
+        };
+        // Two chunks, one index page.
+        let snap = |t: u64, page: ChunkDigest, parent: Option<&Manifest>| {
+            let mut m = novabackup_engine::store::conformance::manifest("vm", t, vec![page]);
+            m.image_size = 2 * 65536;
+            m.parent = parent.map(|p| p.id.clone());
+            m
+        };
+        let (a, b) = (put(b"a"), put(b"b"));
+        let p1 = put(&index::encode_page(&[a, b]));
+        s.sync().unwrap();
+        let m1 = snap(10, p1, None);
+        s.commit(&m1).unwrap();
+
+        // Changed at chunk 1 to one never uploaded: refused, naming it.
+        let absent = ChunkDigest::of(b"never uploaded");
+        let p2 = put(&index::encode_page(&[a, absent]));
+        s.sync().unwrap();
+        let e = s.commit(&snap(20, p2, Some(&m1))).unwrap_err().to_string();
+        assert!(e.contains(&absent.hex()), "{e}");
+        let c = put(b"c");
+        let p3 = put(&index::encode_page(&[a, c]));
+        s.sync().unwrap();
+        let m3 = snap(30, p3, Some(&m1));
+        s.commit(&m3).unwrap();
+
+        // m3 is gone and a collection removed chunk a; a child of m3 that
+        // keeps chunk a must not be accepted on m3's word.
+        s.delete(&m1.id).unwrap();
+        s.delete(&m3.id).unwrap();
+        let r = s
+            .gc(
+                &Default::default(),
+                &novabackup_engine::progress::Progress::default(),
+            )
+            .unwrap();
+        assert!(r.chunks_removed >= 3, "{r:?}");
+        assert_eq!(s.missing(&[a]).unwrap(), vec![true]);
+        let d = put(b"d");
+        let p4 = put(&index::encode_page(&[a, d]));
+        s.sync().unwrap();
+        let e = s.commit(&snap(40, p4, Some(&m3))).unwrap_err().to_string();
+        assert!(e.contains(&a.hex()) && e.contains("upload it first"), "{e}");
     }
 }
 

@@ -88,6 +88,12 @@ struct Held {
 struct Served {
     store: LocalStore,
     locks: Mutex<HashMap<DiskName, Held>>,
+    /// Per disk, the index of the last snapshot committed (see [`Checked`]).
+    checked: Mutex<HashMap<DiskName, Checked>>,
+}
+
+fn lock_checked(s: &Served) -> std::sync::MutexGuard<'_, HashMap<DiskName, Checked>> {
+    s.checked.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 type Shared = Arc<Served>;
@@ -97,6 +103,7 @@ pub fn router(store: LocalStore, token: String) -> Router {
     let state: Shared = Arc::new(Served {
         store,
         locks: Mutex::new(HashMap::new()),
+        checked: Mutex::new(HashMap::new()),
     });
     let protected = Router::new()
         .route("/store/v1/missing", post(missing))
@@ -349,9 +356,32 @@ async fn sync(State(s): State<Shared>) -> Result<StatusCode, ApiError> {
 async fn commit(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let m = Manifest::decode(&body).map_err(|e| bad(format!("bad manifest: {e}")))?;
     blocking(move || {
-        complete(&s.store, &m)?;
+        let started = Instant::now();
+        let collections = s.store.collections();
+        // Taken out while this commit checks: a concurrent commit of the
+        // same disk (which its lock forbids) would only check in full.
+        let prior = lock_checked(&s).remove(&m.disk);
+        let digests = complete(&s.store, &m, prior.as_ref())?;
+        let checked = started.elapsed();
         s.store.sync().map_err(store_error)?;
         s.store.commit(&m).map_err(store_error)?;
+        tracing::debug!(snapshot = %m.id, incremental = prior.is_some(), ?checked, total = ?started.elapsed(), "commit");
+        if m.chunks() <= CHECKED_MAX && s.store.collections() == collections {
+            let mut c = lock_checked(&s);
+            if c.len() >= CHECKED_DISKS {
+                c.clear();
+            }
+            c.insert(
+                m.disk.clone(),
+                Checked {
+                    id: m.id.clone(),
+                    collections,
+                    chunks: m.chunks(),
+                    pages: m.pages.clone(),
+                    digests,
+                },
+            );
+        }
         Ok((
             StatusCode::CREATED,
             Json(serde_json::json!({"snapshot": m.id})),
@@ -361,8 +391,35 @@ async fn commit(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiErr
     .await
 }
 
-/// Fails unless every page and chunk of `m` is in the store.
-fn complete(store: &LocalStore, m: &Manifest) -> Result<(), ApiError> {
+/// The index of the snapshot a store server last accepted for a disk,
+/// decoded: the next snapshot of that disk, built on it, is checked only
+/// where it differs.
+struct Checked {
+    id: SnapshotId,
+    /// [`LocalStore::collections`] when the check began and ended.
+    collections: u64,
+    chunks: u64,
+    pages: Vec<ChunkDigest>,
+    digests: Vec<Vec<ChunkDigest>>,
+}
+
+/// Most digests a store server keeps decoded for one disk's last snapshot
+/// (16 MiB of them: a 32 GiB disk at 64 KiB chunks). A bigger disk's
+/// snapshots are checked whole.
+const CHECKED_MAX: u64 = 1 << 19;
+/// Most disks whose last snapshot a store server keeps decoded.
+const CHECKED_DISKS: usize = 16;
+
+/// Fails unless every page and chunk of `m` is in the store; returns `m`'s
+/// decoded index. With `prior`, the parent's index as an earlier call
+/// returned it and no garbage collection since, only the pages and chunks
+/// that differ from the parent's are looked up: the rest were present
+/// then, and only a collection removes chunks.
+fn complete(
+    store: &LocalStore,
+    m: &Manifest,
+    prior: Option<&Checked>,
+) -> Result<Vec<Vec<ChunkDigest>>, ApiError> {
     let unprocessable = |msg: String| ApiError::new(ErrorCode::Unprocessable, msg);
     if m.pages.len() as u64 != index::page_count(m.chunks()) {
         return Err(bad(format!(
@@ -372,6 +429,12 @@ fn complete(store: &LocalStore, m: &Manifest) -> Result<(), ApiError> {
             m.chunks()
         )));
     }
+    let prior = prior.filter(|c| {
+        m.parent.as_ref() == Some(&c.id)
+            && c.chunks == m.chunks()
+            && c.collections % 2 == 0
+            && c.collections == store.collections()
+    });
     let lacks = store.missing(&m.pages).map_err(store_error)?;
     if let Some(i) = lacks.iter().position(|l| *l) {
         return Err(unprocessable(format!(
@@ -379,17 +442,33 @@ fn complete(store: &LocalStore, m: &Manifest) -> Result<(), ApiError> {
             m.id, m.pages[i]
         )));
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<Vec<ChunkDigest>> = Vec::with_capacity(m.pages.len());
+    let mut seen: HashMap<ChunkDigest, usize> = HashMap::new();
     for (p, d) in m.pages.iter().enumerate() {
-        if !seen.insert(*d) {
+        let before = prior.map(|c| (&c.pages[p], &c.digests[p]));
+        if let Some((_, digests)) = before.filter(|(pd, _)| *pd == d) {
+            out.push(digests.clone());
             continue;
         }
+        if let Some(&q) = seen.get(d) {
+            out.push(out[q].clone());
+            continue;
+        }
+        seen.insert(*d, p);
         let file = store.get_chunk(d).map_err(store_error)?;
         let bytes = chunk::decode_verified(&file, d)
             .map_err(|e| unprocessable(format!("index page {d} is damaged: {e}")))?;
         let digests = index::decode_page(&bytes, index::page_len(m.chunks(), p as u64))
             .map_err(|e| unprocessable(format!("index page {d}: {e}")))?;
-        let wanted: Vec<ChunkDigest> = digests.into_iter().filter(|d| !d.is_zero()).collect();
+        let wanted: Vec<ChunkDigest> = match before {
+            Some((_, old)) if old.len() == digests.len() => digests
+                .iter()
+                .zip(old)
+                .filter(|(new, old)| !new.is_zero() && new != old)
+                .map(|(new, _)| *new)
+                .collect(),
+            _ => digests.iter().filter(|d| !d.is_zero()).copied().collect(),
+        };
         let lacks = store.missing(&wanted).map_err(store_error)?;
         if let Some(i) = lacks.iter().position(|l| *l) {
             return Err(unprocessable(format!(
@@ -397,8 +476,9 @@ fn complete(store: &LocalStore, m: &Manifest) -> Result<(), ApiError> {
                 m.id, wanted[i]
             )));
         }
+        out.push(digests);
     }
-    Ok(())
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -482,9 +562,12 @@ async fn lock(
     let Query(q) = q.map_err(|e| bad(format!("bad query: {}", e.body_text())))?;
     let base = q.base.as_deref().map(parse_id).transpose()?;
     blocking(move || {
-        // A base that is gone already pins nothing; the client checks it
-        // exists once it holds the lock.
-        let base = base.and_then(|id| s.store.manifest(&id).ok());
+        // A base that is gone is refused (404): the backup cannot build
+        // on it. The store checks again once it is pinned.
+        let base = base
+            .map(|id| s.store.manifest(&id))
+            .transpose()
+            .map_err(store_error)?;
         let mut held = locks(&s);
         if held.get(&disk).is_some_and(|h| h.until < Instant::now()) {
             tracing::warn!(%disk, "a backup lock lapsed (its client stopped renewing it)");

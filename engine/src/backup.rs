@@ -144,17 +144,17 @@ pub fn run(
     let base = req
         .base
         .filter(|_| req.plan.kind == BackupKind::Incremental);
-    let _lock = store.lock(req.disk, base)?;
-    if let Some(b) = base {
-        // The lock pins the base against garbage collection; it must still
-        // exist now that it is pinned.
-        if let Err(e) = store.manifest(&b.id) {
+    // The lock pins the base against garbage collection, and fails if the
+    // base is gone by then.
+    let _lock = match (store.lock(req.disk, base), base) {
+        (Err(StoreError::NoSnapshot(id)), Some(b)) if id == b.id => {
             return Err(BackupError::BadBase {
                 id: b.id.clone(),
-                why: format!("it was deleted or damaged as the backup started ({e}); the next backup is a full one"),
-            });
+                why: "it was deleted as the backup started; the next backup is a full one".into(),
+            })
         }
-    }
+        (r, _) => r?,
+    };
     let cs = opts.chunk_size;
     let plan = req.plan;
     progress.set_total(plan.bytes_to_read(req.size, cs));

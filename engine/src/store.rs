@@ -173,7 +173,8 @@ pub trait Store: Send + Sync {
     /// Takes the per-disk backup lock, or fails at once if it is held.
     /// `base` is the snapshot the backup builds on: while the lock is held,
     /// garbage collection keeps everything it references even if it is
-    /// deleted meanwhile (the backup checks it still exists after locking).
+    /// deleted meanwhile. Fails with [`StoreError::NoSnapshot`] (and holds
+    /// nothing) if `base` is gone by the time it is pinned.
     fn lock(
         &self,
         disk: &DiskName,

@@ -85,14 +85,15 @@ pub fn backup(
     let predicted_full =
         plan::full_reason(mode, base.as_ref(), &no_base, &trust, size, opts.chunk_size).is_some();
 
-    // Snapshot ids have a one-second resolution: wait for a free second.
+    // Snapshot ids have a one-second resolution: wait for a second no
+    // snapshot of this disk has (the list holds the last one; a commit in
+    // a taken second would fail, losing nothing).
     let t = loop {
         let t = time::now_unix();
-        match store.manifest(&SnapshotId::new(&disk, t)) {
-            Err(StoreError::NoSnapshot(_)) => break t,
-            Err(e) => return Err(e.to_string()),
-            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        if !snaps.iter().any(|m| m.time_unix == t) {
+            break t;
         }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     };
     let cp = export
         .tracker
@@ -183,6 +184,10 @@ fn find_base(
             ))
         }
     };
+    // Usually in the list just read; asked for only to say why it is not.
+    if let Some(m) = existing.iter().find(|m| m.id == id) {
+        return Ok((Some(m.clone()), String::new()));
+    }
     match store.manifest(&id) {
         Ok(m) => Ok((Some(m), String::new())),
         Err(StoreError::NoSnapshot(_)) => Ok((None, format!("the base snapshot {id} was deleted"))),

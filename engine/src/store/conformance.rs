@@ -111,5 +111,13 @@ pub fn run(s: &dyn Store) {
     assert!(s.lock(&"other".parse().unwrap(), None).is_ok());
     drop(lock);
     assert!(s.lock(&disk, None).is_ok());
+    // A backup building on a deleted snapshot is told so, and holds nothing.
+    assert!(matches!(
+        s.lock(&disk, Some(&m1)),
+        Err(StoreError::NoSnapshot(id)) if id == m1.id
+    ));
+    let held = s.lock(&disk, Some(&m2)).unwrap();
+    assert!(matches!(s.lock(&disk, None), Err(StoreError::Locked(_))));
+    drop(held);
     assert!(s.usage().unwrap() > 0);
 }

@@ -135,6 +135,9 @@ pub struct LocalStore {
     guard: Arc<Mutex<Guard>>,
     /// One collection at a time.
     collecting: Mutex<()>,
+    /// Collections begun plus collections ended (see
+    /// [`LocalStore::collections`]).
+    collections: AtomicU64,
     /// Serializes annotation read-modify-writes.
     annotating: Mutex<()>,
 }
@@ -173,6 +176,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl LocalStore {
+    /// Garbage collections begun plus those ended in this process: odd
+    /// while one runs. Only a collection removes chunks, so while this
+    /// stays the same even number, a chunk found present stays present
+    /// (a store server relies on it to check a snapshot only where it
+    /// differs from its parent).
+    pub fn collections(&self) -> u64 {
+        self.collections.load(Ordering::SeqCst)
+    }
+
     /// Opens the store at `root`, creating it if needed, and loads the
     /// tables of contents of its packs.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
@@ -214,6 +226,7 @@ impl LocalStore {
             counter: AtomicU64::new(0),
             guard: Default::default(),
             collecting: Mutex::new(()),
+            collections: AtomicU64::new(0),
             annotating: Mutex::new(()),
         };
         store.load()?;
@@ -731,11 +744,20 @@ impl Store for LocalStore {
                     g.pins.push((n, m.clone()));
                     n
                 });
-                Ok(Box::new(FlockGuard {
+                let held = Box::new(FlockGuard {
                     _flock: l,
                     guard: self.guard.clone(),
                     pin,
-                }))
+                });
+                drop(g);
+                // Pinned first, then looked for: a deletion after this
+                // check no longer matters to a collection.
+                match base {
+                    Some(m) if !self.manifest_path(&m.id).exists() => {
+                        Err(StoreError::NoSnapshot(m.id.clone()))
+                    }
+                    _ => Ok(held),
+                }
             }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StoreError::Locked(disk.clone())),
             Err((_, e)) => Err(StoreError::io(

@@ -21,6 +21,7 @@
 
 use std::fs;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -65,6 +66,7 @@ pub(crate) fn collect(
     struct Tracking<'a>(&'a LocalStore);
     impl Drop for Tracking<'_> {
         fn drop(&mut self) {
+            self.0.collections.fetch_add(1, Ordering::SeqCst);
             let mut g = lock(&self.0.guard);
             g.gc = false;
             if !g.tracking() {
@@ -72,6 +74,7 @@ pub(crate) fn collect(
             }
         }
     }
+    s.collections.fetch_add(1, Ordering::SeqCst);
     lock(&s.guard).gc = true;
     let tracking = Tracking(s);
     let r = run(s, opts, progress, stop);
@@ -417,11 +420,11 @@ mod tests {
         let (m1, d1) = snap(&s, 1000, &["a"]);
         let (m2, d2) = snap(&s, 2000, &["x"]);
         s.delete(&m1.id).unwrap();
-        s.delete(&m2.id).unwrap();
         let disk: DiskName = "vm".parse().unwrap();
         // A backup found chunk a present before the collection started,
         // and builds on m2, which is deleted meanwhile.
         let held = s.lock(&disk, Some(&m2)).unwrap();
+        s.delete(&m2.id).unwrap();
         assert_eq!(s.missing(&d1).unwrap(), [false]);
         gc(&s);
         assert_eq!(s.missing(&[d1[0], d2[0], m2.pages[0]]).unwrap(), [false; 3]);
