@@ -61,7 +61,9 @@ impl Client {
     ) -> Result<Client, crate::tls::TlsError> {
         let mut b = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(5));
         if let Some(fp) = fingerprint {
-            b = b.tls_config(crate::tls::pinned_client(fp)?);
+            b = b.tls_connector(std::sync::Arc::new(crate::tls::BufferedConnector(
+                crate::tls::pinned_client(fp)?,
+            )));
         }
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),

@@ -184,12 +184,12 @@ impl RemoteStore {
             .timeout_read(Duration::from_secs(300))
             .max_idle_connections_per_host(UPLOADERS * 2);
         if let Some(fp) = fingerprint {
-            b = b.tls_config(
+            b = b.tls_connector(Arc::new(crate::tls::BufferedConnector(
                 crate::tls::pinned_client(fp).map_err(|e| StoreError::Remote {
                     url: base.into(),
                     why: e.to_string(),
                 })?,
-            );
+            )));
         }
         let http = b.build();
         let inner = Arc::new(Inner {

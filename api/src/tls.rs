@@ -8,6 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod buffered;
+pub use buffered::BufferedConnector;
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -198,6 +201,9 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
+/// Bytes read from a TLS connection's socket at once.
+const READ_BUFFER: usize = 256 << 10;
+
 /// Serves `app` on `listener`, over TLS when `tls` is given, until
 /// `shutdown` completes.
 pub async fn serve(
@@ -233,6 +239,9 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
+            // rustls reads the socket 4 KiB at a time: a buffer under it
+            // turns the ~5,000 reads of a 40 MB upload into a few hundred.
+            let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
             let stream = match acceptor.accept(tcp).await {
                 Ok(s) => s,
                 Err(e) => {
