@@ -222,6 +222,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(2),
         audit_every: opts.audit_every,
+        pages: Default::default(),
     };
     let policy = policy::Settings::load(&dir)?;
     let schedules = Arc::new(schedule::Schedules::load(&dir)?);

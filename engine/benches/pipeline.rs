@@ -151,6 +151,7 @@ fn bench(c: &mut Criterion) {
                     engine: ReadEngine::probe(),
                     audit: None,
                     budget: None,
+                    pages: None,
                 };
                 black_box(
                     backup::run(

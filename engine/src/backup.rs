@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::digest::{is_all_zero, ChunkDigest};
@@ -17,6 +18,7 @@ use crate::format::chunk;
 use crate::format::index::{self, PAGE_DIGESTS};
 use crate::format::manifest::{AuditRecord, BackupKind, BackupStats, CbtRecord, Manifest, FORMAT};
 use crate::ids::{DiskName, SnapshotId};
+use crate::pagecache::PageCache;
 use crate::plan::BackupPlan;
 use crate::progress::Progress;
 use crate::read::{read_chunks, ReadEngine, ReadError, ReadJob};
@@ -124,6 +126,9 @@ pub struct BackupRequest<'a> {
     /// The most bytes this backup may add to the store, and the quota
     /// that sets it (for the error).
     pub budget: Option<(u64, String)>,
+    /// Decoded index pages kept between backups: the base's are taken
+    /// from here, and the new snapshot's are left here.
+    pub pages: Option<&'a PageCache>,
 }
 
 struct Done {
@@ -173,7 +178,19 @@ pub fn run(
             // The base's pages are asked for a group ahead of their use, so
             // a store server sends them in batches instead of one round
             // trip each (and never more than two groups are held).
-            let mut order: Vec<u64> = touched.keys().copied().collect();
+            // Pages the last backup of the disk left decoded need neither.
+            let mut order: Vec<u64> = Vec::with_capacity(touched.len());
+            for (&p, page) in touched.iter_mut() {
+                let kept = req
+                    .pages
+                    .zip(b.pages.get(p as usize))
+                    .and_then(|(c, d)| c.get(req.disk, d))
+                    .filter(|k| k.len() == index::page_len(plan.chunks, p));
+                match kept {
+                    Some(k) => page.extend_from_slice(&k),
+                    None => order.push(p),
+                }
+            }
             order.sort_unstable();
             let groups: Vec<&[u64]> = order.chunks(PAGES_AHEAD).collect();
             let digests = |g: &[u64]| -> Vec<ChunkDigest> {
@@ -354,6 +371,13 @@ pub fn run(
         checksum: String::new(),
     };
     store.commit(&manifest)?;
+    if let Some(c) = req.pages {
+        let written = touched
+            .into_iter()
+            .map(|(p, page)| (manifest.pages[p as usize], Arc::new(page)))
+            .collect();
+        c.keep(req.disk, &manifest.pages, written);
+    }
     tracing::debug!(
         prepare = ?prepared,
         pipeline = ?(piped - prepared),
@@ -686,6 +710,21 @@ mod tests {
         mode: Mode,
         budget: Option<u64>,
     ) -> Result<Manifest, BackupError> {
+        backup_cached(store, img, size, frozen, base, t, mode, budget, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backup_cached(
+        store: &dyn Store,
+        img: &File,
+        size: u64,
+        frozen: &DirtyBitmap,
+        base: Option<&Manifest>,
+        t: u64,
+        mode: Mode,
+        budget: Option<u64>,
+        pages: Option<&PageCache>,
+    ) -> Result<Manifest, BackupError> {
         let p = plan(&PlanInput {
             size,
             chunk_size: CS,
@@ -713,6 +752,7 @@ mod tests {
             engine: ReadEngine::probe(),
             audit: (mode == Mode::Audit).then(|| (base.unwrap(), frozen)),
             budget: budget.map(|b| (b, format!("a test quota of {b} bytes"))),
+            pages,
         };
         run(store, &req, &BackupOptions::default(), &Progress::default())
     }
@@ -783,6 +823,7 @@ mod tests {
         inner: LocalStore,
         calls: std::sync::atomic::AtomicUsize,
         fail_from: usize,
+        gets: std::sync::atomic::AtomicUsize,
     }
 
     impl Store for SlowStore {
@@ -801,6 +842,7 @@ mod tests {
             self.inner.put_chunk(d, file)
         }
         fn get_chunk(&self, d: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
+            self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.get_chunk(d)
         }
         fn sync(&self) -> Result<(), StoreError> {
@@ -861,6 +903,7 @@ mod tests {
             inner: local,
             calls: Default::default(),
             fail_from: usize::MAX,
+            gets: Default::default(),
         };
         let full = backup_with(&slow, &img, size, &clean, None, 1000, Mode::Auto, None).unwrap();
         assert!(slow.calls.load(std::sync::atomic::Ordering::SeqCst) > 4);
@@ -894,6 +937,7 @@ mod tests {
             inner: slow.inner,
             calls: Default::default(),
             fail_from: 2,
+            gets: Default::default(),
         };
         let e =
             backup_with(&failing, &img, size, &clean, None, 3000, Mode::Full, None).unwrap_err();
@@ -1005,5 +1049,112 @@ mod tests {
         assert!(e.to_string().contains(&victim.hex()), "{e}");
         assert!(!out.exists(), "a failed restore leaves no target");
         assert!(!dir.path().join("restored2.partial").exists());
+    }
+
+    #[test]
+    fn an_incremental_backup_takes_its_base_pages_from_the_page_cache() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Two index pages (4096 chunks each), so one stays untouched.
+        let (dir, local, mut data, img) = fixture(2 * PAGE_DIGESTS * CS as usize);
+        let size = data.len() as u64;
+        let g = Granularity::new(CS).unwrap();
+        let store = SlowStore {
+            inner: local,
+            calls: Default::default(),
+            fail_from: usize::MAX,
+            gets: Default::default(),
+        };
+        let cache = PageCache::default();
+        let full = backup_cached(
+            &store,
+            &img,
+            size,
+            &DirtyBitmap::new(size, g),
+            None,
+            1000,
+            Mode::Auto,
+            None,
+            Some(&cache),
+        )
+        .unwrap();
+        let change = |data: &mut Vec<u8>, at: u64, bytes: &[u8]| {
+            img.write_all_at(bytes, at).unwrap();
+            data[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+            let mut frozen = DirtyBitmap::new(size, g);
+            frozen.mark(at, bytes.len() as u64);
+            frozen
+        };
+
+        // The base's page comes from the cache: nothing is read back.
+        let frozen = change(&mut data, 5 * CS + 3, b"first change");
+        let before = store.gets.load(SeqCst);
+        let inc = backup_cached(
+            &store,
+            &img,
+            size,
+            &frozen,
+            Some(&full),
+            2000,
+            Mode::Auto,
+            None,
+            Some(&cache),
+        )
+        .unwrap();
+        assert_eq!(inc.kind, BackupKind::Incremental);
+        assert_eq!(store.gets.load(SeqCst), before, "no page was read");
+        assert_eq!(inc.pages[1], full.pages[1], "the untouched page is shared");
+        assert_ne!(inc.pages[0], full.pages[0]);
+        let out = dir.path().join("out");
+        crate::restore::restore(&store, &inc, &out, false, 2, &Progress::default()).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "restored image differs"
+        );
+
+        // The second page, untouched by that backup, was written by the
+        // full one; it is still kept, as the new index names it.
+        let frozen = change(&mut data, PAGE_DIGESTS as u64 * CS + 9, b"second page");
+        let before = store.gets.load(SeqCst);
+        let inc2 = backup_cached(
+            &store,
+            &img,
+            size,
+            &frozen,
+            Some(&inc),
+            3000,
+            Mode::Auto,
+            None,
+            Some(&cache),
+        )
+        .unwrap();
+        assert_eq!(store.gets.load(SeqCst), before, "no page was read");
+
+        // Without the cache the base's page is read from the store, and
+        // both ways give the same snapshot contents.
+        let frozen = change(&mut data, 7 * CS, b"third change");
+        let before = store.gets.load(SeqCst);
+        let inc3 = backup_cached(
+            &store,
+            &img,
+            size,
+            &frozen,
+            Some(&inc2),
+            4000,
+            Mode::Auto,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            store.gets.load(SeqCst),
+            before + 1,
+            "the base's page was read"
+        );
+        std::fs::remove_file(&out).unwrap();
+        crate::restore::restore(&store, &inc3, &out, false, 2, &Progress::default()).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "restored image differs"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod fault;
 pub mod format;
 pub mod fsutil;
 pub mod ids;
+pub mod pagecache;
 pub mod plan;
 pub mod progress;
 pub mod read;

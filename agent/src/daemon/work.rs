@@ -27,6 +27,8 @@ pub struct EngineSettings {
     /// Audit change tracking every this many backups of a disk (0: never
     /// unless asked).
     pub audit_every: u32,
+    /// Index pages kept decoded between backups.
+    pub pages: Arc<novabackup_engine::pagecache::PageCache>,
 }
 
 /// Backs up one disk (see DESIGN.md "Point-in-time consistency").
@@ -132,6 +134,7 @@ pub fn backup(
         engine: s.read,
         audit: audit_base.map(|b| (b, cp.frozen())),
         budget,
+        pages: Some(&s.pages),
     };
     match backup::run(&*store, &req, &opts, progress) {
         Ok(m) => {
