@@ -21,6 +21,7 @@
 //! PATCH  /store/v1/snapshots/{id}              set protection/verification (JSON Annotation)
 //! POST   /store/v1/gc[?min_garbage_percent=N] garbage collection -> GcReport
 //! POST   /store/v1/locks/{disk}[?base=ID]      take the disk's backup lock -> {"lease": ...}
+//!                                              (404 if the base snapshot is gone)
 //! POST   /store/v1/locks/{disk}/{lease}        renew it
 //! DELETE /store/v1/locks/{disk}/{lease}        release it
 //! GET    /store/v1/usage                       {"bytes": n}
