@@ -696,25 +696,11 @@ mod tests {
         base: Option<&Manifest>,
         t: u64,
     ) -> Manifest {
-        backup_with(store, img, size, frozen, base, t, Mode::Auto, None).unwrap()
+        backup_with(store, img, size, frozen, base, t, Mode::Auto, None, None).unwrap()
     }
 
     #[allow(clippy::too_many_arguments)]
     fn backup_with(
-        store: &dyn Store,
-        img: &File,
-        size: u64,
-        frozen: &DirtyBitmap,
-        base: Option<&Manifest>,
-        t: u64,
-        mode: Mode,
-        budget: Option<u64>,
-    ) -> Result<Manifest, BackupError> {
-        backup_cached(store, img, size, frozen, base, t, mode, budget, None)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backup_cached(
         store: &dyn Store,
         img: &File,
         size: u64,
@@ -796,6 +782,7 @@ mod tests {
             Some(&full),
             2000,
             Mode::Audit,
+            None,
             None,
         )
         .unwrap();
@@ -905,7 +892,18 @@ mod tests {
             fail_from: usize::MAX,
             gets: Default::default(),
         };
-        let full = backup_with(&slow, &img, size, &clean, None, 1000, Mode::Auto, None).unwrap();
+        let full = backup_with(
+            &slow,
+            &img,
+            size,
+            &clean,
+            None,
+            1000,
+            Mode::Auto,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(slow.calls.load(std::sync::atomic::Ordering::SeqCst) > 4);
         let out = dir.path().join("out");
         crate::restore::restore(&slow, &full, &out, false, 2, &Progress::default()).unwrap();
@@ -922,7 +920,18 @@ mod tests {
             data[off..off + 8].copy_from_slice(&(c as u64 + 0xfeed).to_le_bytes());
             img.write_all_at(&data[off..off + 8], off as u64).unwrap();
         }
-        let second = backup_with(&slow, &img, size, &clean, None, 2000, Mode::Full, None).unwrap();
+        let second = backup_with(
+            &slow,
+            &img,
+            size,
+            &clean,
+            None,
+            2000,
+            Mode::Full,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(second.stats.chunks_new, 52, "{:?}", second.stats);
         std::fs::remove_file(&out).unwrap();
         crate::restore::restore(&slow, &second, &out, false, 2, &Progress::default()).unwrap();
@@ -939,8 +948,18 @@ mod tests {
             fail_from: 2,
             gets: Default::default(),
         };
-        let e =
-            backup_with(&failing, &img, size, &clean, None, 3000, Mode::Full, None).unwrap_err();
+        let e = backup_with(
+            &failing,
+            &img,
+            size,
+            &clean,
+            None,
+            3000,
+            Mode::Full,
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("the link dropped"), "{e}");
         assert_eq!(
             failing.list(None).unwrap().0.len(),
@@ -967,6 +986,7 @@ mod tests {
             1000,
             Mode::Auto,
             Some(50_000),
+            None,
         )
         .unwrap_err();
         assert!(matches!(e, BackupError::Quota(_)), "{e}");
@@ -1065,7 +1085,7 @@ mod tests {
             gets: Default::default(),
         };
         let cache = PageCache::default();
-        let full = backup_cached(
+        let full = backup_with(
             &store,
             &img,
             size,
@@ -1088,7 +1108,7 @@ mod tests {
         // The base's page comes from the cache: nothing is read back.
         let frozen = change(&mut data, 5 * CS + 3, b"first change");
         let before = store.gets.load(SeqCst);
-        let inc = backup_cached(
+        let inc = backup_with(
             &store,
             &img,
             size,
@@ -1115,7 +1135,7 @@ mod tests {
         // full one; it is still kept, as the new index names it.
         let frozen = change(&mut data, PAGE_DIGESTS as u64 * CS + 9, b"second page");
         let before = store.gets.load(SeqCst);
-        let inc2 = backup_cached(
+        let inc2 = backup_with(
             &store,
             &img,
             size,
@@ -1133,7 +1153,7 @@ mod tests {
         // both ways give the same snapshot contents.
         let frozen = change(&mut data, 7 * CS, b"third change");
         let before = store.gets.load(SeqCst);
-        let inc3 = backup_cached(
+        let inc3 = backup_with(
             &store,
             &img,
             size,
