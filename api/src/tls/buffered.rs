@@ -6,7 +6,7 @@
 //! first read of the answer), and the socket is read through a 256 KiB
 //! buffer.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 
@@ -35,10 +35,10 @@ impl ureq::TlsConnector for BufferedConnector {
         conn.set_buffer_limit(Some(2 * BUFFER));
         let mut sock = Socket(BufReader::with_capacity(BUFFER, io));
         conn.complete_io(&mut sock)?;
-        Ok(Box::new(Buffered {
-            tls: rustls::StreamOwned::new(conn, sock),
-            out: Vec::with_capacity(BUFFER),
-        }))
+        Ok(Box::new(Buffered(BufWriter::with_capacity(
+            BUFFER,
+            rustls::StreamOwned::new(conn, sock),
+        ))))
     }
 }
 
@@ -66,58 +66,31 @@ impl Write for Socket {
 }
 
 /// A TLS stream whose plaintext writes are gathered.
-struct Buffered {
-    tls: rustls::StreamOwned<rustls::ClientConnection, Socket>,
-    out: Vec<u8>,
-}
-
-impl std::fmt::Debug for Buffered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Buffered")
-            .field("socket", &self.tls.sock)
-            .field("gathered", &self.out.len())
-            .finish()
-    }
-}
-
-impl Buffered {
-    fn send(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            self.tls.write_all(&self.out)?;
-            self.out.clear();
-        }
-        Ok(())
-    }
-}
+#[derive(Debug)]
+struct Buffered(BufWriter<rustls::StreamOwned<rustls::ClientConnection, Socket>>);
 
 impl Read for Buffered {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // An answer is read only once the request is out.
-        self.send()?;
-        self.tls.read(buf)
+        if !self.0.buffer().is_empty() {
+            self.0.flush()?;
+        }
+        self.0.get_mut().read(buf)
     }
 }
 
 impl Write for Buffered {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.out.len() + buf.len() > BUFFER {
-            self.send()?;
-            if buf.len() >= BUFFER {
-                return self.tls.write(buf);
-            }
-        }
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
+        self.0.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.send()?;
-        self.tls.flush()
+        self.0.flush()
     }
 }
 
 impl ureq::ReadWrite for Buffered {
     fn socket(&self) -> Option<&TcpStream> {
         // Timeouts are set on the socket itself.
-        self.tls.sock.0.get_ref().socket()
+        self.0.get_ref().sock.0.get_ref().socket()
     }
 }
