@@ -129,6 +129,10 @@ pub fn restore(
             .open(&partial)
             .map_err(|e| werr(&partial, e))?;
         f.set_len(m.image_size).map_err(|e| werr(&partial, e))?;
+        if let Err(e) = preallocate(&f, &digests, m.chunk_size, m.image_size) {
+            let _ = std::fs::remove_file(&partial);
+            return Err(werr(&partial, e));
+        }
         (f, Some(partial))
     };
     let written_path = partial.clone().unwrap_or_else(|| target.to_path_buf());
@@ -179,11 +183,15 @@ pub fn restore(
             });
         }
         drop((free_rx, filled_tx));
-        s.spawn(move || {
-            if let Err(e) = writer(w, &filled_rx, &free_tx) {
-                w.failure.lock().unwrap().get_or_insert(e);
-            }
-        });
+        for _ in 0..WRITERS {
+            let (filled_rx, free_tx) = (filled_rx.clone(), free_tx.clone());
+            s.spawn(move || {
+                if let Err(e) = writer(w, &filled_rx, &free_tx) {
+                    w.failure.lock().unwrap().get_or_insert(e);
+                }
+            });
+        }
+        drop((filled_rx, free_tx));
     });
     if let Some(e) = failure.into_inner().unwrap() {
         if let Some(p) = &partial {
@@ -230,8 +238,17 @@ struct Worker<'a> {
 const BATCH_BYTES: usize = 1 << 20;
 
 /// Batches beyond the current one whose chunks are already prefetched
-/// ([`ReadAhead`]).
-const AHEAD_BATCHES: usize = 4;
+/// ([`ReadAhead`]). A local store reads its packs from the device (they
+/// are written past the page cache), competing with the restore's own
+/// writes: four batches ahead left the decoders waiting for chunks.
+const AHEAD_BATCHES: usize = 16;
+
+/// Threads writing the target. Direct writes into preallocated blocks run
+/// side by side (ext4 takes its inode lock shared for them); one writer,
+/// at one request at a time, was busy 3.2-4.0 s of a 3.4-4.2 s restore of
+/// the shared corpus, three each about 2 s of 3.5 s (debug timings, one
+/// run each).
+const WRITERS: usize = 3;
 
 /// A decoded batch on its way to the writer: the buffer and its runs of
 /// non-zero chunks, each as (offset in the target, range in the buffer).
@@ -313,8 +330,7 @@ fn decoder(
 }
 
 /// Writes decoded batches as they come and returns their buffers to the
-/// pool. One writer: the target's inode lock serialises writes that
-/// allocate blocks anyway, and decoders must not wait on it.
+/// pool ([`WRITERS`] of these share the queue).
 fn writer(
     w: &Worker<'_>,
     filled: &crossbeam_channel::Receiver<Filled>,
@@ -332,6 +348,41 @@ fn writer(
         }
         // Decoders may all have finished and dropped the pool.
         let _ = free.send(f.buf);
+    }
+    Ok(())
+}
+
+/// Allocates the target file's blocks for every run of non-zero chunks
+/// (zero chunks stay holes) before anything is written: a full disk shows
+/// at once instead of midway, and direct writes into allocated blocks do
+/// not serialise on block allocation. A filesystem without `fallocate`
+/// simply allocates as the writes come.
+fn preallocate(f: &File, digests: &[ChunkDigest], cs: u64, size: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let mut i = 0;
+    while i < digests.len() {
+        if digests[i].is_zero() {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < digests.len() && !digests[i].is_zero() {
+            i += 1;
+        }
+        let off = first as u64 * cs;
+        let end = (i as u64 * cs).min(size);
+        match fallocate(
+            f.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            (end - off) as i64,
+        ) {
+            Ok(()) => {}
+            Err(e @ (nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT)) => {
+                return Err(e.into())
+            }
+            Err(_) => return Ok(()),
+        }
     }
     Ok(())
 }

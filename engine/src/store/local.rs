@@ -26,12 +26,13 @@
 //! the snapshots that need them and the next backup stores them again.
 
 mod gc;
+mod packfile;
+mod prefetch;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -48,10 +49,6 @@ use crate::ids::{DiskName, SnapshotId};
 /// backup creates few files, small enough that garbage collection can
 /// rewrite a pack cheaply.
 pub const PACK_TARGET: u64 = 32 << 20;
-/// Writeback of a pack is started every this many bytes, so the disk
-/// writes overlap the backup instead of all waiting for the final syncfs
-/// (which took 0.9 s of a 9 s full backup before).
-const WRITEBACK_STEP: u64 = 8 << 20;
 /// Published packs kept open for reading at most (a cache, not a limit on
 /// the store).
 const MAX_OPEN_PACKS: usize = 256;
@@ -115,10 +112,7 @@ struct PackInfo {
 
 struct Writer {
     pack: u32,
-    file: Arc<File>,
-    len: u64,
-    /// Bytes whose writeback was started already.
-    flushed: u64,
+    out: packfile::PackWriter,
     entries: Vec<pack::Entry>,
 }
 
@@ -140,6 +134,8 @@ pub struct LocalStore {
     collections: AtomicU64,
     /// Serializes annotation read-modify-writes.
     annotating: Mutex<()>,
+    /// Chunk files read ahead by [`Store::prefetch`], until taken.
+    prefetched: prefetch::Prefetcher,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -228,6 +224,7 @@ impl LocalStore {
             collecting: Mutex::new(()),
             collections: AtomicU64::new(0),
             annotating: Mutex::new(()),
+            prefetched: Default::default(),
         };
         store.load()?;
         Ok(store)
@@ -353,21 +350,20 @@ impl LocalStore {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 r => r.map_err(|e| StoreError::io(&path, e))?,
             };
-            file.write_all_at(&pack::header(), 0)
+            let reader = Arc::new(file.try_clone().map_err(|e| StoreError::io(&path, e))?);
+            let mut out = packfile::PackWriter::new(file, &path);
+            out.append(&pack::header())
                 .map_err(|e| StoreError::io(&path, e))?;
-            let file = Arc::new(file);
             let mut packs = lock(&self.packs);
             packs.push(PackInfo {
                 id,
                 published: false,
                 removed: false,
-                file: Some(file.clone()),
+                file: Some(reader),
             });
             return Ok(Writer {
                 pack: packs.len() as u32 - 1,
-                file,
-                len: pack::HEADER_LEN,
-                flushed: 0,
+                out,
                 entries: Vec::new(),
             });
         }
@@ -378,17 +374,13 @@ impl LocalStore {
     /// its chunks are indexed already and other backups may rely on them,
     /// so they must be published eventually or the process must die (which
     /// forgets them), never silently dropped.
-    fn seal(&self, w: &Writer) -> Result<(), StoreError> {
+    fn seal(&self, w: &mut Writer) -> Result<(), StoreError> {
         let path = {
             let packs = lock(&self.packs);
             self.pack_path(&packs[w.pack as usize].id, false)
         };
-        let io = |e| StoreError::io(&path, e);
-        // A failed append may have left bytes past the last whole chunk.
-        w.file.set_len(w.len).map_err(io)?;
-        w.file
-            .write_all_at(&pack::encode_toc(&w.entries, w.len), w.len)
-            .map_err(io)?;
+        let toc = pack::encode_toc(&w.entries, w.out.len());
+        w.out.finish(&toc).map_err(|e| StoreError::io(&path, e))?;
         lock(&self.sealed).push(w.pack);
         Ok(())
     }
@@ -400,6 +392,22 @@ impl LocalStore {
             .unwrap_or_else(|p| p.into_inner())
             .get(digest)
             .ok_or(StoreError::MissingChunk(*digest))?;
+        let filling = {
+            let packs = lock(&self.packs);
+            let p = &packs[loc.pack as usize];
+            !p.published && !p.removed
+        };
+        if filling {
+            // Its bytes may still be in the writer's memory.
+            for slot in &self.writers {
+                if let Some(w) = lock(slot).as_mut().filter(|w| w.pack == loc.pack) {
+                    return w.out.read_at(loc.offset, loc.len as usize).map_err(|e| {
+                        let (path, _, _) = self.locate(digest).unwrap_or_default();
+                        StoreError::io(path, e)
+                    });
+                }
+            }
+        }
         let f = self.pack_file(loc.pack)?;
         let mut buf = vec![0u8; loc.len as usize];
         f.read_exact_at(&mut buf, loc.offset).map_err(|e| {
@@ -414,7 +422,7 @@ impl LocalStore {
         // have skipped a chunk because another one had just staged it.
         for slot in &self.writers {
             let mut w = lock(slot);
-            if let Some(open) = w.as_ref() {
+            if let Some(open) = w.as_mut() {
                 self.seal(open)?;
                 *w = None;
             }
@@ -557,21 +565,22 @@ impl Store for LocalStore {
             *slot = Some(self.new_writer()?);
         }
         let w = slot.as_mut().expect("just set");
-        let offset = w.len;
-        if let Err(e) = w.file.write_all_at(file, offset) {
-            let packs = lock(&self.packs);
-            return Err(StoreError::io(
-                self.pack_path(&packs[w.pack as usize].id, false),
-                e,
-            ));
-        }
+        let offset = match w.out.append(file) {
+            Ok(at) => at,
+            Err(e) => {
+                let packs = lock(&self.packs);
+                return Err(StoreError::io(
+                    self.pack_path(&packs[w.pack as usize].id, false),
+                    e,
+                ));
+            }
+        };
         let len = file.len() as u32;
         w.entries.push(pack::Entry {
             digest: *digest,
             offset,
             len,
         });
-        w.len += len as u64;
         let mut g = lock(&self.guard);
         if g.tracking() {
             g.touched.insert(*digest);
@@ -588,49 +597,62 @@ impl Store for LocalStore {
                 },
             );
         drop(g);
-        if w.len - w.flushed >= WRITEBACK_STEP {
-            fsutil::start_writeback(&w.file, w.flushed, w.len - w.flushed);
-            w.flushed = w.len;
-        }
-        if w.len >= PACK_TARGET {
+        if w.out.len() >= PACK_TARGET {
             self.seal(w)?;
             *slot = None;
         }
         Ok(len as u64)
     }
 
+    /// Reads the chunks of published packs ahead (see `prefetch`), one
+    /// request per run of neighbouring chunks.
     fn prefetch(&self, digests: &[ChunkDigest]) {
-        let mut locs: Vec<Loc> = {
+        let mut locs: Vec<(Loc, ChunkDigest)> = {
             let index = self.index.read().unwrap_or_else(|p| p.into_inner());
             digests
                 .iter()
-                .filter_map(|d| index.get(d).copied())
+                .filter_map(|d| index.get(d).map(|l| (*l, *d)))
                 .collect()
         };
-        locs.sort_by_key(|l| (l.pack, l.offset));
-        // Neighbouring chunks of one pack become one readahead request.
-        let mut runs: Vec<(u32, u64, u64)> = Vec::new();
-        for l in locs {
+        locs.sort_by_key(|(l, _)| (l.pack, l.offset));
+        // Reading a little unneeded data beats another request.
+        let mut runs: Vec<(u32, prefetch::Run)> = Vec::new();
+        for (l, d) in locs {
+            let end = l.offset + l.len as u64;
             match runs.last_mut() {
-                Some((p, _, end)) if *p == l.pack && l.offset <= *end + PREFETCH_GAP => {
-                    *end = (*end).max(l.offset + l.len as u64);
+                Some((p, r)) if *p == l.pack && l.offset <= r.end + PREFETCH_GAP => {
+                    r.end = r.end.max(end);
+                    r.members.push((l.offset, l.len, d));
                 }
-                _ => runs.push((l.pack, l.offset, l.offset + l.len as u64)),
+                _ => runs.push((
+                    l.pack,
+                    prefetch::Run {
+                        path: PathBuf::new(),
+                        start: l.offset,
+                        end,
+                        members: vec![(l.offset, l.len, d)],
+                    },
+                )),
             }
         }
-        for (pack, start, end) in runs {
-            if let Ok(f) = self.pack_file(pack) {
-                let _ = nix::fcntl::posix_fadvise(
-                    f.as_raw_fd(),
-                    start as i64,
-                    (end - start) as i64,
-                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-                );
+        for (pack, mut run) in runs {
+            {
+                let packs = lock(&self.packs);
+                let p = &packs[pack as usize];
+                // A pack being filled is read from its writer's memory.
+                if !p.published || p.removed {
+                    continue;
+                }
+                run.path = self.pack_path(&p.id, true);
             }
+            self.prefetched.request(run);
         }
     }
 
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
+        if let Some(f) = self.prefetched.take(digest) {
+            return Ok(f);
+        }
         match self.read_chunk(digest) {
             // A collection moved it between our lookup and the read.
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -835,6 +857,45 @@ mod tests {
             b"file",
             "found again after reopen"
         );
+    }
+
+    #[test]
+    fn chunks_read_back_alike_from_a_filling_pack_a_sealed_one_and_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        // Odd sizes, several MiB in all: chunks straddle the writer's
+        // buffers, some on disk already, some still in memory.
+        let files: Vec<(ChunkDigest, Vec<u8>)> = (0..40u32)
+            .map(|i| {
+                let f: Vec<u8> = (0..100_000 + i as usize * 997)
+                    .map(|j| (j as u32 ^ i.wrapping_mul(2_654_435_761)) as u8)
+                    .collect();
+                (ChunkDigest::of(&f), f)
+            })
+            .collect();
+        for (d, f) in &files {
+            s.put_chunk(d, f).unwrap();
+        }
+        for (d, f) in &files {
+            assert_eq!(&s.get_chunk(d).unwrap(), f, "before sync");
+        }
+        s.sync().unwrap();
+        let all: Vec<ChunkDigest> = files.iter().map(|(d, _)| *d).collect();
+        s.prefetch(&all);
+        let (bytes, reading) = s.prefetched.held();
+        assert!(bytes + reading > 0, "read ahead or being read");
+        for (d, f) in &files {
+            assert_eq!(&s.get_chunk(d).unwrap(), f, "read ahead");
+        }
+        assert_eq!(s.prefetched.held(), (0, 0), "each handed out once");
+        for (d, f) in files.iter().rev() {
+            assert_eq!(&s.get_chunk(d).unwrap(), f, "read again");
+        }
+        drop(s);
+        let s = LocalStore::open(dir.path()).unwrap();
+        for (d, f) in &files {
+            assert_eq!(&s.get_chunk(d).unwrap(), f, "after reopen");
+        }
     }
 
     #[test]

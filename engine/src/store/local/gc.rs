@@ -239,6 +239,12 @@ fn sweep(
                 dropped.push(e.digest);
             }
         }
+        // Readers follow the index to the file: what moved must be there.
+        if let Some(w) = out.as_mut() {
+            w.out
+                .write_through()
+                .map_err(|x| StoreError::io(&s.root, x))?;
+        }
         {
             let mut index = s.index.write().unwrap_or_else(|p| p.into_inner());
             for (e, to) in &moved {
@@ -265,8 +271,8 @@ fn sweep(
         }
         doomed.push((n, id));
     }
-    if let Some(w) = out.take() {
-        s.seal(&w)?;
+    if let Some(mut w) = out.take() {
+        s.seal(&mut w)?;
         moves.open = None;
     }
     Ok(doomed)
@@ -327,24 +333,20 @@ fn append(
         *out = Some(w);
     }
     let w = out.as_mut().expect("just set");
-    let offset = w.len;
-    w.file
-        .write_all_at(&buf, offset)
-        .map_err(|x| StoreError::io(&s.root, x))?;
+    let offset = w.out.append(&buf).map_err(|x| StoreError::io(&s.root, x))?;
     w.entries.push(pack::Entry {
         digest: e.digest,
         offset,
         len: e.len,
     });
-    w.len += e.len as u64;
     let loc = Loc {
         pack: w.pack,
         offset,
         len: e.len,
     };
-    if w.len >= PACK_TARGET {
-        let full = out.take().expect("open");
-        s.seal(&full)?;
+    if w.out.len() >= PACK_TARGET {
+        let mut full = out.take().expect("open");
+        s.seal(&mut full)?;
         *open = None;
     }
     Ok(loc)

@@ -1,0 +1,212 @@
+//! Reading chunk files ahead of a restore or a verify, with `O_DIRECT`, on
+//! a thread of the store's own.
+//!
+//! Packs are written past the page cache (see `packfile`); reading them
+//! back through it would fill it with fresh pages, which on this class of
+//! machine cost more than the read itself. So the runs of neighbouring
+//! chunks a reader announces ([`super::Store::prefetch`]) are read with
+//! one direct request each, by a thread, while the reader's threads decode
+//! what came before; the chunk files wait here until taken. A reader
+//! asking for a chunk still being read waits for it instead of reading it
+//! twice. Where direct reads are refused (tmpfs, FUSE) the kernel is asked
+//! to read ahead instead, and the chunk is read the usual way.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::{lock, DigestMap, DigestSet};
+use crate::digest::ChunkDigest;
+use crate::fsutil::direct::{AlignedBuf, ALIGN};
+
+/// Chunk files read ahead and not yet taken, in bytes at most. A reader
+/// takes its chunks within a few batches; anything beyond this is left
+/// over by a reader that stopped, and is dropped.
+const BUDGET: usize = 64 << 20;
+
+/// A range of one pack to read, and the chunk files in it.
+pub(super) struct Run {
+    /// The pack.
+    pub path: PathBuf,
+    /// Byte range of the pack.
+    pub start: u64,
+    /// End of the range (exclusive).
+    pub end: u64,
+    /// (offset in the pack, length, digest) of each chunk file wanted.
+    pub members: Vec<(u64, u32, ChunkDigest)>,
+}
+
+#[derive(Default)]
+struct State {
+    files: DigestMap<Vec<u8>>,
+    bytes: usize,
+    in_flight: DigestSet,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    arrived: Condvar,
+}
+
+/// The read-ahead of one store (module doc).
+#[derive(Default)]
+pub(super) struct Prefetcher {
+    shared: Arc<Shared>,
+    /// The reading thread's queue, started with the first run.
+    runs: Mutex<Option<crossbeam_channel::Sender<Run>>>,
+}
+
+impl Prefetcher {
+    /// Queues `run` for reading (its chunks already here or on their way
+    /// are left out).
+    pub(super) fn request(&self, mut run: Run) {
+        {
+            let mut s = lock(&self.shared.state);
+            run.members
+                .retain(|(_, _, d)| !s.files.contains_key(d) && !s.in_flight.contains(d));
+            if run.members.is_empty() {
+                return;
+            }
+            if s.bytes + (run.end - run.start) as usize > BUDGET {
+                s.files = DigestMap::default();
+                s.bytes = 0;
+            }
+            s.in_flight.extend(run.members.iter().map(|(_, _, d)| *d));
+        }
+        let mut q = lock(&self.runs);
+        let tx = q.get_or_insert_with(|| start(self.shared.clone()));
+        if let Err(crossbeam_channel::SendError(run)) = tx.send(run) {
+            // No thread (it could not start): the chunks are read on
+            // demand, with the kernel's read-ahead.
+            *q = None;
+            drop(q);
+            advise(&run);
+            self.shared.settle(&run, None);
+        }
+    }
+
+    /// The chunk file of `d` if it was read ahead, waiting while it is
+    /// being read; taken, so memory holds each file once.
+    pub(super) fn take(&self, d: &ChunkDigest) -> Option<Vec<u8>> {
+        let mut s = lock(&self.shared.state);
+        loop {
+            if let Some(f) = s.files.remove(d) {
+                s.bytes -= f.len();
+                return Some(f);
+            }
+            if !s.in_flight.contains(d) {
+                return None;
+            }
+            s = self
+                .shared
+                .arrived
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+impl Prefetcher {
+    /// Bytes held, and chunks being read.
+    pub(super) fn held(&self) -> (usize, usize) {
+        let s = lock(&self.shared.state);
+        (s.bytes, s.in_flight.len())
+    }
+}
+
+impl Shared {
+    /// Files what a run brought (nothing when the read failed: the chunks
+    /// are then read on demand, which reports any error) and wakes the
+    /// readers waiting for it.
+    fn settle(&self, run: &Run, files: Option<Vec<(ChunkDigest, Vec<u8>)>>) {
+        let mut s = lock(&self.state);
+        for (_, _, d) in &run.members {
+            s.in_flight.remove(d);
+        }
+        for (d, f) in files.into_iter().flatten() {
+            s.bytes += f.len();
+            if let Some(old) = s.files.insert(d, f) {
+                s.bytes -= old.len();
+            }
+        }
+        drop(s);
+        self.arrived.notify_all();
+    }
+}
+
+/// Threads reading runs at once: a single direct request at a time left
+/// a restore's decoders waiting for chunks most of the time, while the
+/// device also takes the restore's writes.
+const READERS: usize = 4;
+
+/// Starts the reading threads; they end when the store drops its queue.
+fn start(shared: Arc<Shared>) -> crossbeam_channel::Sender<Run> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Run>();
+    for _ in 0..READERS {
+        let (rx, shared) = (rx.clone(), shared.clone());
+        let spawned = std::thread::Builder::new()
+            .name("pack-reader".into())
+            .spawn(move || {
+                for run in rx {
+                    let files = read(&run);
+                    if files.is_none() {
+                        advise(&run);
+                    }
+                    shared.settle(&run, files);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to read packs ahead");
+        }
+    }
+    tx
+}
+
+/// Reads a run with `O_DIRECT`; `None` when that cannot be done.
+fn read(run: &Run) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {
+    let align = ALIGN as u64;
+    let from = run.start / align * align;
+    let to = run.end.next_multiple_of(align);
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&run.path)
+        .ok()?;
+    let mut buf = AlignedBuf::new((to - from) as usize);
+    let mut got = 0usize;
+    // The pack's end need not be aligned: a short read there is fine.
+    while from + (got as u64) < run.end {
+        match f.read_at(&mut buf[got..], from + got as u64) {
+            Ok(0) => return None,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(
+        run.members
+            .iter()
+            .map(|&(off, len, d)| {
+                let at = (off - from) as usize;
+                (d, buf[at..at + len as usize].to_vec())
+            })
+            .collect(),
+    )
+}
+
+/// Asks the kernel to read a run ahead into the page cache.
+fn advise(run: &Run) {
+    if let Ok(f) = File::open(&run.path) {
+        let _ = nix::fcntl::posix_fadvise(
+            f.as_raw_fd(),
+            run.start as i64,
+            (run.end - run.start) as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
+    }
+}
