@@ -24,6 +24,7 @@ use novabackup_engine::digest::ChunkDigest;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::progress::Progress;
+use novabackup_engine::store::chunkcache::ChunkCache;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
@@ -83,74 +84,10 @@ const PREFETCH_LIMIT: usize = 64 << 20;
 /// Download requests of prefetched batches in flight at most.
 const FETCHERS: usize = 2;
 
-#[derive(Default)]
-struct Prefetched {
-    files: std::collections::HashMap<ChunkDigest, Vec<u8>>,
-    bytes: usize,
-    /// Asked for and not yet answered: `get_chunk` waits for these
-    /// instead of downloading them a second time.
-    inflight: HashSet<ChunkDigest>,
-}
-
-/// Chunks downloaded ahead by the fetcher threads, and the condition
-/// `get_chunk` waits on while its chunk is in flight.
-#[derive(Default)]
-struct Cache {
-    state: Mutex<Prefetched>,
-    arrived: Condvar,
-}
-
-impl Cache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Prefetched> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Takes the chunk if it was prefetched, waiting while it is in flight.
-    fn take(&self, d: &ChunkDigest) -> Option<Vec<u8>> {
-        let mut p = self.lock();
-        loop {
-            if let Some(f) = p.files.remove(d) {
-                p.bytes -= f.len();
-                return Some(f);
-            }
-            if !p.inflight.contains(d) {
-                return None;
-            }
-            p = self.arrived.wait(p).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Files the answer to `ask` brought (none when the request failed):
-    /// kept for `get_chunk`, and `ask` is no longer in flight.
-    fn arrive(&self, ask: &[ChunkDigest], got: Vec<(ChunkDigest, Vec<u8>)>) {
-        let mut p = self.lock();
-        for d in ask {
-            p.inflight.remove(d);
-        }
-        for (d, file) in got {
-            if !ask.contains(&d) {
-                continue;
-            }
-            if p.bytes + file.len() > PREFETCH_LIMIT {
-                let inflight = std::mem::take(&mut p.inflight);
-                *p = Prefetched {
-                    inflight,
-                    ..Prefetched::default()
-                };
-            }
-            p.bytes += file.len();
-            if let Some(old) = p.files.insert(d, file) {
-                p.bytes -= old.len();
-            }
-        }
-        self.arrived.notify_all();
-    }
-}
-
 /// A store server's store (module doc).
 pub struct RemoteStore {
     inner: Arc<Inner>,
-    cache: Arc<Cache>,
+    cache: Arc<ChunkCache>,
     uploads: Option<crossbeam_channel::Sender<(ChunkDigest, Vec<u8>)>>,
     fetches: Option<crossbeam_channel::Sender<Vec<ChunkDigest>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -230,7 +167,7 @@ impl RemoteStore {
                 })
             })
             .collect();
-        let cache = Arc::new(Cache::default());
+        let cache = Arc::new(ChunkCache::new(PREFETCH_LIMIT));
         let (ftx, frx) = crossbeam_channel::unbounded::<Vec<ChunkDigest>>();
         threads.extend((0..FETCHERS).map(|_| {
             let (inner, cache, frx) = (inner.clone(), cache.clone(), frx.clone());
@@ -451,16 +388,7 @@ impl Store for RemoteStore {
             return;
         };
         for ask in digests.chunks(MAX_FETCH) {
-            let ask: Vec<ChunkDigest> = {
-                let mut p = self.cache.lock();
-                let new: Vec<ChunkDigest> = ask
-                    .iter()
-                    .filter(|d| !p.files.contains_key(d) && !p.inflight.contains(d))
-                    .copied()
-                    .collect();
-                p.inflight.extend(new.iter().copied());
-                new
-            };
+            let ask = self.cache.claim(ask);
             if !ask.is_empty() {
                 if let Err(e) = fetches.send(ask) {
                     self.cache.arrive(&e.0, Vec::new());
@@ -813,12 +741,12 @@ mod tests {
         // The first chunk waits for the download in flight; by then every
         // chunk of the batch has arrived.
         assert_eq!(s.get_chunk(&want[0].0).unwrap(), want[0].1);
-        assert_eq!(s.cache.lock().files.len(), 39);
-        assert!(s.cache.lock().inflight.is_empty());
+        let (files, _, in_flight) = s.cache.held();
+        assert_eq!((files, in_flight), (39, 0));
         for (d, file) in &want[1..] {
             assert_eq!(&s.get_chunk(d).unwrap(), file);
         }
-        assert_eq!(s.cache.lock().bytes, 0, "handed out once");
+        assert_eq!(s.cache.held().1, 0, "handed out once");
         // Asked again: from the server, not a stale cache.
         assert_eq!(s.get_chunk(&want[0].0).unwrap(), want[0].1);
         assert!(matches!(

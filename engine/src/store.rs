@@ -8,6 +8,7 @@
 //! every chunk the manifest references, so a snapshot is never visible
 //! before its data.
 
+pub mod chunkcache;
 pub mod conformance;
 pub mod local;
 pub mod readahead;

@@ -16,11 +16,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
-use super::{lock, DigestMap, DigestSet};
+use super::lock;
 use crate::digest::ChunkDigest;
 use crate::fsutil::direct::{AlignedBuf, ALIGN};
+use crate::store::chunkcache::ChunkCache;
 
 /// Chunk files read ahead and not yet taken, in bytes at most. A reader
 /// takes its chunks within a few batches; anything beyond this is left
@@ -39,103 +40,60 @@ pub(super) struct Run {
     pub members: Vec<(u64, u32, ChunkDigest)>,
 }
 
-#[derive(Default)]
-struct State {
-    files: DigestMap<Vec<u8>>,
-    bytes: usize,
-    in_flight: DigestSet,
-}
-
-#[derive(Default)]
-struct Shared {
-    state: Mutex<State>,
-    arrived: Condvar,
+impl Run {
+    fn digests(&self) -> Vec<ChunkDigest> {
+        self.members.iter().map(|(_, _, d)| *d).collect()
+    }
 }
 
 /// The read-ahead of one store (module doc).
-#[derive(Default)]
 pub(super) struct Prefetcher {
-    shared: Arc<Shared>,
-    /// The reading thread's queue, started with the first run.
+    cache: Arc<ChunkCache>,
+    /// The reading threads' queue, started with the first run.
     runs: Mutex<Option<crossbeam_channel::Sender<Run>>>,
+}
+
+impl Default for Prefetcher {
+    fn default() -> Prefetcher {
+        Prefetcher {
+            cache: Arc::new(ChunkCache::new(BUDGET)),
+            runs: Mutex::default(),
+        }
+    }
 }
 
 impl Prefetcher {
     /// Queues `run` for reading (its chunks already here or on their way
     /// are left out).
     pub(super) fn request(&self, mut run: Run) {
-        {
-            let mut s = lock(&self.shared.state);
-            run.members
-                .retain(|(_, _, d)| !s.files.contains_key(d) && !s.in_flight.contains(d));
-            if run.members.is_empty() {
-                return;
-            }
-            if s.bytes + (run.end - run.start) as usize > BUDGET {
-                s.files = DigestMap::default();
-                s.bytes = 0;
-            }
-            s.in_flight.extend(run.members.iter().map(|(_, _, d)| *d));
+        let wanted = self.cache.claim(&run.digests());
+        run.members.retain(|(_, _, d)| wanted.contains(d));
+        if run.members.is_empty() {
+            return;
         }
         let mut q = lock(&self.runs);
-        let tx = q.get_or_insert_with(|| start(self.shared.clone()));
+        let tx = q.get_or_insert_with(|| start(self.cache.clone()));
         if let Err(crossbeam_channel::SendError(run)) = tx.send(run) {
             // No thread (it could not start): the chunks are read on
             // demand, with the kernel's read-ahead.
             *q = None;
             drop(q);
             advise(&run);
-            self.shared.settle(&run, None);
+            self.cache.arrive(&run.digests(), Vec::new());
         }
     }
 
     /// The chunk file of `d` if it was read ahead, waiting while it is
-    /// being read; taken, so memory holds each file once.
+    /// being read.
     pub(super) fn take(&self, d: &ChunkDigest) -> Option<Vec<u8>> {
-        let mut s = lock(&self.shared.state);
-        loop {
-            if let Some(f) = s.files.remove(d) {
-                s.bytes -= f.len();
-                return Some(f);
-            }
-            if !s.in_flight.contains(d) {
-                return None;
-            }
-            s = self
-                .shared
-                .arrived
-                .wait(s)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        self.cache.take(d)
     }
-}
 
-#[cfg(test)]
-impl Prefetcher {
-    /// Bytes held, and chunks being read.
+    /// Bytes held, and chunks being read (for tests).
+    #[cfg(test)]
     pub(super) fn held(&self) -> (usize, usize) {
-        let s = lock(&self.shared.state);
-        (s.bytes, s.in_flight.len())
-    }
-}
-
-impl Shared {
-    /// Files what a run brought (nothing when the read failed: the chunks
-    /// are then read on demand, which reports any error) and wakes the
-    /// readers waiting for it.
-    fn settle(&self, run: &Run, files: Option<Vec<(ChunkDigest, Vec<u8>)>>) {
-        let mut s = lock(&self.state);
-        for (_, _, d) in &run.members {
-            s.in_flight.remove(d);
-        }
-        for (d, f) in files.into_iter().flatten() {
-            s.bytes += f.len();
-            if let Some(old) = s.files.insert(d, f) {
-                s.bytes -= old.len();
-            }
-        }
-        drop(s);
-        self.arrived.notify_all();
+        let (_, bytes, reading) = self.cache.held();
+        (bytes, reading)
     }
 }
 
@@ -145,10 +103,10 @@ impl Shared {
 const READERS: usize = 4;
 
 /// Starts the reading threads; they end when the store drops its queue.
-fn start(shared: Arc<Shared>) -> crossbeam_channel::Sender<Run> {
+fn start(cache: Arc<ChunkCache>) -> crossbeam_channel::Sender<Run> {
     let (tx, rx) = crossbeam_channel::unbounded::<Run>();
     for _ in 0..READERS {
-        let (rx, shared) = (rx.clone(), shared.clone());
+        let (rx, cache) = (rx.clone(), cache.clone());
         let spawned = std::thread::Builder::new()
             .name("pack-reader".into())
             .spawn(move || {
@@ -157,7 +115,7 @@ fn start(shared: Arc<Shared>) -> crossbeam_channel::Sender<Run> {
                     if files.is_none() {
                         advise(&run);
                     }
-                    shared.settle(&run, files);
+                    cache.arrive(&run.digests(), files.unwrap_or_default());
                 }
             });
         if let Err(e) = spawned {
