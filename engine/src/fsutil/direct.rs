@@ -55,6 +55,22 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
+/// Reads at `off` until `buf` is full or the file ends, and returns how
+/// much it read: the end of a pack need not be aligned to what a direct
+/// read asks for.
+pub fn read_up_to(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 /// Writes to one file through `O_DIRECT` where the request allows it and
 /// through the page cache otherwise.
 pub struct DirectWriter {

@@ -24,11 +24,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::fsutil::direct::{AlignedBuf, DirectWriter, ALIGN};
+use crate::fsutil::direct::{read_up_to, AlignedBuf, DirectWriter, ALIGN};
 
 /// Bytes gathered before one direct write. Two of these per open pack.
 const STAGE: usize = 1 << 20;
@@ -109,19 +108,7 @@ impl PackWriter {
         self.wait();
         let mut buf = vec![0u8; len];
         let on_disk = self.stage_at.saturating_sub(off).min(len as u64) as usize;
-        let mut got = 0;
-        while got < on_disk {
-            match self
-                .out
-                .file()
-                .read_at(&mut buf[got..on_disk], off + got as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let got = read_up_to(self.out.file(), &mut buf[..on_disk], off)?;
         // Only a failed write, kept below, leaves a hole short of the end.
         if got < on_disk && self.failed.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());

@@ -12,15 +12,14 @@
 //! to read ahead instead, and the chunk is read the usual way.
 
 use std::fs::File;
-use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::lock;
 use crate::digest::ChunkDigest;
-use crate::fsutil::direct::{AlignedBuf, ALIGN};
+use crate::fsutil::direct::{read_up_to, AlignedBuf, ALIGN};
 use crate::store::chunkcache::ChunkCache;
 
 /// Chunk files read ahead and not yet taken, in bytes at most. A reader
@@ -136,15 +135,9 @@ fn read(run: &Run) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {
         .open(&run.path)
         .ok()?;
     let mut buf = AlignedBuf::new((to - from) as usize);
-    let mut got = 0usize;
-    // The pack's end need not be aligned: a short read there is fine.
-    while from + (got as u64) < run.end {
-        match f.read_at(&mut buf[got..], from + got as u64) {
-            Ok(0) => return None,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
+    let got = read_up_to(&f, &mut buf, from).ok()?;
+    if from + (got as u64) < run.end {
+        return None;
     }
     Some(
         run.members
