@@ -89,7 +89,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("zstd", |b| {
-        let mut z = zstd::bulk::Compressor::new(backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        let mut z = chunk::compressor(backup::DEFAULT_ZSTD_LEVEL).unwrap();
         b.iter(|| {
             for ch in data.chunks(CS) {
                 black_box(z.compress(ch).unwrap());
@@ -97,7 +97,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("ideal_one_core", |b| {
-        let mut z = zstd::bulk::Compressor::new(backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        let mut z = chunk::compressor(backup::DEFAULT_ZSTD_LEVEL).unwrap();
         b.iter(|| {
             // Hashed as the pipeline hashes them (pairs, by batch).
             for batch in data.chunks(16 * CS) {

@@ -321,7 +321,7 @@ pub fn run(
     };
 
     // Index pages: changed ones are stored, the rest are the base's.
-    let mut comp = zstd::bulk::Compressor::new(opts.zstd_level)
+    let mut comp = chunk::compressor(opts.zstd_level)
         .map_err(|e| BackupError::Zstd(opts.zstd_level, e))?;
     let mut pages = Vec::with_capacity(pages_total as usize);
     let mut to_store = Vec::with_capacity(PAGES_AHEAD);
@@ -460,7 +460,7 @@ fn worker(
     tx: &crossbeam_channel::Sender<Result<Done, BackupError>>,
     spare: &crossbeam_channel::Sender<Vec<u8>>,
 ) {
-    let mut comp = match zstd::bulk::Compressor::new(level) {
+    let mut comp = match chunk::compressor(level) {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(Err(BackupError::Zstd(level, e)));

@@ -52,6 +52,27 @@ pub enum Codec {
     Zstd,
 }
 
+/// The shortest match zstd looks for at the default level
+/// ([`crate::backup::DEFAULT_ZSTD_LEVEL`]): zstd's longest (7) instead of
+/// level 1's 6. On the compressible chunks of the shared corpus it took
+/// 5.7% less time (median of three: 6.08 s against 6.45 s) for 2.5% more
+/// bytes (885 against 863 MiB); docs/ARCHITECTURE.md, "Compression
+/// level".
+const DEFAULT_LEVEL_MIN_MATCH: u32 = 7;
+
+/// A compressor for chunks at zstd `level`, tuned as
+/// [`DEFAULT_LEVEL_MIN_MATCH`] says at the default level. Any level's
+/// output is a plain zstd frame, and chunks of any level mix in a store.
+pub fn compressor(level: i32) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+    let mut c = zstd::bulk::Compressor::new(level)?;
+    if level == crate::backup::DEFAULT_ZSTD_LEVEL {
+        c.set_parameter(zstd::zstd_safe::CParameter::MinMatch(
+            DEFAULT_LEVEL_MIN_MATCH,
+        ))?;
+    }
+    Ok(c)
+}
+
 /// Encodes `plain` as a chunk file, compressed with `compressor` unless
 /// that does not make it smaller.
 pub fn encode(plain: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> (Vec<u8>, Codec) {
