@@ -321,8 +321,8 @@ pub fn run(
     };
 
     // Index pages: changed ones are stored, the rest are the base's.
-    let mut comp = chunk::compressor(opts.zstd_level)
-        .map_err(|e| BackupError::Zstd(opts.zstd_level, e))?;
+    let mut comp =
+        chunk::compressor(opts.zstd_level).map_err(|e| BackupError::Zstd(opts.zstd_level, e))?;
     let mut pages = Vec::with_capacity(pages_total as usize);
     let mut to_store = Vec::with_capacity(PAGES_AHEAD);
     for p in 0..pages_total {
