@@ -302,6 +302,53 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Text-like bytes with many 6-byte repeats, where zstd's minimum
+    /// match length changes what it finds.
+    fn text(len: usize) -> Vec<u8> {
+        let words = ["alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta "];
+        let mut x = 12345u32;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            x = x.wrapping_mul(1103515245).wrapping_add(12345);
+            out.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
+            out.extend_from_slice(&x.to_le_bytes()[..1]);
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn the_default_level_is_tuned_and_every_level_round_trips() {
+        let plain = text(65536);
+        let stock = zstd::bulk::compress(&plain, crate::backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        let mut tuned = compressor(crate::backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        let ours = tuned.compress(&plain).unwrap();
+        // The minimum match applies: the frame differs from stock level 1.
+        assert_ne!(ours, stock);
+        for level in [-3, 1, 3] {
+            let (file, codec) = encode(&plain, &mut compressor(level).unwrap());
+            assert_eq!(codec, Codec::Zstd, "level {level}");
+            assert_eq!(decode(&file).unwrap(), plain, "level {level}");
+        }
+        // Encoding reuses its scratch buffer: a raw chunk after a
+        // compressed one carries nothing of it.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let (a, _) = encode(&plain, &mut tuned);
+        let (b, codec) = encode(&noise, &mut tuned);
+        assert_eq!(codec, Codec::Raw);
+        assert_eq!(b.len(), HEADER_LEN + noise.len());
+        assert_eq!(decode(&b).unwrap(), noise);
+        assert_eq!(decode(&a).unwrap(), plain);
+    }
+
     #[test]
     fn check_each_judges_every_chunk_like_check() {
         let mut z = zstd::bulk::Compressor::new(1).unwrap();
