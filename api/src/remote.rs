@@ -28,9 +28,7 @@ use novabackup_engine::store::chunkcache::ChunkCache;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
-use crate::store_server::{
-    decode_batch, encode_batch, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH,
-};
+use crate::store_server::{decode_batch, BatchReader, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH};
 
 /// Upload requests in flight at most.
 const UPLOADERS: usize = 4;
@@ -142,8 +140,7 @@ impl RemoteStore {
                 let (inner, rx) = (inner.clone(), rx.clone());
                 std::thread::spawn(move || {
                     while let Some(batch) = next_batch(&rx) {
-                        let body = encode_batch(batch.iter().map(|(d, f)| (d, f.as_slice())));
-                        let failed = match inner.send("POST", "/store/v1/chunks", Some(&body)) {
+                        let failed = match inner.send_batch(&batch) {
                             Ok(_) => None,
                             Err(e) => Some(match inner.error(e) {
                                 StoreError::Remote { why, .. } => why,
@@ -222,6 +219,17 @@ impl Inner {
         Some(records.into_iter().map(|(d, f)| (d, f.to_vec())).collect())
     }
 
+    /// Waits for the uploads queued so far and reports a failed one.
+    fn uploaded(&self) -> Result<(), StoreError> {
+        let mut p = self.drained();
+        // The failure is reported once; the chunks it lost are not marked
+        // present, so the next backup sends them again.
+        match p.failed.take() {
+            Some(f) => Err(self.remote(f)),
+            None => Ok(()),
+        }
+    }
+
     fn call(&self, method: &str, path: &str) -> ureq::Request {
         self.http
             .request(method, &format!("{}{path}", self.base))
@@ -239,17 +247,38 @@ impl Inner {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<ureq::Response, ureq::Error> {
+        self.retrying(method, path, |req| match body {
+            Some(b) => req
+                .set("Content-Type", "application/octet-stream")
+                .send_bytes(b),
+            None => req.call(),
+        })
+    }
+
+    /// Uploads a batch, streamed from its chunk files (see [`BatchReader`]).
+    #[allow(clippy::result_large_err)]
+    fn send_batch(&self, batch: &[(ChunkDigest, Vec<u8>)]) -> Result<ureq::Response, ureq::Error> {
+        let len = BatchReader::body_len(batch).to_string();
+        self.retrying("POST", "/store/v1/chunks", |req| {
+            req.set("Content-Type", "application/octet-stream")
+                .set("Content-Length", &len)
+                .send(BatchReader::new(batch))
+        })
+    }
+
+    /// Makes a request with `send`, retrying a transport failure (see
+    /// [`Inner::send`]).
+    #[allow(clippy::result_large_err)]
+    fn retrying(
+        &self,
+        method: &str,
+        path: &str,
+        send: impl Fn(ureq::Request) -> Result<ureq::Response, ureq::Error>,
+    ) -> Result<ureq::Response, ureq::Error> {
         let mut delay = Duration::from_millis(50);
         let mut tries = 0;
         loop {
-            let req = self.call(method, path);
-            let r = match body {
-                Some(b) => req
-                    .set("Content-Type", "application/octet-stream")
-                    .send_bytes(b),
-                None => req.call(),
-            };
-            match r {
+            match send(self.call(method, path)) {
                 Err(ureq::Error::Transport(_)) if tries < 2 => {
                     tries += 1;
                     std::thread::sleep(delay);
@@ -413,13 +442,7 @@ impl Store for RemoteStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let mut p = self.inner.drained();
-        // The failure is reported once; the chunks it lost are not marked
-        // present, so the next backup sends them again.
-        if let Some(f) = p.failed.take() {
-            return Err(self.inner.remote(f));
-        }
-        drop(p);
+        self.inner.uploaded()?;
         self.inner
             .send("POST", "/store/v1/sync", None)
             .map_err(|e| self.inner.error(e))?;
@@ -427,6 +450,8 @@ impl Store for RemoteStore {
     }
 
     fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
+        // The server syncs before it commits; no round trip of our own.
+        self.inner.uploaded()?;
         match self
             .inner
             .send("POST", "/store/v1/snapshots", Some(&m.encode()))
@@ -632,6 +657,7 @@ mod tests {
     use super::*;
 
     use super::tests_support::serve;
+    use crate::store_server::encode_batch;
 
     #[test]
     fn remote_store_conformance() {

@@ -161,7 +161,9 @@ pub trait Store: Send + Sync {
     fn prefetch(&self, _digests: &[ChunkDigest]) {}
     /// Makes every chunk put so far durable.
     fn sync(&self) -> Result<(), StoreError>;
-    /// Makes a snapshot visible. Fails if its id exists.
+    /// Makes every chunk put so far durable, as [`Store::sync`] does, then
+    /// the snapshot visible: a visible snapshot never names a chunk that a
+    /// crash could lose. Fails if its id exists.
     fn commit(&self, manifest: &Manifest) -> Result<(), StoreError>;
     /// One manifest.
     fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError>;

@@ -688,6 +688,7 @@ impl Store for LocalStore {
         if path.exists() {
             return Err(StoreError::Exists(m.id.clone()));
         }
+        self.sync_packs()?;
         let dir = path.parent().expect("manifest has a folder");
         if !dir.exists() {
             fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
@@ -857,6 +858,21 @@ mod tests {
             b"file",
             "found again after reopen"
         );
+    }
+
+    #[test]
+    fn a_commit_makes_the_chunks_put_before_it_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let d = ChunkDigest::of(b"page");
+        s.put_chunk(&d, b"page file").unwrap();
+        // No sync: commit's own must publish the staged pack.
+        s.commit(&super::super::conformance::manifest("vm", 1, vec![d]))
+            .unwrap();
+        assert_eq!(count(&dir.path().join("tmp")), 0);
+        drop(s);
+        let s = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(s.get_chunk(&d).unwrap(), b"page file");
     }
 
     #[test]
