@@ -61,11 +61,13 @@ impl ChunkCache {
     /// wakes the readers waiting for it.
     pub fn arrive(&self, ask: &[ChunkDigest], got: Vec<(ChunkDigest, Vec<u8>)>) {
         let mut s = self.lock();
+        let mut asked = HashSet::with_capacity(ask.len());
         for d in ask {
             s.in_flight.remove(d);
+            asked.insert(d);
         }
         for (d, file) in got {
-            if !ask.contains(&d) {
+            if !asked.contains(&d) {
                 continue;
             }
             if s.bytes + file.len() > self.budget {
@@ -122,6 +124,18 @@ mod tests {
         assert_eq!(c.take(&a), None, "taken once");
         assert_eq!(c.take(&b), None, "its fetch brought nothing");
         assert_eq!(c.held(), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_file_nobody_asked_for_is_not_kept() {
+        let c = ChunkCache::new(1 << 20);
+        let (a, stray) = (ChunkDigest::of(b"a"), ChunkDigest::of(b"stray"));
+        c.claim(&[a]);
+        // A server answering more than it was asked.
+        c.arrive(&[a], vec![(stray, b"S".to_vec()), (a, b"A".to_vec())]);
+        assert_eq!(c.held(), (1, 1, 0));
+        assert_eq!(c.take(&stray), None);
+        assert_eq!(c.take(&a), Some(b"A".to_vec()));
     }
 
     #[test]

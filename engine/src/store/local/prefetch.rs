@@ -65,7 +65,8 @@ impl Prefetcher {
     /// Queues `run` for reading (its chunks already here or on their way
     /// are left out).
     pub(super) fn request(&self, mut run: Run) {
-        let wanted = self.cache.claim(&run.digests());
+        let wanted: std::collections::HashSet<ChunkDigest> =
+            self.cache.claim(&run.digests()).into_iter().collect();
         run.members.retain(|(_, _, d)| wanted.contains(d));
         if run.members.is_empty() {
             return;
