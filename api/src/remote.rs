@@ -32,36 +32,22 @@ use crate::store_server::{decode_batch, BatchReader, Lease, SnapshotList, BATCH_
 
 /// Upload requests in flight at most.
 const UPLOADERS: usize = 4;
-/// Chunks queued for upload at most (about 8 MiB of 64 KiB chunks): enough
-/// for every uploader to fill a batch while the others are on the wire.
-const QUEUED: usize = 128;
-/// How long an uploader waits for more chunks before sending a part batch.
-const LINGER: Duration = Duration::from_millis(2);
+/// Full batches queued for upload at most (about 8 MiB): enough for every
+/// uploader to have the next batch ready while the others are on the wire.
+const QUEUED: usize = 8;
 
-/// The next upload batch: the first queued chunk, then more until the
-/// batch holds [`BATCH_BYTES`] or nothing arrives for [`LINGER`]. None
-/// once the store is dropped and the queue is empty.
-fn next_batch(
-    rx: &crossbeam_channel::Receiver<(ChunkDigest, Vec<u8>)>,
-) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {
-    let first = rx.recv().ok()?;
-    let mut bytes = first.1.len();
-    let mut batch = vec![first];
-    while bytes < BATCH_BYTES {
-        match rx.recv_timeout(LINGER) {
-            Ok(c) => {
-                bytes += c.1.len();
-                batch.push(c);
-            }
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
+/// Chunks on their way to an uploader, a batch at a time.
+type Batch = Vec<(ChunkDigest, Vec<u8>)>;
 
 #[derive(Default)]
 struct Pending {
+    /// Put and not yet uploaded: in `filling` or with an uploader.
     queued: HashSet<ChunkDigest>,
+    /// The batch being filled by `put_chunk_owned`. Handing each chunk to
+    /// an uploader on its own woke a thread per chunk; a batch wakes one
+    /// per megabyte.
+    filling: Batch,
+    filling_bytes: usize,
     /// Uploaded since the last backup started (a repeated put is a no-op).
     uploaded: HashSet<ChunkDigest>,
     failed: Option<String>,
@@ -86,7 +72,7 @@ const FETCHERS: usize = 2;
 pub struct RemoteStore {
     inner: Arc<Inner>,
     cache: Arc<ChunkCache>,
-    uploads: Option<crossbeam_channel::Sender<(ChunkDigest, Vec<u8>)>>,
+    uploads: Option<crossbeam_channel::Sender<Batch>>,
     fetches: Option<crossbeam_channel::Sender<Vec<ChunkDigest>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -134,12 +120,12 @@ impl RemoteStore {
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
         });
-        let (tx, rx) = crossbeam_channel::bounded::<(ChunkDigest, Vec<u8>)>(QUEUED);
+        let (tx, rx) = crossbeam_channel::bounded::<Batch>(QUEUED);
         let mut threads: Vec<std::thread::JoinHandle<()>> = (0..UPLOADERS)
             .map(|_| {
                 let (inner, rx) = (inner.clone(), rx.clone());
                 std::thread::spawn(move || {
-                    while let Some(batch) = next_batch(&rx) {
+                    for batch in rx {
                         let failed = match inner.send_batch(&batch) {
                             Ok(_) => None,
                             Err(e) => Some(match inner.error(e) {
@@ -157,9 +143,8 @@ impl RemoteStore {
                         if let Some(f) = failed {
                             p.failed.get_or_insert(f);
                         }
-                        if p.queued.is_empty() {
-                            inner.drained.notify_all();
-                        }
+                        drop(p);
+                        inner.drained.notify_all();
                     }
                 })
             })
@@ -197,8 +182,71 @@ impl RemoteStore {
     }
 }
 
+impl RemoteStore {
+    /// Hands the batch being filled to the uploaders.
+    fn flush(&self) -> Result<(), StoreError> {
+        let batch = {
+            let mut p = self.inner.pending();
+            p.filling_bytes = 0;
+            std::mem::take(&mut p.filling)
+        };
+        self.hand_over(batch)
+    }
+
+    fn hand_over(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Never with the pending lock held: a full queue waits for an
+        // uploader, which takes that lock when its batch is done.
+        self.uploads
+            .as_ref()
+            .expect("open until drop")
+            .send(batch)
+            .map_err(|_| self.inner.remote("the upload threads stopped".into()))
+    }
+
+    /// Waits until every chunk put so far is uploaded (or has failed).
+    /// Chunks put meanwhile, by a backup of another disk, are not waited
+    /// for: a commit never waits for a concurrent backup to end.
+    fn drained(&self) -> Result<std::sync::MutexGuard<'_, Pending>, StoreError> {
+        let (batch, mut waiting) = {
+            let mut p = self.inner.pending();
+            p.filling_bytes = 0;
+            let waiting: Vec<ChunkDigest> = p.queued.iter().copied().collect();
+            (std::mem::take(&mut p.filling), waiting)
+        };
+        self.hand_over(batch)?;
+        let mut p = self.inner.pending();
+        loop {
+            waiting.retain(|d| p.queued.contains(d));
+            if waiting.is_empty() {
+                return Ok(p);
+            }
+            p = self
+                .inner
+                .drained
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits for the uploads and reports a failed one.
+    fn uploaded(&self) -> Result<(), StoreError> {
+        let mut p = self.drained()?;
+        // The failure is reported once; the chunks it lost are not marked
+        // present, so the next backup sends them again.
+        match p.failed.take() {
+            Some(f) => Err(self.inner.remote(f)),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Drop for RemoteStore {
     fn drop(&mut self) {
+        // The threads upload what was put before they end.
+        let _ = self.flush();
         self.uploads.take();
         self.fetches.take();
         for t in self.threads.drain(..) {
@@ -217,17 +265,6 @@ impl Inner {
         let answer = read_body(r, limit).ok()?;
         let records = decode_batch(&answer).ok()?;
         Some(records.into_iter().map(|(d, f)| (d, f.to_vec())).collect())
-    }
-
-    /// Waits for the uploads queued so far and reports a failed one.
-    fn uploaded(&self) -> Result<(), StoreError> {
-        let mut p = self.drained();
-        // The failure is reported once; the chunks it lost are not marked
-        // present, so the next backup sends them again.
-        match p.failed.take() {
-            Some(f) => Err(self.remote(f)),
-            None => Ok(()),
-        }
     }
 
     fn call(&self, method: &str, path: &str) -> ureq::Request {
@@ -287,15 +324,6 @@ impl Inner {
                 r => return r,
             }
         }
-    }
-
-    /// The pending state once every queued upload has finished.
-    fn drained(&self) -> std::sync::MutexGuard<'_, Pending> {
-        let mut p = self.pending();
-        while !p.queued.is_empty() {
-            p = self.drained.wait(p).unwrap_or_else(|e| e.into_inner());
-        }
-        p
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -389,7 +417,8 @@ impl Store for RemoteStore {
     }
 
     fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        {
+        let len = file.len() as u64;
+        let full = {
             let mut p = self.inner.pending();
             if let Some(f) = p.failed.take() {
                 return Err(self.inner.remote(f));
@@ -397,13 +426,14 @@ impl Store for RemoteStore {
             if p.uploaded.contains(digest) || !p.queued.insert(*digest) {
                 return Ok(0);
             }
-        }
-        let len = file.len() as u64;
-        self.uploads
-            .as_ref()
-            .expect("open until drop")
-            .send((*digest, file))
-            .map_err(|_| self.inner.remote("the upload threads stopped".into()))?;
+            p.filling_bytes += file.len();
+            p.filling.push((*digest, file));
+            (p.filling_bytes >= BATCH_BYTES).then(|| {
+                p.filling_bytes = 0;
+                std::mem::take(&mut p.filling)
+            })
+        };
+        self.hand_over(full.unwrap_or_default())?;
         Ok(len)
     }
 
@@ -442,7 +472,7 @@ impl Store for RemoteStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.inner.uploaded()?;
+        self.uploaded()?;
         self.inner
             .send("POST", "/store/v1/sync", None)
             .map_err(|e| self.inner.error(e))?;
@@ -451,7 +481,7 @@ impl Store for RemoteStore {
 
     fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
         // The server syncs before it commits; no round trip of our own.
-        self.inner.uploaded()?;
+        self.uploaded()?;
         match self
             .inner
             .send("POST", "/store/v1/snapshots", Some(&m.encode()))
@@ -538,7 +568,7 @@ impl Store for RemoteStore {
         // What this client remembers uploading may be collected now (it
         // forgets it at every lock anyway, and chunks a locked backup
         // uploads are kept by the server).
-        self.inner.drained().uploaded.clear();
+        self.drained()?.uploaded.clear();
         // A collection of a big store takes long: no read timeout of its own.
         let r = self
             .inner
@@ -570,7 +600,7 @@ impl Store for RemoteStore {
         // A backup starts here: uploads left from one that failed finish
         // first, and their failures, which belonged to it, are dropped.
         {
-            let mut p = self.inner.drained();
+            let mut p = self.drained()?;
             p.failed = None;
             p.uploaded.clear();
         }
@@ -704,6 +734,51 @@ mod tests {
         let e = s.sync().unwrap_err().to_string();
         assert!(e.contains("rejected"), "{e}");
         assert_eq!(s.missing(&[claimed]).unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn a_sync_waits_for_its_own_uploads_not_for_a_concurrent_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = Arc::new(RemoteStore::connect(&url, "secret").unwrap());
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let put = |s: &RemoteStore, z: &mut zstd::bulk::Compressor, i: u64| {
+            let plain = i.to_le_bytes();
+            let (file, _) = novabackup_engine::format::chunk::encode(&plain, z);
+            s.put_chunk_owned(&ChunkDigest::of(&plain), file).unwrap();
+        };
+        // Far less than a batch: it waits in the batch being filled.
+        put(&s, &mut z, 0);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Another disk's backup keeps putting until the sync is back.
+        let other = {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut z = zstd::bulk::Compressor::new(1).unwrap();
+                let mut i = 1;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
+                    put(&s, &mut z, i);
+                    i += 1;
+                }
+                i
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let syncing = s.clone();
+        std::thread::spawn(move || tx.send(syncing.sync().map_err(|e| e.to_string())));
+        let synced = rx.recv_timeout(Duration::from_secs(60));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        synced.expect("the sync came back").unwrap();
+        assert!(
+            other.join().unwrap() < 1_000_000,
+            "the sync waited for the other puts to end"
+        );
+        // The server has it (a fresh client knows nothing of its own).
+        let fresh = RemoteStore::connect(&url, "secret").unwrap();
+        let first = ChunkDigest::of(&0u64.to_le_bytes());
+        assert_eq!(fresh.missing(&[first]).unwrap(), vec![false]);
+        s.sync().unwrap();
     }
 
     #[test]
