@@ -421,7 +421,7 @@ async fn commit(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiErr
         let prior = lock_checked(&s).remove(&m.disk);
         let digests = complete(&s.store, &m, prior.as_ref())?;
         let checked = started.elapsed();
-        s.store.sync().map_err(store_error)?;
+        // Commit syncs the chunks first (the `Store` contract).
         s.store.commit(&m).map_err(store_error)?;
         tracing::debug!(snapshot = %m.id, incremental = prior.is_some(), ?checked, total = ?started.elapsed(), "commit");
         if m.chunks() <= CHECKED_MAX && s.store.collections() == collections {
