@@ -182,14 +182,18 @@ impl RemoteStore {
     }
 }
 
+impl Pending {
+    /// The batch being filled, leaving an empty one.
+    fn take_filling(&mut self) -> Batch {
+        self.filling_bytes = 0;
+        std::mem::take(&mut self.filling)
+    }
+}
+
 impl RemoteStore {
     /// Hands the batch being filled to the uploaders.
     fn flush(&self) -> Result<(), StoreError> {
-        let batch = {
-            let mut p = self.inner.pending();
-            p.filling_bytes = 0;
-            std::mem::take(&mut p.filling)
-        };
+        let batch = self.inner.pending().take_filling();
         self.hand_over(batch)
     }
 
@@ -212,9 +216,8 @@ impl RemoteStore {
     fn drained(&self) -> Result<std::sync::MutexGuard<'_, Pending>, StoreError> {
         let (batch, mut waiting) = {
             let mut p = self.inner.pending();
-            p.filling_bytes = 0;
             let waiting: Vec<ChunkDigest> = p.queued.iter().copied().collect();
-            (std::mem::take(&mut p.filling), waiting)
+            (p.take_filling(), waiting)
         };
         self.hand_over(batch)?;
         let mut p = self.inner.pending();
@@ -428,10 +431,7 @@ impl Store for RemoteStore {
             }
             p.filling_bytes += file.len();
             p.filling.push((*digest, file));
-            (p.filling_bytes >= BATCH_BYTES).then(|| {
-                p.filling_bytes = 0;
-                std::mem::take(&mut p.filling)
-            })
+            (p.filling_bytes >= BATCH_BYTES).then(|| p.take_filling())
         };
         self.hand_over(full.unwrap_or_default())?;
         Ok(len)

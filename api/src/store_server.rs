@@ -303,9 +303,9 @@ impl std::io::Read for BatchReader<'_> {
                 break;
             };
             let mut head = [0u8; RECORD_HEAD];
-            head[..32].copy_from_slice(&d.0);
-            head[32..].copy_from_slice(&(file.len() as u32).to_le_bytes());
             let (part, from) = if self.at < RECORD_HEAD {
+                head[..32].copy_from_slice(&d.0);
+                head[32..].copy_from_slice(&(file.len() as u32).to_le_bytes());
                 (&head[..], self.at)
             } else {
                 (&file[..], self.at - RECORD_HEAD)
