@@ -15,11 +15,14 @@
 //! server still refuses any snapshot whose chunks it does not hold: a
 //! manifest never names a lost chunk.
 
+mod upload;
+
 use std::collections::HashSet;
 use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use novabackup_engine::bufpool;
 use novabackup_engine::digest::ChunkDigest;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
@@ -28,7 +31,8 @@ use novabackup_engine::store::chunkcache::ChunkCache;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
-use crate::store_server::{decode_batch, BatchReader, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH};
+use crate::store_server::{decode_batch, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH};
+use upload::{UploadError, Uploader};
 
 /// Upload requests in flight at most.
 const UPLOADERS: usize = 4;
@@ -104,14 +108,19 @@ impl RemoteStore {
             .timeout_connect(Duration::from_secs(5))
             .timeout_read(Duration::from_secs(300))
             .max_idle_connections_per_host(UPLOADERS * 2);
-        if let Some(fp) = fingerprint {
-            b = b.tls_connector(Arc::new(crate::tls::BufferedConnector(
-                crate::tls::pinned_client(fp).map_err(|e| StoreError::Remote {
-                    url: base.into(),
-                    why: e.to_string(),
-                })?,
-            )));
+        let remote = |why: String| StoreError::Remote {
+            url: base.into(),
+            why,
+        };
+        let tls = match fingerprint {
+            Some(fp) => Some(crate::tls::pinned_client(fp).map_err(|e| remote(e.to_string()))?),
+            None => None,
+        };
+        if let Some(config) = &tls {
+            b = b.tls_connector(Arc::new(crate::tls::BufferedConnector(config.clone())));
         }
+        // Checked here, so that each uploader's own is sure to work.
+        Uploader::new(base, token, tls.clone()).map_err(remote)?;
         let http = b.build();
         let inner = Arc::new(Inner {
             base: base.trim_end_matches('/').to_string(),
@@ -124,11 +133,12 @@ impl RemoteStore {
         let mut threads: Vec<std::thread::JoinHandle<()>> = (0..UPLOADERS)
             .map(|_| {
                 let (inner, rx) = (inner.clone(), rx.clone());
+                let mut up = Uploader::new(base, token, tls.clone()).expect("checked above");
                 std::thread::spawn(move || {
                     for batch in rx {
-                        let failed = match inner.send_batch(&batch) {
-                            Ok(_) => None,
-                            Err(e) => Some(match inner.error(e) {
+                        let failed = match inner.send_batch(&mut up, &batch) {
+                            Ok(()) => None,
+                            Err(e) => Some(match e {
                                 StoreError::Remote { why, .. } => why,
                                 other => other.to_string(),
                             }),
@@ -145,6 +155,10 @@ impl RemoteStore {
                         }
                         drop(p);
                         inner.drained.notify_all();
+                        // The encoder makes the next chunk files in these.
+                        for (_, file) in batch {
+                            bufpool::FILES.give(file);
+                        }
                     }
                 })
             })
@@ -295,15 +309,32 @@ impl Inner {
         })
     }
 
-    /// Uploads a batch, streamed from its chunk files (see [`BatchReader`]).
-    #[allow(clippy::result_large_err)]
-    fn send_batch(&self, batch: &[(ChunkDigest, Vec<u8>)]) -> Result<ureq::Response, ureq::Error> {
-        let len = BatchReader::body_len(batch).to_string();
-        self.retrying("POST", "/store/v1/chunks", |req| {
-            req.set("Content-Type", "application/octet-stream")
-                .set("Content-Length", &len)
-                .send(BatchReader::new(batch))
-        })
+    /// Uploads a batch straight from its chunk files (see [`upload`]),
+    /// retrying a transport failure as [`Inner::send`] does.
+    fn send_batch(
+        &self,
+        up: &mut Uploader,
+        batch: &[(ChunkDigest, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            match up.send(batch) {
+                Ok(()) => return Ok(()),
+                Err(UploadError::Transport(_)) if tries < 2 => {
+                    tries += 1;
+                    std::thread::sleep(delay);
+                    delay *= 4;
+                }
+                Err(UploadError::Transport(e)) => return Err(self.remote(e.to_string())),
+                Err(UploadError::Status(status, body)) => {
+                    let msg = serde_json::from_slice::<ErrorBody>(&body)
+                        .map(|b| b.error.message)
+                        .unwrap_or_else(|_| "no error body".into());
+                    return Err(self.status_error(status, msg));
+                }
+            }
+        }
     }
 
     /// Makes a request with `send`, retrying a transport failure (see
@@ -348,16 +379,21 @@ impl Inner {
                     .into_json::<ErrorBody>()
                     .map(|b| b.error.message)
                     .unwrap_or_else(|_| "no error body".into());
-                if status == 507 {
-                    StoreError::Full {
-                        path: self.base.clone(),
-                        source: std::io::Error::other(msg),
-                    }
-                } else {
-                    self.remote(format!("HTTP {status}: {msg}"))
-                }
+                self.status_error(status, msg)
             }
             ureq::Error::Transport(t) => self.remote(t.to_string()),
+        }
+    }
+
+    /// The store error for an HTTP error status and the server's message.
+    fn status_error(&self, status: u16, msg: String) -> StoreError {
+        if status == 507 {
+            StoreError::Full {
+                path: self.base.clone(),
+                source: std::io::Error::other(msg),
+            }
+        } else {
+            self.remote(format!("HTTP {status}: {msg}"))
         }
     }
 }

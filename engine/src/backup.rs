@@ -13,6 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::bufpool;
 use crate::digest::{is_all_zero, ChunkDigest};
 use crate::format::chunk;
 use crate::format::index::{self, PAGE_DIGESTS};
@@ -229,19 +230,15 @@ pub fn run(
     let (work_tx, work_rx) =
         crossbeam_channel::bounded::<(u64, Vec<u8>)>(opts.read_depth.max(workers * 2));
     let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<Done, BackupError>>(256);
-    // Read buffers go back to the reader once a worker is done with them.
-    let (spare_tx, spare_rx) =
-        crossbeam_channel::bounded::<Vec<u8>>(opts.read_depth.max(workers * 2) + workers * BATCH);
     let level = opts.zstd_level;
 
     let result: Result<(), BackupError> = std::thread::scope(|s| {
         for _ in 0..workers {
-            let (rx, tx, spare) = (work_rx.clone(), done_tx.clone(), spare_tx.clone());
-            s.spawn(move || worker(store, level, &rx, &tx, &spare));
+            let (rx, tx) = (work_rx.clone(), done_tx.clone());
+            s.spawn(move || worker(store, level, &rx, &tx));
         }
         drop(work_rx);
         drop(done_tx);
-        drop(spare_tx);
         // The collector.
         let touched = &mut touched;
         let stats = &mut stats;
@@ -285,7 +282,9 @@ pub fn run(
             chunk_size: cs,
             ranges: &plan.read,
             depth: opts.read_depth,
-            recycled: Some(&spare_rx),
+            // Read buffers go back to the reader once a worker is done
+            // with them, and stay for the next backup.
+            recycled: Some(&bufpool::READS),
         };
         let read = read_chunks(req.engine, &job, &mut |idx, mut buf| {
             if progress.cancelled() {
@@ -457,7 +456,6 @@ fn worker(
     level: i32,
     rx: &crossbeam_channel::Receiver<(u64, Vec<u8>)>,
     tx: &crossbeam_channel::Sender<Result<Done, BackupError>>,
-    spare: &crossbeam_channel::Sender<Vec<u8>>,
 ) {
     let mut comp = match chunk::compressor(level) {
         Ok(c) => c,
@@ -494,7 +492,7 @@ fn worker(
         let mut finish_oldest = |waiting: &mut std::collections::VecDeque<Hashed>| {
             let oldest = waiting.pop_front().expect("a batch waiting");
             let answer = answer_rx.recv().unwrap_or_else(|_| Err(asker_gone()));
-            emit(oldest.finish(store, &mut comp, answer), tx, spare)
+            emit(oldest.finish(store, &mut comp, answer), tx)
         };
         loop {
             // With batches waiting on their answers, do not block for more
@@ -520,13 +518,13 @@ fn worker(
             }
             let h = Hashed::new(batch);
             if h.asked.is_empty() {
-                if !emit(Ok(h), tx, spare) {
+                if !emit(Ok(h), tx) {
                     return;
                 }
                 continue;
             }
             if ask_tx.send(h.digests()).is_err() {
-                emit(Err(asker_gone().into()), tx, spare);
+                emit(Err(asker_gone().into()), tx);
                 return;
             }
             waiting.push_back(h);
@@ -596,12 +594,11 @@ impl Hashed {
 fn emit(
     r: Result<Hashed, BackupError>,
     tx: &crossbeam_channel::Sender<Result<Done, BackupError>>,
-    spare: &crossbeam_channel::Sender<Vec<u8>>,
 ) -> bool {
     match r {
         Ok(h) => {
             for (_, buf) in h.batch {
-                let _ = spare.try_send(buf);
+                bufpool::READS.give(buf);
             }
             h.done.into_iter().all(|d| tx.send(Ok(d)).is_ok())
         }

@@ -4,6 +4,7 @@
 //! the agent build on it.
 
 pub mod backup;
+pub mod bufpool;
 pub mod cbt;
 pub mod digest;
 pub mod fault;

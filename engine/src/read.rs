@@ -47,7 +47,7 @@ pub struct ReadJob<'a> {
     /// Buffers the sink is done with, reused before allocating new ones
     /// (a fresh zeroed 64 KiB buffer per chunk cost about 2% of a full
     /// backup in memset and page faults).
-    pub recycled: Option<&'a crossbeam_channel::Receiver<Vec<u8>>>,
+    pub recycled: Option<&'a crate::bufpool::BufPool>,
 }
 
 /// Errors of a read: the image's, or the sink's.
@@ -76,16 +76,13 @@ fn chunk_span(job: &ReadJob<'_>, idx: u64) -> (u64, usize) {
     (off, (job.size - off).min(job.chunk_size) as usize)
 }
 
-/// A buffer of `len` bytes for a read: a recycled one of that length if
-/// there is one (its stale contents are overwritten before the sink sees
-/// it), else a new one.
+/// A buffer of `len` bytes for a read: a recycled one if there is one (its
+/// stale contents are overwritten before the sink sees it), else a new one.
 fn buffer(job: &ReadJob<'_>, len: usize) -> Vec<u8> {
-    if let Some(b) = job.recycled.and_then(|r| r.try_recv().ok()) {
-        if b.len() == len {
-            return b;
-        }
+    match job.recycled {
+        Some(pool) => pool.take_len(len),
+        None => vec![0u8; len],
     }
-    vec![0u8; len]
 }
 
 #[cfg(test)]

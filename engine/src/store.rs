@@ -149,7 +149,9 @@ pub trait Store: Send + Sync {
     /// that keeps the bytes for later (a store server's upload queue)
     /// takes them without a copy.
     fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        self.put_chunk(digest, &file)
+        let r = self.put_chunk(digest, &file);
+        crate::bufpool::FILES.give(file);
+        r
     }
     /// The encoded chunk file of `digest`.
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError>;

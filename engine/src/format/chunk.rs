@@ -92,7 +92,8 @@ pub fn encode(plain: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> (Vec
             Ok(n) if n < limit => (&scratch[..n], Codec::Zstd),
             _ => (plain, Codec::Raw),
         };
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        // From the pool the stores give chunk files back to.
+        let mut out = crate::bufpool::FILES.take_empty(HEADER_LEN + payload.len());
         out.extend_from_slice(MAGIC);
         out.push(1);
         out.push(match codec {
