@@ -40,6 +40,20 @@ impl AlignedBuf {
         let start = raw.as_ptr().align_offset(ALIGN);
         AlignedBuf { raw, start, len }
     }
+
+    /// A buffer of `len` bytes taken from `pool` where it has one (its
+    /// stale contents kept: for a caller that overwrites what it uses).
+    /// Give it back with [`AlignedBuf::give_to`].
+    pub fn pooled(pool: &crate::bufpool::BufPool, len: usize) -> AlignedBuf {
+        let raw = pool.take_len(len + ALIGN);
+        let start = raw.as_ptr().align_offset(ALIGN);
+        AlignedBuf { raw, start, len }
+    }
+
+    /// Hands the memory to `pool`, for a later [`AlignedBuf::pooled`].
+    pub fn give_to(self, pool: &crate::bufpool::BufPool) {
+        pool.give(self.raw);
+    }
 }
 
 impl std::ops::Deref for AlignedBuf {
