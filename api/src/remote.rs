@@ -702,15 +702,22 @@ impl Store for RemoteStore {
 mod tests_support {
     /// A store server on a random loopback port, for the life of the runtime.
     pub fn serve(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
+        serve_on(dir, "127.0.0.1:0")
+    }
+
+    /// [`serve`] on a given address (a restarted server).
+    pub fn serve_at(dir: &std::path::Path, addr: &str) -> tokio::runtime::Runtime {
+        serve_on(dir, addr).1
+    }
+
+    fn serve_on(dir: &std::path::Path, addr: &str) -> (String, tokio::runtime::Runtime) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         let store = novabackup_engine::store::local::LocalStore::open(dir).unwrap();
-        let l = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let l = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         let app = crate::store_server::router(store, "secret".into());
         rt.spawn(async move { axum::serve(l, app).await });

@@ -89,23 +89,34 @@ impl Uploader {
     /// Uploads `batch` as one request, on the kept connection or a new
     /// one. A transport error drops the connection.
     pub(super) fn send(&mut self, batch: &[(ChunkDigest, Vec<u8>)]) -> Result<(), UploadError> {
-        let conn = match self.conn.take() {
-            Some(c) => c,
-            None => self.connect().map_err(UploadError::Transport)?,
-        };
-        let mut conn = conn;
-        match self.exchange(&mut conn, batch) {
-            Ok((status, body, keep)) => {
-                if keep {
-                    self.conn = Some(conn);
-                }
-                if (200..300).contains(&status) {
-                    Ok(())
-                } else {
-                    Err(UploadError::Status(status, body))
-                }
+        if let Some(conn) = self.conn.take() {
+            match self.send_on(conn, batch) {
+                // The server may have closed a kept connection since (an
+                // idle timeout, a restart): once more, on a new one, at
+                // once.
+                Err(UploadError::Transport(_)) => {}
+                r => return r,
             }
-            Err(e) => Err(UploadError::Transport(e)),
+        }
+        let conn = self.connect().map_err(UploadError::Transport)?;
+        self.send_on(conn, batch)
+    }
+
+    fn send_on(
+        &mut self,
+        mut conn: Conn,
+        batch: &[(ChunkDigest, Vec<u8>)],
+    ) -> Result<(), UploadError> {
+        let (status, body, keep) = self
+            .exchange(&mut conn, batch)
+            .map_err(UploadError::Transport)?;
+        if keep {
+            self.conn = Some(conn);
+        }
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(UploadError::Status(status, body))
         }
     }
 
@@ -336,6 +347,36 @@ mod tests {
         assert!(head.starts_with("POST /store/v1/chunks HTTP/1.1\r\n"));
         assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", built.len())));
         assert!(head.contains("\r\nAuthorization: Bearer tok\r\n") && head.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_is_replaced_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, rt) = crate::remote::tests_support::serve(dir.path());
+        let mut up = Uploader::new(&url, "secret", None).unwrap();
+        let plain = vec![5u8; 70_000];
+        let mut comp = novabackup_engine::format::chunk::compressor(1).unwrap();
+        let (file, _) = novabackup_engine::format::chunk::encode(&plain, &mut comp);
+        let batch = vec![(ChunkDigest::of(&plain), file)];
+        up.send(&batch).unwrap();
+        assert!(up.conn.is_some(), "the connection is kept");
+        // The server restarts on the same address: the kept connection is
+        // dead, and the next upload must not fail for it.
+        drop(rt);
+        let rt =
+            crate::remote::tests_support::serve_at(dir.path(), url.trim_start_matches("http://"));
+        up.send(&batch).unwrap();
+        // A server that answers with an error keeps the connection usable.
+        let mut wrong = batch.clone();
+        wrong[0].0 = ChunkDigest::of(b"something else");
+        match up.send(&wrong) {
+            Err(UploadError::Status(400, body)) => {
+                assert!(String::from_utf8_lossy(&body).contains("rejected"))
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(rt);
+        assert!(matches!(up.send(&batch), Err(UploadError::Transport(_))));
     }
 
     #[test]
