@@ -2,10 +2,12 @@
 //! serve`), spoken over the protocol in [`crate::store_server`].
 //!
 //! Uploads run on a pool of threads so that several are in flight while
-//! the backup's workers go on hashing and compressing, each request a batch
-//! of about a megabyte of chunks: `put_chunk` queues and returns, `sync` waits for the queue to drain and fails if any upload
-//! failed. A chunk queued for upload counts as present (like a staged chunk
-//! in a local store), so one backup never sends the same chunk twice.
+//! the backup's workers go on hashing and compressing, each request a
+//! batch of about a megabyte of chunks, sent on a connection of the
+//! thread's own ([`upload`]): `put_chunk` queues and returns, `sync` waits
+//! for the queue to drain and fails if any upload failed. A chunk queued
+//! for upload counts as present (like a staged chunk in a local store), so
+//! one backup never sends the same chunk twice.
 //!
 //! A failed upload is reported to the next `put_chunk` or `sync`, which
 //! fails that backup; the chunk is not marked present, so a later backup
