@@ -121,6 +121,14 @@ impl RemoteStore {
         if let Some(config) = &tls {
             b = b.tls_connector(Arc::new(crate::tls::BufferedConnector(config.clone())));
         }
+        // Without a pin, an https server is checked against the public
+        // CAs, by ureq for the other requests and here for the uploads.
+        let tls = match tls {
+            None if base.starts_with("https://") => {
+                Some(crate::tls::ca_client().map_err(|e| remote(e.to_string()))?)
+            }
+            t => t,
+        };
         // Checked here, so that each uploader's own is sure to work.
         Uploader::new(base, token, tls.clone()).map_err(remote)?;
         let http = b.build();

@@ -139,6 +139,20 @@ pub fn pinned_client(fingerprint: &str) -> Result<Arc<rustls::ClientConfig>, Tls
     Ok(Arc::new(c))
 }
 
+/// A client that checks a server's certificate against the public
+/// certificate authorities (webpki's roots, as ureq does): for an
+/// `https://` store server whose certificate a CA signed, given no pin.
+pub fn ca_client() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(c))
+}
+
 #[derive(Debug)]
 struct Pinned {
     want: String,

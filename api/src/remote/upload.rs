@@ -56,8 +56,8 @@ pub(super) struct Uploader {
 }
 
 impl Uploader {
-    /// For the store server at `base` (`http://` or `https://`, with
-    /// `tls` given for the latter).
+    /// For the store server at `base` (`http://`, or `https://` with
+    /// `tls` given).
     pub(super) fn new(
         base: &str,
         token: &str,
@@ -71,11 +71,13 @@ impl Uploader {
         let port = url
             .port_or_known_default()
             .ok_or_else(|| format!("{base:?} names no port"))?;
-        if (url.scheme() == "https") != tls.is_some() {
-            return Err(format!(
-                "{base:?}: https needs TLS settings, http takes none"
-            ));
-        }
+        // Plain HTTP ignores TLS settings, as ureq does.
+        let tls = match (url.scheme(), tls) {
+            ("https", Some(t)) => Some(t),
+            ("https", None) => return Err(format!("{base:?}: https needs TLS settings")),
+            ("http", _) => None,
+            (other, _) => return Err(format!("{base:?}: {other} is not http or https")),
+        };
         Ok(Uploader {
             authority: format!("{host}:{port}"),
             host,
@@ -380,10 +382,15 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_url_with_tls_settings_or_the_reverse_is_refused() {
+    fn an_https_url_needs_tls_settings_and_a_plain_one_ignores_them() {
         assert!(Uploader::new("http://127.0.0.1:1", "t", None).is_ok());
         assert!(Uploader::new("https://127.0.0.1:1", "t", None).is_err());
+        let ca = crate::tls::ca_client().unwrap();
+        assert!(Uploader::new("https://127.0.0.1:1", "t", Some(ca.clone())).is_ok());
+        let plain = Uploader::new("http://127.0.0.1:1", "t", Some(ca)).unwrap();
+        assert!(plain.tls.is_none());
         assert!(Uploader::new("not a url", "t", None).is_err());
+        assert!(Uploader::new("ftp://127.0.0.1:1", "t", None).is_err());
         let u = Uploader::new("http://[::1]:7829/base/", "t", None).unwrap();
         assert_eq!(
             (u.authority.as_str(), u.path.as_str()),
