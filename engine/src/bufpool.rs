@@ -14,6 +14,9 @@ use std::sync::Mutex;
 /// of the upload batches queued for a store server.
 pub const POOL_BYTES: usize = 16 << 20;
 
+/// Buffers a take looks at, newest first.
+const SCAN: usize = 8;
+
 /// A pool of byte buffers, last in, first out.
 #[derive(Debug)]
 pub struct BufPool {
@@ -33,9 +36,15 @@ impl BufPool {
         }
     }
 
-    fn pop(&self) -> Option<Vec<u8>> {
+    /// One of the newest few buffers with room for `cap` bytes. Smaller
+    /// ones stay for smaller asks (chunk files vary in size).
+    fn pop(&self, cap: usize) -> Option<Vec<u8>> {
         let mut g = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
-        let b = g.0.pop()?;
+        let n = g.0.len();
+        let i = (n.saturating_sub(SCAN)..n)
+            .rev()
+            .find(|&i| g.0[i].capacity() >= cap)?;
+        let b = g.0.swap_remove(i);
         g.1 -= b.capacity();
         Some(b)
     }
@@ -43,8 +52,8 @@ impl BufPool {
     /// A buffer of exactly `len` bytes, for a read to overwrite: a kept
     /// one keeps its stale contents where it is long enough.
     pub fn take_len(&self, len: usize) -> Vec<u8> {
-        match self.pop() {
-            Some(mut b) if b.capacity() >= len => {
+        match self.pop(len) {
+            Some(mut b) => {
                 if b.len() >= len {
                     b.truncate(len);
                 } else {
@@ -52,18 +61,18 @@ impl BufPool {
                 }
                 b
             }
-            _ => vec![0u8; len],
+            None => vec![0u8; len],
         }
     }
 
     /// An empty buffer with room for at least `cap` bytes.
     pub fn take_empty(&self, cap: usize) -> Vec<u8> {
-        match self.pop() {
-            Some(mut b) if b.capacity() >= cap => {
+        match self.pop(cap) {
+            Some(mut b) => {
                 b.clear();
                 b
             }
-            _ => Vec::with_capacity(cap),
+            None => Vec::with_capacity(cap),
         }
     }
 
@@ -114,9 +123,27 @@ mod tests {
         assert_eq!(longer.len(), 100);
         assert!(longer[60..].iter().all(|&x| x == 0));
         p.give(longer);
-        // Too small for what is asked: a new one, the small one dropped.
+        // Too small for what is asked: a new one, the small one kept for
+        // a smaller ask.
         assert_eq!(p.take_len(200).len(), 200);
+        assert_eq!(p.kept(), 100);
+        let small = p.take_len(50);
+        assert_eq!(small.as_ptr(), at);
         assert_eq!(p.kept(), 0);
+    }
+
+    #[test]
+    fn a_take_finds_a_big_enough_buffer_among_the_newest() {
+        let p = BufPool::new();
+        let big = Vec::<u8>::with_capacity(1000);
+        let at = big.as_ptr();
+        p.give(big);
+        for _ in 0..3 {
+            p.give(Vec::with_capacity(10));
+        }
+        let b = p.take_empty(500);
+        assert_eq!(b.as_ptr(), at);
+        assert_eq!(p.kept(), 30);
     }
 
     #[test]
