@@ -14,9 +14,6 @@ use std::sync::Mutex;
 /// of the upload batches queued for a store server.
 pub const POOL_BYTES: usize = 16 << 20;
 
-/// Buffers a take looks at, newest first.
-const SCAN: usize = 8;
-
 /// A pool of byte buffers, last in, first out.
 #[derive(Debug)]
 pub struct BufPool {
@@ -36,15 +33,9 @@ impl BufPool {
         }
     }
 
-    /// One of the newest few buffers with room for `cap` bytes. Smaller
-    /// ones stay for smaller asks (chunk files vary in size).
-    fn pop(&self, cap: usize) -> Option<Vec<u8>> {
+    fn pop(&self) -> Option<Vec<u8>> {
         let mut g = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
-        let n = g.0.len();
-        let i = (n.saturating_sub(SCAN)..n)
-            .rev()
-            .find(|&i| g.0[i].capacity() >= cap)?;
-        let b = g.0.swap_remove(i);
+        let b = g.0.pop()?;
         g.1 -= b.capacity();
         Some(b)
     }
@@ -52,8 +43,8 @@ impl BufPool {
     /// A buffer of exactly `len` bytes, for a read to overwrite: a kept
     /// one keeps its stale contents where it is long enough.
     pub fn take_len(&self, len: usize) -> Vec<u8> {
-        match self.pop(len) {
-            Some(mut b) => {
+        match self.pop() {
+            Some(mut b) if b.capacity() >= len => {
                 if b.len() >= len {
                     b.truncate(len);
                 } else {
@@ -61,18 +52,18 @@ impl BufPool {
                 }
                 b
             }
-            None => vec![0u8; len],
+            _ => vec![0u8; len],
         }
     }
 
     /// An empty buffer with room for at least `cap` bytes.
     pub fn take_empty(&self, cap: usize) -> Vec<u8> {
-        match self.pop(cap) {
-            Some(mut b) => {
+        match self.pop() {
+            Some(mut b) if b.capacity() >= cap => {
                 b.clear();
                 b
             }
-            None => Vec::with_capacity(cap),
+            _ => Vec::with_capacity(cap),
         }
     }
 
@@ -123,27 +114,9 @@ mod tests {
         assert_eq!(longer.len(), 100);
         assert!(longer[60..].iter().all(|&x| x == 0));
         p.give(longer);
-        // Too small for what is asked: a new one, the small one kept for
-        // a smaller ask.
+        // Too small for what is asked: a new one, the small one dropped.
         assert_eq!(p.take_len(200).len(), 200);
-        assert_eq!(p.kept(), 100);
-        let small = p.take_len(50);
-        assert_eq!(small.as_ptr(), at);
         assert_eq!(p.kept(), 0);
-    }
-
-    #[test]
-    fn a_take_finds_a_big_enough_buffer_among_the_newest() {
-        let p = BufPool::new();
-        let big = Vec::<u8>::with_capacity(1000);
-        let at = big.as_ptr();
-        p.give(big);
-        for _ in 0..3 {
-            p.give(Vec::with_capacity(10));
-        }
-        let b = p.take_empty(500);
-        assert_eq!(b.as_ptr(), at);
-        assert_eq!(p.kept(), 30);
     }
 
     #[test]
