@@ -129,8 +129,10 @@ impl RemoteStore {
             }
             t => t,
         };
-        // Checked here, so that each uploader's own is sure to work.
-        Uploader::new(base, token, tls.clone()).map_err(remote)?;
+        let uploaders = (0..UPLOADERS)
+            .map(|_| Uploader::new(base, token, tls.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(remote)?;
         let http = b.build();
         let inner = Arc::new(Inner {
             base: base.trim_end_matches('/').to_string(),
@@ -140,10 +142,10 @@ impl RemoteStore {
             drained: Condvar::new(),
         });
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(QUEUED);
-        let mut threads: Vec<std::thread::JoinHandle<()>> = (0..UPLOADERS)
-            .map(|_| {
+        let mut threads: Vec<std::thread::JoinHandle<()>> = uploaders
+            .into_iter()
+            .map(|mut up| {
                 let (inner, rx) = (inner.clone(), rx.clone());
-                let mut up = Uploader::new(base, token, tls.clone()).expect("checked above");
                 std::thread::spawn(move || {
                     for batch in rx {
                         let failed = match inner.send_batch(&mut up, &batch) {
@@ -311,12 +313,18 @@ impl Inner {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<ureq::Response, ureq::Error> {
-        self.retrying(method, path, |req| match body {
-            Some(b) => req
-                .set("Content-Type", "application/octet-stream")
-                .send_bytes(b),
-            None => req.call(),
-        })
+        with_retries(
+            |e| matches!(e, ureq::Error::Transport(_)),
+            || {
+                let req = self.call(method, path);
+                match body {
+                    Some(b) => req
+                        .set("Content-Type", "application/octet-stream")
+                        .send_bytes(b),
+                    None => req.call(),
+                }
+            },
+        )
     }
 
     /// Uploads a batch straight from its chunk files (see [`upload`]),
@@ -326,46 +334,18 @@ impl Inner {
         up: &mut Uploader,
         batch: &[(ChunkDigest, Vec<u8>)],
     ) -> Result<(), StoreError> {
-        let mut delay = Duration::from_millis(50);
-        let mut tries = 0;
-        loop {
-            match up.send(batch) {
-                Ok(()) => return Ok(()),
-                Err(UploadError::Transport(_)) if tries < 2 => {
-                    tries += 1;
-                    std::thread::sleep(delay);
-                    delay *= 4;
-                }
-                Err(UploadError::Transport(e)) => return Err(self.remote(e.to_string())),
-                Err(UploadError::Status(status, body)) => {
-                    let msg = serde_json::from_slice::<ErrorBody>(&body)
-                        .map(|b| b.error.message)
-                        .unwrap_or_else(|_| "no error body".into());
-                    return Err(self.status_error(status, msg));
-                }
-            }
-        }
-    }
-
-    /// Makes a request with `send`, retrying a transport failure (see
-    /// [`Inner::send`]).
-    #[allow(clippy::result_large_err)]
-    fn retrying(
-        &self,
-        method: &str,
-        path: &str,
-        send: impl Fn(ureq::Request) -> Result<ureq::Response, ureq::Error>,
-    ) -> Result<ureq::Response, ureq::Error> {
-        let mut delay = Duration::from_millis(50);
-        let mut tries = 0;
-        loop {
-            match send(self.call(method, path)) {
-                Err(ureq::Error::Transport(_)) if tries < 2 => {
-                    tries += 1;
-                    std::thread::sleep(delay);
-                    delay *= 4;
-                }
-                r => return r,
+        let sent = with_retries(
+            |e| matches!(e, UploadError::Transport(_)),
+            || up.send(batch),
+        );
+        match sent {
+            Ok(()) => Ok(()),
+            Err(UploadError::Transport(e)) => Err(self.remote(e.to_string())),
+            Err(UploadError::Status(status, body)) => {
+                let msg = serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| "no error body".into());
+                Err(self.status_error(status, msg))
             }
         }
     }
@@ -406,6 +386,25 @@ impl Inner {
             self.remote(format!("HTTP {status}: {msg}"))
         }
     }
+}
+
+/// Runs `attempt`, and again up to twice when it fails with an error
+/// `transient` accepts, 50 ms and then 200 ms later.
+fn with_retries<T, E>(
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..2 {
+        match attempt() {
+            Err(e) if transient(&e) => {
+                std::thread::sleep(delay);
+                delay *= 4;
+            }
+            r => return r,
+        }
+    }
+    attempt()
 }
 
 fn read_body(r: ureq::Response, limit: u64) -> std::io::Result<Vec<u8>> {

@@ -82,7 +82,8 @@ impl BufPool {
     }
 
     /// Bytes kept now.
-    pub fn kept(&self) -> usize {
+    #[cfg(test)]
+    fn kept(&self) -> usize {
         self.bufs.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 }
