@@ -229,11 +229,19 @@ impl RemoteStore {
         }
         // Never with the pending lock held: a full queue waits for an
         // uploader, which takes that lock when its batch is done.
-        self.uploads
-            .as_ref()
-            .expect("open until drop")
-            .send(batch)
-            .map_err(|_| self.inner.remote("the upload threads stopped".into()))
+        let Err(lost) = self.uploads.as_ref().expect("open until drop").send(batch) else {
+            return Ok(());
+        };
+        // No thread will upload them: a wait for them must not hang.
+        let why = "the upload threads stopped";
+        let mut p = self.inner.pending();
+        for (d, _) in &lost.0 {
+            p.queued.remove(d);
+        }
+        p.failed.get_or_insert_with(|| why.into());
+        drop(p);
+        self.inner.drained.notify_all();
+        Err(self.inner.remote(why.into()))
     }
 
     /// Waits until every chunk put so far is uploaded (or has failed).
@@ -514,6 +522,11 @@ impl Store for RemoteStore {
             Err(ureq::Error::Status(404, _)) => Err(StoreError::MissingChunk(*digest)),
             Err(e) => Err(self.inner.error(e)),
         }
+    }
+
+    fn send_pending(&self) {
+        // A failure is kept in `failed`; the commit's wait reports it.
+        let _ = self.flush();
     }
 
     fn sync(&self) -> Result<(), StoreError> {

@@ -306,6 +306,7 @@ pub fn run(
         }
     });
     result?;
+    store.send_pending();
     let piped = started.elapsed();
     let audit = match req.audit {
         Some((base, frozen)) if plan.kind == BackupKind::Full => Some(audit_against(
@@ -474,9 +475,16 @@ fn worker(
     // before the scope waits for it.
     std::thread::scope(move |s| {
         s.spawn(move || {
-            for digests in ask_rx {
-                if answer_tx.send(store.missing(&digests)).is_err() {
-                    return;
+            while let Ok(first) = ask_rx.recv() {
+                // Questions that queued while the last was answered go out
+                // as one: a round trip (and a request for a store server
+                // to parse) per call, not per batch.
+                let mut asks = vec![first];
+                asks.extend(ask_rx.try_iter());
+                for answer in ask_together(store, &asks) {
+                    if answer_tx.send(answer).is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -533,6 +541,31 @@ fn worker(
             }
         }
     });
+}
+
+/// Asks the store about several batches in one `missing` call; one
+/// answer per batch, in order. When the call fails, the first batch gets
+/// its error and the others one that points to it.
+fn ask_together(
+    store: &dyn Store,
+    asks: &[Vec<ChunkDigest>],
+) -> Vec<Result<Vec<bool>, StoreError>> {
+    let all: Vec<ChunkDigest> = asks.iter().flatten().copied().collect();
+    let query_error = |why: &str| StoreError::Io {
+        path: "the store's missing-chunk query".into(),
+        source: io::Error::other(why.to_string()),
+    };
+    let mut answer = store.missing(&all).map(|lacks| lacks.into_iter());
+    asks.iter()
+        .map(|ask| match &mut answer {
+            Ok(lacks) if lacks.len() >= ask.len() => Ok(lacks.by_ref().take(ask.len()).collect()),
+            Ok(_) => Err(query_error("the store answered for too few chunks")),
+            Err(e) => Err(std::mem::replace(
+                e,
+                query_error("an earlier question failed"),
+            )),
+        })
+        .collect()
 }
 
 /// A batch of chunks, hashed: what the collector will get for each, and
@@ -961,6 +994,58 @@ mod tests {
             failing.list(None).unwrap().0.len(),
             2,
             "nothing more committed"
+        );
+    }
+
+    #[test]
+    fn questions_asked_together_get_their_own_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("store")).unwrap();
+        let mut comp = chunk::compressor(1).unwrap();
+        let have: Vec<ChunkDigest> = (1..4u8)
+            .map(|i| {
+                let plain = vec![i; 100];
+                let d = ChunkDigest::of(&plain);
+                store
+                    .put_chunk(&d, &chunk::encode(&plain, &mut comp).0)
+                    .unwrap();
+                d
+            })
+            .collect();
+        let lack: Vec<ChunkDigest> = (10..13u8).map(|i| ChunkDigest::of(&[i; 100])).collect();
+        let asks = vec![
+            vec![have[0], lack[0]],
+            vec![lack[1]],
+            vec![have[1], have[2], lack[2]],
+        ];
+        let answers: Vec<Vec<bool>> = ask_together(&store, &asks)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            answers,
+            vec![vec![false, true], vec![true], vec![false, false, true]]
+        );
+
+        // A failed call fails every batch, the first with the store's own
+        // error.
+        let failing = SlowStore {
+            inner: store,
+            calls: Default::default(),
+            fail_from: 0,
+            gets: Default::default(),
+        };
+        let answers = ask_together(&failing, &asks);
+        let errors: Vec<String> = answers
+            .iter()
+            .map(|a| a.as_ref().unwrap_err().to_string())
+            .collect();
+        assert!(errors[0].contains("the link dropped"), "{errors:?}");
+        assert!(
+            errors[1..]
+                .iter()
+                .all(|e| e.contains("an earlier question failed")),
+            "{errors:?}"
         );
     }
 

@@ -161,6 +161,12 @@ pub trait Store: Send + Sync {
     /// from a store larger than memory). Best effort; the default does
     /// nothing.
     fn prefetch(&self, _digests: &[ChunkDigest]) {}
+    /// Hints that no chunk follows soon (a backup's data is all put), so
+    /// a store that holds chunks back to send them in batches sends what
+    /// it holds now, while the caller builds the index. Best effort:
+    /// failures surface at [`Store::sync`] or [`Store::commit`]; the
+    /// default does nothing.
+    fn send_pending(&self) {}
     /// Makes every chunk put so far durable.
     fn sync(&self) -> Result<(), StoreError>;
     /// Makes every chunk put so far durable, as [`Store::sync`] does, then
