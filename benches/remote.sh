@@ -95,5 +95,5 @@ print("| step | local s | local MB/s | remote s | remote MB/s | remote / local |
 print("|---|---|---|---|---|---|")
 for st in ["full", "inc1"]:
     l, r = statistics.median(t[("local", st)]), statistics.median(t[("remote", st)])
-    print(f"| {st} | {l:.2f} | {size / l / 1e6:.0f} | {r:.2f} | {size / r / 1e6:.0f} | {l / r:.2f} |")
+    print(f"| {st} | {l:.3f} | {size / l / 1e6:.0f} | {r:.3f} | {size / r / 1e6:.0f} | {l / r:.2f} |")
 PY
