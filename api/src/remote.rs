@@ -847,6 +847,30 @@ mod tests {
     }
 
     #[test]
+    fn send_pending_uploads_a_part_batch_without_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        let plain = b"far less than a batch";
+        let d = ChunkDigest::of(plain);
+        let (file, _) = novabackup_engine::format::chunk::encode(
+            plain,
+            &mut zstd::bulk::Compressor::new(1).unwrap(),
+        );
+        s.put_chunk_owned(&d, file).unwrap();
+        // A fresh client knows nothing of the other's queue.
+        let fresh = RemoteStore::connect(&url, "secret").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(fresh.missing(&[d]).unwrap(), vec![true], "held back");
+        s.send_pending();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while fresh.missing(&[d]).unwrap() != vec![false] {
+            assert!(std::time::Instant::now() < deadline, "never uploaded");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
     fn a_batch_with_one_tampered_chunk_stores_none_of_it() {
         let dir = tempfile::tempdir().unwrap();
         let (url, _rt) = serve(dir.path());
