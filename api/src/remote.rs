@@ -155,18 +155,7 @@ impl RemoteStore {
                                 other => other.to_string(),
                             }),
                         };
-                        let mut p = inner.pending();
-                        for (d, _) in &batch {
-                            p.queued.remove(d);
-                            if failed.is_none() {
-                                p.uploaded.insert(*d);
-                            }
-                        }
-                        if let Some(f) = failed {
-                            p.failed.get_or_insert(f);
-                        }
-                        drop(p);
-                        inner.drained.notify_all();
+                        inner.settle(&batch, failed);
                         // The encoder makes the next chunk files in these.
                         for (_, file) in batch {
                             bufpool::FILES.give(file);
@@ -234,13 +223,7 @@ impl RemoteStore {
         };
         // No thread will upload them: a wait for them must not hang.
         let why = "the upload threads stopped";
-        let mut p = self.inner.pending();
-        for (d, _) in &lost.0 {
-            p.queued.remove(d);
-        }
-        p.failed.get_or_insert_with(|| why.into());
-        drop(p);
-        self.inner.drained.notify_all();
+        self.inner.settle(&lost.0, Some(why.into()));
         Err(self.inner.remote(why.into()))
     }
 
@@ -293,6 +276,23 @@ impl Drop for RemoteStore {
 }
 
 impl Inner {
+    /// Ends the wait for `batch`: uploaded, or failed with `failed` (kept
+    /// for the next put or sync to report; its chunks are not present).
+    fn settle(&self, batch: &[(ChunkDigest, Vec<u8>)], failed: Option<String>) {
+        let mut p = self.pending();
+        for (d, _) in batch {
+            p.queued.remove(d);
+            if failed.is_none() {
+                p.uploaded.insert(*d);
+            }
+        }
+        if let Some(f) = failed {
+            p.failed.get_or_insert(f);
+        }
+        drop(p);
+        self.drained.notify_all();
+    }
+
     /// One batched download; `None` when it failed (each chunk is then
     /// fetched, and its error reported, by `get_chunk`).
     fn fetch(&self, ask: &[ChunkDigest]) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {

@@ -490,10 +490,7 @@ fn worker(
         });
         // Only a panic in `missing` ends the asker early (the scope
         // re-raises it); the batches still get an error, never a hole.
-        let asker_gone = || StoreError::Io {
-            path: "the store's missing-chunk query".into(),
-            source: io::Error::other("the asking thread stopped"),
-        };
+        let asker_gone = || query_error("the asking thread stopped");
         let mut waiting: std::collections::VecDeque<Hashed> = Default::default();
         // Finishes the oldest waiting batch once its answer is in; false
         // when the worker must stop.
@@ -551,10 +548,6 @@ fn ask_together(
     asks: &[Vec<ChunkDigest>],
 ) -> Vec<Result<Vec<bool>, StoreError>> {
     let all: Vec<ChunkDigest> = asks.iter().flatten().copied().collect();
-    let query_error = |why: &str| StoreError::Io {
-        path: "the store's missing-chunk query".into(),
-        source: io::Error::other(why.to_string()),
-    };
     let mut answer = store.missing(&all).map(|lacks| lacks.into_iter());
     asks.iter()
         .map(|ask| match &mut answer {
@@ -566,6 +559,14 @@ fn ask_together(
             )),
         })
         .collect()
+}
+
+/// An error of the missing-chunk questions that is not the store's own.
+fn query_error(why: &str) -> StoreError {
+    StoreError::Io {
+        path: "the store's missing-chunk query".into(),
+        source: io::Error::other(why.to_string()),
+    }
 }
 
 /// A batch of chunks, hashed: what the collector will get for each, and
