@@ -67,6 +67,18 @@ fn sample() -> Vec<u8> {
     v
 }
 
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 fn bench(c: &mut Criterion) {
     let data = sample();
     let mut g = c.benchmark_group("pipeline");
@@ -109,6 +121,26 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    // Encrypted or already compressed data: zstd alone against encoding,
+    // which stores such chunks raw without asking zstd.
+    let random = noise(LEN);
+    g.bench_function("zstd_random", |b| {
+        let mut z = chunk::compressor(backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        b.iter(|| {
+            for ch in random.chunks(CS) {
+                black_box(z.compress(ch).unwrap());
+            }
+        })
+    });
+    g.bench_function("encode_random", |b| {
+        let mut z = chunk::compressor(backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        b.iter(|| {
+            for ch in random.chunks(CS) {
+                black_box(chunk::encode(ch, &mut z));
+            }
+        })
+    });
+    drop(random);
     let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let img_path = shm.path().join("img");
     std::fs::write(&img_path, &data).unwrap();
