@@ -139,7 +139,7 @@ impl PackWriter {
     /// yet.
     pub(super) fn read_at(&mut self, off: u64, len: usize) -> io::Result<Vec<u8>> {
         self.wait();
-        if let Some(bytes) = self.from_memory(off, len) {
+        if let Some(bytes) = self.in_memory(off, len) {
             return Ok(bytes);
         }
         let mut buf = vec![0u8; len];
@@ -172,7 +172,7 @@ impl PackWriter {
 
     /// `len` bytes at `off` if the buffers kept in memory hold all of them
     /// (every buffer holds its range as the file does or will).
-    fn from_memory(&self, off: u64, len: usize) -> Option<Vec<u8>> {
+    fn in_memory(&self, off: u64, len: usize) -> Option<Vec<u8>> {
         let end = off + len as u64;
         let pieces = self
             .recent
