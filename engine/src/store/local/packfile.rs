@@ -174,28 +174,31 @@ impl PackWriter {
     /// (every buffer holds its range as the file does or will).
     fn in_memory(&self, off: u64, len: usize) -> Option<Vec<u8>> {
         let end = off + len as u64;
-        let pieces = self
-            .recent
-            .iter()
-            .chain(&self.failed)
-            .map(|j| (j.at, &j.buf[..j.len]))
-            .chain(std::iter::once((
-                self.stage_at,
-                &self.stage[..self.stage_len],
-            )));
-        let mut buf = vec![0u8; len];
-        let mut covered = 0;
+        let overlaps = || {
+            self.recent
+                .iter()
+                .chain(&self.failed)
+                .map(|j| (j.at, &j.buf[..j.len]))
+                .chain(std::iter::once((
+                    self.stage_at,
+                    &self.stage[..self.stage_len],
+                )))
+                .filter_map(move |(at, bytes)| {
+                    let from = off.max(at);
+                    let to = end.min(at + bytes.len() as u64);
+                    (from < to).then(|| (from, &bytes[(from - at) as usize..(to - at) as usize]))
+                })
+        };
         // The pieces cover disjoint ranges, so their overlaps add up.
-        for (at, bytes) in pieces {
-            let from = off.max(at);
-            let to = end.min(at + bytes.len() as u64);
-            if from < to {
-                buf[(from - off) as usize..(to - off) as usize]
-                    .copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
-                covered += (to - from) as usize;
-            }
+        if overlaps().map(|(_, b)| b.len()).sum::<usize>() != len {
+            return None;
         }
-        (covered == len).then_some(buf)
+        let mut buf = vec![0u8; len];
+        for (from, bytes) in overlaps() {
+            let at = (from - off) as usize;
+            buf[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        Some(buf)
     }
 
     /// Writes everything appended so far to the file (the tail padded to
