@@ -150,55 +150,48 @@ impl PackWriter {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         // Memory holds the newest bytes of the ranges it covers.
-        let pieces = self
-            .recent
-            .iter()
-            .chain(&self.failed)
-            .map(|j| (j.at, &j.buf[..j.len]))
-            .chain(std::iter::once((
-                self.stage_at,
-                &self.stage[..self.stage_len],
-            )));
-        for (at, bytes) in pieces {
-            let from = off.max(at);
-            let to = (off + len as u64).min(at + bytes.len() as u64);
-            if from < to {
-                buf[(from - off) as usize..(to - off) as usize]
-                    .copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
-            }
-        }
+        self.copy_from_memory(off, &mut buf);
         Ok(buf)
     }
 
     /// `len` bytes at `off` if the buffers kept in memory hold all of them
     /// (every buffer holds its range as the file does or will).
     fn in_memory(&self, off: u64, len: usize) -> Option<Vec<u8>> {
-        let end = off + len as u64;
-        let overlaps = || {
-            self.recent
-                .iter()
-                .chain(&self.failed)
-                .map(|j| (j.at, &j.buf[..j.len]))
-                .chain(std::iter::once((
-                    self.stage_at,
-                    &self.stage[..self.stage_len],
-                )))
-                .filter_map(move |(at, bytes)| {
-                    let from = off.max(at);
-                    let to = end.min(at + bytes.len() as u64);
-                    (from < to).then(|| (from, &bytes[(from - at) as usize..(to - at) as usize]))
-                })
-        };
         // The pieces cover disjoint ranges, so their overlaps add up.
-        if overlaps().map(|(_, b)| b.len()).sum::<usize>() != len {
-            return None;
-        }
-        let mut buf = vec![0u8; len];
-        for (from, bytes) in overlaps() {
+        let held: usize = self.in_memory_at(off, len).map(|(_, b)| b.len()).sum();
+        (held == len).then(|| {
+            let mut buf = vec![0u8; len];
+            self.copy_from_memory(off, &mut buf);
+            buf
+        })
+    }
+
+    /// Copies into `buf`, which starts at file offset `off`, what memory
+    /// holds of its range.
+    fn copy_from_memory(&self, off: u64, buf: &mut [u8]) {
+        for (from, bytes) in self.in_memory_at(off, buf.len()) {
             let at = (from - off) as usize;
             buf[at..at + bytes.len()].copy_from_slice(bytes);
         }
-        Some(buf)
+    }
+
+    /// The parts of `len` bytes at `off` that memory holds, each with its
+    /// file offset: written buffers kept, failed writes, the stage.
+    fn in_memory_at(&self, off: u64, len: usize) -> impl Iterator<Item = (u64, &[u8])> {
+        let end = off + len as u64;
+        self.recent
+            .iter()
+            .chain(&self.failed)
+            .map(|j| (j.at, &j.buf[..j.len]))
+            .chain(std::iter::once((
+                self.stage_at,
+                &self.stage[..self.stage_len],
+            )))
+            .filter_map(move |(at, bytes)| {
+                let from = off.max(at);
+                let to = end.min(at + bytes.len() as u64);
+                (from < to).then(|| (from, &bytes[(from - at) as usize..(to - at) as usize]))
+            })
     }
 
     /// Writes everything appended so far to the file (the tail padded to
