@@ -372,15 +372,7 @@ mod tests {
         }
         // Encoding reuses its scratch buffer: a raw chunk after a
         // compressed one carries nothing of it.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
+        let noise = noise(65536, 0x9e37_79b9_7f4a_7c15);
         let (a, _) = encode(&plain, &mut tuned);
         let (b, codec) = encode(&noise, &mut tuned);
         assert_eq!(codec, Codec::Raw);
