@@ -1,4 +1,4 @@
-//! TLS for the agent's API and the store server (rustls, ring provider):
+//! TLS for the agent's API and the store server (rustls, aws-lc-rs provider):
 //! a certificate and key from PEM files, or a self-signed pair made at
 //! first start and kept next to the state. Clients pin the server's
 //! certificate by its SHA-256 fingerprint instead of trusting a CA, which
@@ -60,8 +60,20 @@ pub fn fingerprint(cert: &[u8]) -> String {
     )
 }
 
+/// aws-lc-rs, AES-128-GCM first. Every uploaded byte is sealed by the
+/// agent and opened by the server, and on a 1% backup to a store server
+/// that was the agent's largest cost after SHA-256. For 41 MiB in 16 KiB
+/// records on this machine type (AVX-512 VAES): ring AES-256-GCM 5.3 ms,
+/// aws-lc-rs AES-256-GCM 3.7 ms, aws-lc-rs AES-128-GCM 3.0 ms. AES-128 is
+/// TLS 1.3's mandatory suite; AES-256 and ChaCha20 stay offered.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::aws_lc_rs as p;
+    let mut suites = p::DEFAULT_CIPHER_SUITES.to_vec();
+    suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: suites,
+        ..p::default_provider()
+    })
 }
 
 impl Identity {
@@ -298,5 +310,41 @@ mod tests {
         pinned_client(&a.fingerprint).unwrap();
         let e = Identity::load(&dir.path().join("tls.key"), &dir.path().join("tls.key"));
         assert!(e.is_err(), "a key is not a certificate");
+    }
+
+    /// Runs a handshake in memory; the client's error if it fails.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<rustls::ClientConnection, rustls::Error> {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut &wire[..]).unwrap();
+            // The server's refusal of a bad client is not what is tested.
+            s.process_new_packets().unwrap();
+            wire.clear();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets()?;
+        }
+        Ok(c)
+    }
+
+    #[test]
+    fn pinned_clients_agree_on_aes_128_gcm_and_refuse_another_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::self_signed(dir.path(), &["localhost".into()]).unwrap();
+        let server = id.server_config().unwrap();
+        let c = handshake(pinned_client(&id.fingerprint).unwrap(), server.clone()).unwrap();
+        let suite = c.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+
+        let other = format!("sha256:{}", "ab".repeat(32));
+        let e = handshake(pinned_client(&other).unwrap(), server).unwrap_err();
+        assert!(e.to_string().contains("not the pinned"), "{e}");
     }
 }
