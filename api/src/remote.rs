@@ -967,6 +967,53 @@ mod tests {
         assert!(matches!(s.manifest(&m.id), Err(StoreError::NoSnapshot(_))));
     }
 
+    /// Pages that repeat (an empty disk's are all alike) are decoded once,
+    /// in a full snapshot and in a child, and still checked.
+    #[test]
+    fn repeated_index_pages_are_checked_once_and_still_checked() {
+        use novabackup_engine::format::index;
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let mut put = |bytes: &[u8]| {
+            let (f, _) = novabackup_engine::format::chunk::encode(bytes, &mut z);
+            let d = ChunkDigest::of(bytes);
+            s.put_chunk(&d, &f).unwrap();
+            d
+        };
+        let per = index::PAGE_DIGESTS;
+        let snap = |t: u64, pages: Vec<ChunkDigest>, parent: Option<&Manifest>| {
+            let n = pages.len();
+            let mut m = novabackup_engine::store::conformance::manifest("vm", t, pages);
+            m.image_size = (n * per) as u64 * 65536;
+            m.parent = parent.map(|p| p.id.clone());
+            m
+        };
+        let (a, b) = (put(b"a"), put(b"b"));
+        let (pa, pb) = (
+            put(&index::encode_page(&vec![a; per])),
+            put(&index::encode_page(&vec![b; per])),
+        );
+        let absent = ChunkDigest::of(b"never uploaded");
+        let px = put(&index::encode_page(&vec![absent; per]));
+        s.sync().unwrap();
+        let m1 = snap(10, vec![pa, pa, pb, pa], None);
+        s.commit(&m1).unwrap();
+        let m2 = snap(20, vec![pa, pb, pb, pb], Some(&m1));
+        s.commit(&m2).unwrap();
+        let e = s
+            .commit(&snap(30, vec![pa, px, pb, px], Some(&m2)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&absent.hex()), "{e}");
+        let e = s
+            .commit(&snap(40, vec![px, px, px, px], None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&absent.hex()), "{e}");
+    }
+
     /// A child snapshot is checked only where it differs from its parent;
     /// after a garbage collection the parent's word counts for nothing.
     #[test]
