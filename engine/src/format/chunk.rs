@@ -150,30 +150,8 @@ fn looks_incompressible(plain: &[u8]) -> bool {
 /// Decodes a chunk file (checksum, decompression, length). Any bytes give
 /// a value or an error, never a panic.
 pub fn decode(file: &[u8]) -> Result<Vec<u8>, ChunkError> {
-    if file.len() < HEADER_LEN {
-        return Err(ChunkError::Header(format!(
-            "{} bytes, shorter than the header",
-            file.len()
-        )));
-    }
-    if &file[0..8] != MAGIC {
-        return Err(ChunkError::Header("bad magic".into()));
-    }
-    if file[8] != 1 {
-        return Err(ChunkError::Header(format!("unknown version {}", file[8])));
-    }
-    let plain_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
-    if plain_len > MAX_PLAIN {
-        return Err(ChunkError::Header(format!(
-            "plain length {plain_len} too large"
-        )));
-    }
-    let sum = u64::from_le_bytes(file[16..24].try_into().unwrap());
-    let payload = &file[HEADER_LEN..];
-    if xxh3_64(payload) != sum {
-        return Err(ChunkError::Checksum);
-    }
-    let plain = match file[9] {
+    let (codec, plain_len, payload) = parts(file)?;
+    let plain = match codec {
         CODEC_RAW => payload.to_vec(),
         CODEC_ZSTD => zstd::bulk::decompress(payload, plain_len)
             .map_err(|e| ChunkError::Decompress(e.to_string()))?,
@@ -212,22 +190,9 @@ pub fn decode_into(
     out: &mut [u8],
     dctx: &mut zstd::bulk::Decompressor<'_>,
 ) -> Result<(), ChunkError> {
-    if file.len() < HEADER_LEN || &file[0..8] != MAGIC || file[8] != 1 {
-        return decode(file).map(drop);
-    }
-    let plain_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
-    if plain_len != out.len() {
-        return Err(ChunkError::Decompress(format!(
-            "{plain_len} bytes, the index needs {}",
-            out.len()
-        )));
-    }
-    let sum = u64::from_le_bytes(file[16..24].try_into().unwrap());
-    let payload = &file[HEADER_LEN..];
-    if xxh3_64(payload) != sum {
-        return Err(ChunkError::Checksum);
-    }
-    match file[9] {
+    let (codec, payload) = checked_payload(file, out.len())?;
+    let plain_len = out.len();
+    match codec {
         CODEC_RAW if payload.len() == plain_len => out.copy_from_slice(payload),
         CODEC_RAW => {
             return Err(ChunkError::Decompress(
@@ -247,6 +212,46 @@ pub fn decode_into(
         c => return Err(ChunkError::Header(format!("unknown codec {c}"))),
     }
     Ok(())
+}
+
+/// A chunk file's codec, plain length and payload, once its header and
+/// checksum are found sound.
+fn parts(file: &[u8]) -> Result<(u8, usize, &[u8]), ChunkError> {
+    if file.len() < HEADER_LEN {
+        return Err(ChunkError::Header(format!(
+            "{} bytes, shorter than the header",
+            file.len()
+        )));
+    }
+    if &file[0..8] != MAGIC {
+        return Err(ChunkError::Header("bad magic".into()));
+    }
+    if file[8] != 1 {
+        return Err(ChunkError::Header(format!("unknown version {}", file[8])));
+    }
+    let plain_len = u32::from_le_bytes(file[12..16].try_into().unwrap()) as usize;
+    if plain_len > MAX_PLAIN {
+        return Err(ChunkError::Header(format!(
+            "plain length {plain_len} too large"
+        )));
+    }
+    let sum = u64::from_le_bytes(file[16..24].try_into().unwrap());
+    let payload = &file[HEADER_LEN..];
+    if xxh3_64(payload) != sum {
+        return Err(ChunkError::Checksum);
+    }
+    Ok((file[9], plain_len, payload))
+}
+
+/// [`parts`] of a chunk file that must hold `plain_len` plain bytes.
+fn checked_payload(file: &[u8], plain_len: usize) -> Result<(u8, &[u8]), ChunkError> {
+    let (codec, claimed, payload) = parts(file)?;
+    if claimed != plain_len {
+        return Err(ChunkError::Decompress(format!(
+            "{claimed} bytes, the index needs {plain_len}"
+        )));
+    }
+    Ok((codec, payload))
 }
 
 /// [`decode`], then checks that the contents hash to `digest`.
@@ -304,13 +309,11 @@ impl Verifier {
                 out.push(self.check(fb, db));
                 continue;
             };
-            self.buf.resize(la, 0);
-            self.buf2.resize(lb, 0);
-            let ra = decode_into(fa, &mut self.buf, &mut self.dctx);
-            let rb = decode_into(fb, &mut self.buf2, &mut self.dctx);
+            let (ra, pa) = plain_of(fa, la, &mut self.buf, &mut self.dctx);
+            let (rb, pb) = plain_of(fb, lb, &mut self.buf2, &mut self.dctx);
             // A buffer that failed to decode is hashed too (its verdict is
             // already the decode error): rare, and simpler than a third path.
-            let sums = ChunkDigest::of_each(&[&self.buf[..], &self.buf2[..]]);
+            let sums = ChunkDigest::of_each(&[pa, pb]);
             for (r, (sum, (want, len))) in [ra, rb]
                 .into_iter()
                 .zip(sums.into_iter().zip([(da, la), (db, lb)]))
@@ -325,6 +328,25 @@ impl Verifier {
             }
         }
         out
+    }
+}
+
+/// The plain bytes of `file` (`len` of them) to hash, and whether it
+/// decoded: a raw chunk's payload where it lies, anything else decoded
+/// into `buf`. A store server checks every upload, and copying the raw
+/// ones out was 2% of its CPU on a 1% backup's uploads (perf, 28 Nov).
+fn plain_of<'a>(
+    file: &'a [u8],
+    len: usize,
+    buf: &'a mut Vec<u8>,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> (Result<(), ChunkError>, &'a [u8]) {
+    match checked_payload(file, len) {
+        Ok((CODEC_RAW, payload)) if payload.len() == len => (Ok(()), payload),
+        _ => {
+            buf.resize(len, 0);
+            (decode_into(file, buf, dctx), &buf[..])
+        }
     }
 }
 
@@ -425,26 +447,43 @@ mod tests {
     fn check_each_judges_every_chunk_like_check() {
         let mut z = zstd::bulk::Compressor::new(1).unwrap();
         let mut v = Verifier::new().unwrap();
-        let plains: Vec<Vec<u8>> = (0..7u8).map(|i| vec![i; 65536]).collect();
+        // Compressed chunks at even places, raw ones (hashed where they
+        // lie) at odd places.
+        let plains: Vec<Vec<u8>> = (0..9u8)
+            .map(|i| match i % 2 {
+                0 => vec![i; 65536],
+                _ => noise(65536, i as u64),
+            })
+            .collect();
         let files: Vec<Vec<u8>> = plains.iter().map(|p| encode(p, &mut z).0).collect();
+        assert_eq!(files[1].len(), HEADER_LEN + 65536, "stored raw");
         let mut items: Vec<(&[u8], ChunkDigest)> = files
             .iter()
             .zip(&plains)
             .map(|(f, p)| (&f[..], ChunkDigest::of(p)))
             .collect();
-        // A wrong digest, a damaged file and a short one, at both places
-        // of a pair; the odd one out at the end is checked alone.
+        // Wrong digests, damaged files and a short one, at both places of
+        // a pair; the odd one out at the end is checked alone.
         items[1].1 = ChunkDigest::of(b"other");
         let mut bad = files[2].clone();
         bad[30] ^= 1;
         items[2].0 = &bad;
         items[5].0 = &files[5][..10];
+        let mut bad_raw = files[7].clone();
+        bad_raw[HEADER_LEN + 100] ^= 1;
+        items[7].0 = &bad_raw;
         let got = v.check_each(&items);
         let want: Vec<_> = items.iter().map(|(f, d)| v.check(f, d)).collect();
         assert_eq!(got, want);
         let ok: Vec<bool> = got.iter().map(Result::is_ok).collect();
-        assert_eq!(ok, [true, false, false, true, true, false, true]);
+        assert_eq!(
+            ok,
+            [true, false, false, true, true, false, true, false, true]
+        );
         assert_eq!(got[0], Ok(65536));
+        assert_eq!(got[3], Ok(65536));
+        assert_eq!(got[1], Err(ChunkError::Digest(items[1].1)));
+        assert_eq!(got[7], Err(ChunkError::Checksum));
     }
 
     #[test]
