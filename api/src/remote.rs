@@ -967,6 +967,17 @@ mod tests {
         assert!(matches!(s.manifest(&m.id), Err(StoreError::NoSnapshot(_))));
     }
 
+    /// Puts a chunk of these bytes into `s`; its digest.
+    fn putter(s: &RemoteStore) -> impl FnMut(&[u8]) -> ChunkDigest + '_ {
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        move |bytes| {
+            let (f, _) = novabackup_engine::format::chunk::encode(bytes, &mut z);
+            let d = ChunkDigest::of(bytes);
+            s.put_chunk(&d, &f).unwrap();
+            d
+        }
+    }
+
     /// Pages that repeat (an empty disk's are all alike) are decoded once,
     /// in a full snapshot and in a child, and still checked.
     #[test]
@@ -975,13 +986,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (url, _rt) = serve(dir.path());
         let s = RemoteStore::connect(&url, "secret").unwrap();
-        let mut z = zstd::bulk::Compressor::new(1).unwrap();
-        let mut put = |bytes: &[u8]| {
-            let (f, _) = novabackup_engine::format::chunk::encode(bytes, &mut z);
-            let d = ChunkDigest::of(bytes);
-            s.put_chunk(&d, &f).unwrap();
-            d
-        };
+        let mut put = putter(&s);
         let per = index::PAGE_DIGESTS;
         let snap = |t: u64, pages: Vec<ChunkDigest>, parent: Option<&Manifest>| {
             let n = pages.len();
@@ -1022,13 +1027,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (url, _rt) = serve(dir.path());
         let s = RemoteStore::connect(&url, "secret").unwrap();
-        let mut z = zstd::bulk::Compressor::new(1).unwrap();
-        let mut put = |bytes: &[u8]| {
-            let (f, _) = novabackup_engine::format::chunk::encode(bytes, &mut z);
-            let d = ChunkDigest::of(bytes);
-            s.put_chunk(&d, &f).unwrap();
-            d
-        };
+        let mut put = putter(&s);
         // Two chunks, one index page.
         let snap = |t: u64, page: ChunkDigest, parent: Option<&Manifest>| {
             let mut m = novabackup_engine::store::conformance::manifest("vm", t, vec![page]);
