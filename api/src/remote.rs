@@ -61,6 +61,8 @@ struct Pending {
 
 struct Inner {
     base: String,
+    /// The server sums chunk files itself (`sums_chunks` in its health).
+    sums: std::sync::atomic::AtomicBool,
     token: String,
     http: ureq::Agent,
     pending: Mutex<Pending>,
@@ -136,6 +138,7 @@ impl RemoteStore {
         let http = b.build();
         let inner = Arc::new(Inner {
             base: base.trim_end_matches('/').to_string(),
+            sums: Default::default(),
             token: token.to_string(),
             http,
             pending: Mutex::new(Pending::default()),
@@ -193,6 +196,11 @@ impl RemoteStore {
                 h["format"]
             )));
         }
+        // An older server checks the sums it is sent; it gets them.
+        let sums = h["sums_chunks"] == true;
+        s.inner
+            .sums
+            .store(sums, std::sync::atomic::Ordering::Relaxed);
         Ok(s)
     }
 }
@@ -522,6 +530,10 @@ impl Store for RemoteStore {
             Err(ureq::Error::Status(404, _)) => Err(StoreError::MissingChunk(*digest)),
             Err(e) => Err(self.inner.error(e)),
         }
+    }
+
+    fn sums_chunks(&self) -> bool {
+        self.inner.sums.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn send_pending(&self) {
@@ -976,6 +988,43 @@ mod tests {
             s.put_chunk(&d, &f).unwrap();
             d
         }
+    }
+
+    /// Agents leave chunk sums to a server that says it fills them in; the
+    /// stored file is summed, and the digest check still stands.
+    #[test]
+    fn unsummed_uploads_are_summed_by_the_server_and_still_checked() {
+        use novabackup_engine::format::chunk;
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        assert!(s.sums_chunks(), "this server fills in sums");
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let plains = [
+            vec![3u8; 65536],
+            (0..65536u32).map(|i| ((i * 7919) >> 5) as u8).collect(),
+        ];
+        for plain in &plains {
+            let (bare, _) = chunk::encode_with(plain, &mut z, false);
+            s.put_chunk_owned(&ChunkDigest::of(plain), bare).unwrap();
+        }
+        s.sync().unwrap();
+        for plain in &plains {
+            let file = s.get_chunk(&ChunkDigest::of(plain)).unwrap();
+            assert_eq!(&chunk::decode(&file).unwrap(), plain, "summed when stored");
+        }
+        // Unsummed and tampered, alone and in a batch: refused.
+        let plain = vec![9u8; 65536];
+        let d = ChunkDigest::of(&plain);
+        let (mut bare, _) = chunk::encode_with(&plain, &mut z, false);
+        *bare.last_mut().unwrap() ^= 1;
+        let auth = |r: ureq::Request| r.set("Authorization", "Bearer secret");
+        let e = auth(ureq::put(&format!("{url}/store/v1/chunks/{d}"))).send_bytes(&bare);
+        assert!(matches!(e, Err(ureq::Error::Status(400, _))), "{e:?}");
+        let batch = crate::store_server::encode_batch([(&d, &bare[..])]);
+        let e = auth(ureq::post(&format!("{url}/store/v1/chunks"))).send_bytes(&batch);
+        assert!(matches!(e, Err(ureq::Error::Status(400, _))), "{e:?}");
+        assert_eq!(s.missing(&[d]).unwrap(), vec![true]);
     }
 
     /// Pages that repeat (an empty disk's are all alike) are decoded once,

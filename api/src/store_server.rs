@@ -5,7 +5,7 @@
 //! snapshot only when every index page and chunk it references is present.
 //!
 //! ```text
-//! GET    /store/v1/health                      {"status": "ok", "format": 2}
+//! GET    /store/v1/health                      {"status": "ok", "format": 2, "sums_chunks": true}
 //! POST   /store/v1/missing                     N x 32-byte digests -> N bytes, 1 = missing
 //! PUT    /store/v1/chunks/{digest}             a chunk file -> {"stored": bytes}
 //! POST   /store/v1/chunks                      a batch of chunk files (see [`encode_batch`])
@@ -129,7 +129,9 @@ pub fn router(store: LocalStore, token: String) -> Router {
     Router::new()
         .route(
             "/store/v1/health",
-            get(|| async { Json(serde_json::json!({"status": "ok", "format": 2})) }),
+            get(|| async {
+                Json(serde_json::json!({"status": "ok", "format": 2, "sums_chunks": true}))
+            }),
         )
         .merge(protected)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -238,6 +240,10 @@ async fn put_chunk(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = parse_digest(&digest)?;
     blocking(move || {
+        let body = with_sums(body, |b| {
+            chunk::fill_sum(b);
+            Ok(())
+        })?;
         check_uploads(&[(&body[..], d)])?;
         let n = s.store.put_chunk(&d, &body).map_err(store_error)?;
         Ok(Json(serde_json::json!({ "stored": n })))
@@ -314,6 +320,36 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<(ChunkDigest, &[u8])>, String> {
     Ok(out)
 }
 
+/// `body` after `fill` filled in the zero checksums of its chunk files
+/// (agents leave them to the server, see `Store::sums_chunks`): in place
+/// when the body is not shared, which a collected upload usually is not.
+fn with_sums(
+    body: Bytes,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), ApiError>,
+) -> Result<Bytes, ApiError> {
+    let mut body = body
+        .try_into_mut()
+        .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+    fill(&mut body)?;
+    Ok(body.freeze())
+}
+
+/// Fills in the zero checksums of a batch's chunk files.
+fn fill_sums(body: &mut [u8]) -> Result<(), String> {
+    let base = body.as_ptr() as usize;
+    let spans: Vec<std::ops::Range<usize>> = decode_batch(body)?
+        .iter()
+        .map(|(_, f)| {
+            let at = f.as_ptr() as usize - base;
+            at..at + f.len()
+        })
+        .collect();
+    for span in spans {
+        chunk::fill_sum(&mut body[span]);
+    }
+    Ok(())
+}
+
 /// A batch of uploads: every chunk is checked before any is stored, so a
 /// batch with one bad chunk stores nothing.
 async fn put_chunks(
@@ -321,7 +357,9 @@ async fn put_chunks(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
-        let records = decode_batch(&body).map_err(|e| bad(format!("bad upload batch: {e}")))?;
+        let bad_batch = |e: String| bad(format!("bad upload batch: {e}"));
+        let body = with_sums(body, |b| fill_sums(b).map_err(bad_batch))?;
+        let records = decode_batch(&body).map_err(bad_batch)?;
         let items: Vec<(&[u8], ChunkDigest)> = records.iter().map(|(d, f)| (*f, *d)).collect();
         check_uploads(&items)?;
         let mut stored = 0;

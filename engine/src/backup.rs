@@ -611,7 +611,7 @@ impl Hashed {
     ) -> Result<Hashed, BackupError> {
         for (&i, lacks) in self.asked.iter().zip(missing?) {
             if lacks {
-                let (file, _) = chunk::encode(&self.batch[i].1, comp);
+                let (file, _) = chunk::encode_with(&self.batch[i].1, comp, !store.sums_chunks());
                 let stored = store.put_chunk_owned(&self.done[i].digest, file)?;
                 if stored > 0 {
                     self.done[i].new = Some((self.done[i].bytes, stored));
@@ -661,7 +661,7 @@ fn store_pages(
     let missing = store.missing(&digests)?;
     for ((d, bytes), lacks) in pages.drain(..).zip(missing) {
         if lacks {
-            let (file, _) = chunk::encode(&bytes, comp);
+            let (file, _) = chunk::encode_with(&bytes, comp, !store.sums_chunks());
             if store.put_chunk_owned(&d, file)? > 0 {
                 stats.pages_new += 1;
             }

@@ -167,6 +167,15 @@ pub trait Store: Send + Sync {
     /// failures surface at [`Store::sync`] or [`Store::commit`]; the
     /// default does nothing.
     fn send_pending(&self) {}
+
+    /// Whether this store sums chunk files itself: true when `put_chunk`
+    /// takes files with a zero checksum ([`crate::format::chunk::fill_sum`]).
+    /// A store server does, having to read every upload anyway to check
+    /// its digest; the agent then skips an xxh3 pass over every byte
+    /// it sends (TLS and the digest check cover the way there).
+    fn sums_chunks(&self) -> bool {
+        false
+    }
     /// Makes every chunk put so far durable.
     fn sync(&self) -> Result<(), StoreError>;
     /// Makes every chunk put so far durable, as [`Store::sync`] does, then
