@@ -8,12 +8,16 @@
 #   TLS=1 ./benches/remote.sh      (the store server serves TLS, the agent pins it)
 #   PIN=1 ./benches/remote.sh      (agent on CPU 0, store server on CPU 1: the
 #                                   server's own host, as in a fleet, on one box)
+#   INCS=3 ./benches/remote.sh     (1% backups per run after the full one, each
+#                                   after its own change; default 3: one 1% backup
+#                                   takes ~0.1 s, and single ones scatter by ±15%)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 NB=${NBBENCH:-/tmp/nbbench}
 SHARED=${SHARED_BENCH:-$ROOT/../shared/bench}
 RUNS=${RUNS:-1}
+INCS=${INCS:-$([ "${SMOKE:-0}" = 1 ] && echo 1 || echo 3)}
 BIN=${NOVABACKUP:-$ROOT/target/release/novabackup}
 [ -n "${NOVABACKUP:-}" ] || (cd "$ROOT" && cargo build --release -q -p novabackup)
 D=$NB/nova-remote
@@ -70,8 +74,10 @@ for run in $(seq "$RUNS"); do
     for _ in $(seq 100); do [ -f "$D/state/agent.json" ] && break; sleep 0.05; done
     nb() { "$BIN" --data-dir "$D/state" "$@"; }
     nb disk attach vm --image "$D/vm.img" > /dev/null
-    for step in full inc1; do
-      [ $step = inc1 ] && mutate $((100 + run)) "nbd+unix:///vm?socket=$D/state/nbd.sock" 2>> "$D/mutate.log"
+    for step in full $(seq -f 'inc%g' "$INCS"); do
+      # inc1's change is the one earlier versions of this bench made.
+      k=${step#inc}
+      [ $step != full ] && mutate $((100 + run + 10 * (k - 1))) "nbd+unix:///vm?socket=$D/state/nbd.sock" 2>> "$D/mutate.log"
       cat "$D/vm.img" > /dev/null
       # Snapshot ids have one-second resolution: a backup in the second of
       # the last one waits for the next (the smoke's full takes 0.1 s).
@@ -93,10 +99,14 @@ t = defaultdict(list)
 for r in csv.DictReader(open(sys.argv[1])):
     t[(r["mode"], r["step"])].append(float(r["seconds"]))
 size = int(sys.argv[2])
-print(f"\nmedian wall seconds of {len(t[('local', 'full')])} run(s); throughput = image size / time\n")
+incs = sorted({s for _, s in t if s != "full"}, key=lambda s: int(s[3:]))
+for mode in ("local", "remote"):
+    t[(mode, "1% all")] = [x for s in incs for x in t[(mode, s)]]
+print(f"\nmedian wall seconds of {len(t[('local', 'full')])} run(s); throughput = image size / time;")
+print("incN: the Nth 1% backup after the full one; 1% all: every 1% backup\n")
 print("| step | local s | local MB/s | remote s | remote MB/s | remote / local |")
 print("|---|---|---|---|---|---|")
-for st in ["full", "inc1"]:
+for st in ["full", *incs, "1% all"]:
     l, r = statistics.median(t[("local", st)]), statistics.median(t[("remote", st)])
     print(f"| {st} | {l:.3f} | {size / l / 1e6:.0f} | {r:.3f} | {size / r / 1e6:.0f} | {l / r:.2f} |")
 PY

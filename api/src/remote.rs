@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use novabackup_engine::bufpool;
 use novabackup_engine::digest::ChunkDigest;
+use novabackup_engine::format::chunk;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::progress::Progress;
@@ -43,7 +44,38 @@ const UPLOADERS: usize = 4;
 const QUEUED: usize = 8;
 
 /// Chunks on their way to an uploader, a batch at a time.
-type Batch = Vec<(ChunkDigest, Vec<u8>)>;
+type Batch = Vec<(ChunkDigest, Upload)>;
+
+/// A chunk file to upload.
+pub(crate) enum Upload {
+    /// A whole file, made by the encoder.
+    File(Vec<u8>),
+    /// A raw chunk's header and its plain bytes (a read buffer), sent one
+    /// after the other: no copy into one file.
+    Raw([u8; chunk::HEADER_LEN], Vec<u8>),
+}
+
+impl Upload {
+    /// The file's bytes, in (at most) two parts.
+    pub(crate) fn parts(&self) -> [&[u8]; 2] {
+        match self {
+            Upload::File(f) => [f, &[]],
+            Upload::Raw(head, plain) => [head, plain],
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+
+    /// Gives the buffer back to the pool it came from.
+    fn recycle(self) {
+        match self {
+            Upload::File(f) => bufpool::FILES.give(f),
+            Upload::Raw(_, plain) => bufpool::READS.give(plain),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Pending {
@@ -83,6 +115,7 @@ pub struct RemoteStore {
     uploads: Option<crossbeam_channel::Sender<Batch>>,
     fetches: Option<crossbeam_channel::Sender<Vec<ChunkDigest>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    releases: Releases,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -159,9 +192,10 @@ impl RemoteStore {
                             }),
                         };
                         inner.settle(&batch, failed);
-                        // The encoder makes the next chunk files in these.
+                        // The encoder and the reader make the next chunk
+                        // files in these.
                         for (_, file) in batch {
-                            bufpool::FILES.give(file);
+                            file.recycle();
                         }
                     }
                 })
@@ -184,6 +218,7 @@ impl RemoteStore {
             uploads: Some(tx),
             fetches: Some(ftx),
             threads,
+            releases: Default::default(),
         };
         let h: serde_json::Value = s
             .inner
@@ -214,6 +249,30 @@ impl Pending {
 }
 
 impl RemoteStore {
+    /// Queues `file` for upload (module doc); its length, or 0 when this
+    /// client has it queued or uploaded already.
+    fn queue(&self, digest: &ChunkDigest, file: Upload) -> Result<u64, StoreError> {
+        let len = file.len();
+        let full = {
+            let mut p = self.inner.pending();
+            if let Some(f) = p.failed.take() {
+                drop(p);
+                file.recycle();
+                return Err(self.inner.remote(f));
+            }
+            if p.uploaded.contains(digest) || !p.queued.insert(*digest) {
+                drop(p);
+                file.recycle();
+                return Ok(0);
+            }
+            p.filling_bytes += len;
+            p.filling.push((*digest, file));
+            (p.filling_bytes >= BATCH_BYTES).then(|| p.take_filling())
+        };
+        self.hand_over(full.unwrap_or_default())?;
+        Ok(len as u64)
+    }
+
     /// Hands the batch being filled to the uploaders.
     fn flush(&self) -> Result<(), StoreError> {
         let batch = self.inner.pending().take_filling();
@@ -277,6 +336,7 @@ impl Drop for RemoteStore {
         let _ = self.flush();
         self.uploads.take();
         self.fetches.take();
+        finish_releases(&self.releases);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -286,7 +346,7 @@ impl Drop for RemoteStore {
 impl Inner {
     /// Ends the wait for `batch`: uploaded, or failed with `failed` (kept
     /// for the next put or sync to report; its chunks are not present).
-    fn settle(&self, batch: &[(ChunkDigest, Vec<u8>)], failed: Option<String>) {
+    fn settle(&self, batch: &[(ChunkDigest, Upload)], failed: Option<String>) {
         let mut p = self.pending();
         for (d, _) in batch {
             p.queued.remove(d);
@@ -348,7 +408,7 @@ impl Inner {
     fn send_batch(
         &self,
         up: &mut Uploader,
-        batch: &[(ChunkDigest, Vec<u8>)],
+        batch: &[(ChunkDigest, Upload)],
     ) -> Result<(), StoreError> {
         let sent = with_retries(
             |e| matches!(e, UploadError::Transport(_)),
@@ -429,9 +489,23 @@ fn read_body(r: ureq::Response, limit: u64) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
+/// Threads ending a lease: each sends its release, which a backup that
+/// ends does not wait for (a round trip at the end of every backup); the
+/// next lock, or the store's drop, does.
+type Releases = Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>;
+
+/// Waits for the releases under way.
+fn finish_releases(releases: &Releases) {
+    let pending = std::mem::take(&mut *releases.lock().unwrap_or_else(|p| p.into_inner()));
+    for t in pending {
+        let _ = t.join();
+    }
+}
+
 struct RemoteLock {
     stop: Option<crossbeam_channel::Sender<()>>,
     renewer: Option<std::thread::JoinHandle<()>>,
+    releases: Releases,
 }
 
 impl DiskLock for RemoteLock {}
@@ -440,7 +514,10 @@ impl Drop for RemoteLock {
     fn drop(&mut self) {
         self.stop.take();
         if let Some(t) = self.renewer.take() {
-            let _ = t.join();
+            self.releases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(t);
         }
     }
 }
@@ -481,21 +558,16 @@ impl Store for RemoteStore {
     }
 
     fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        let len = file.len() as u64;
-        let full = {
-            let mut p = self.inner.pending();
-            if let Some(f) = p.failed.take() {
-                return Err(self.inner.remote(f));
-            }
-            if p.uploaded.contains(digest) || !p.queued.insert(*digest) {
-                return Ok(0);
-            }
-            p.filling_bytes += file.len();
-            p.filling.push((*digest, file));
-            (p.filling_bytes >= BATCH_BYTES).then(|| p.take_filling())
-        };
-        self.hand_over(full.unwrap_or_default())?;
-        Ok(len)
+        self.queue(digest, Upload::File(file))
+    }
+
+    fn put_raw_chunk(
+        &self,
+        digest: &ChunkDigest,
+        head: [u8; chunk::HEADER_LEN],
+        plain: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        self.queue(digest, Upload::Raw(head, plain))
     }
 
     /// Queues the chunks for download in batches (one request per batch
@@ -674,6 +746,8 @@ impl Store for RemoteStore {
             p.failed = None;
             p.uploaded.clear();
         }
+        // The last backup's lease, of this disk maybe, is gone first.
+        finish_releases(&self.releases);
         let lease: Lease = match self.inner.send(
             "POST",
             &match base {
@@ -712,6 +786,7 @@ impl Store for RemoteStore {
         Ok(Box::new(RemoteLock {
             stop: Some(stop),
             renewer: Some(renewer),
+            releases: self.releases.clone(),
         }))
     }
 
@@ -856,6 +931,28 @@ mod tests {
         let first = ChunkDigest::of(&0u64.to_le_bytes());
         assert_eq!(fresh.missing(&[first]).unwrap(), vec![false]);
         s.sync().unwrap();
+    }
+
+    #[test]
+    fn a_lease_released_in_the_background_is_gone_before_the_next_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _rt) = serve(dir.path());
+        let s = RemoteStore::connect(&url, "secret").unwrap();
+        let other = RemoteStore::connect(&url, "secret").unwrap();
+        let disk: DiskName = "vm".parse().unwrap();
+        // Back to back, as a schedule's backups of one disk may run: a
+        // release still on its way would make the next lock a conflict.
+        for _ in 0..20 {
+            let held = s.lock(&disk, None).unwrap();
+            assert!(matches!(
+                other.lock(&disk, None).map(|_| ()),
+                Err(StoreError::Locked(_))
+            ));
+            drop(held);
+        }
+        // A store that closes sends its releases first.
+        drop(s);
+        other.lock(&disk, None).unwrap();
     }
 
     #[test]

@@ -206,8 +206,9 @@ async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiEr
 
 /// Checks chunk files against their digests before anything is written:
 /// a tampered or damaged upload never enters the store. The first bad one
-/// is the error.
-fn check_uploads(items: &[(&[u8], ChunkDigest)]) -> Result<(), ApiError> {
+/// is the error. The zero checksums agents leave to the server (see
+/// `Store::sums_chunks`) are filled in.
+fn check_uploads(items: &mut [(&mut [u8], ChunkDigest)]) -> Result<(), ApiError> {
     // One zstd context per blocking thread, reused across uploads.
     thread_local! {
         static VERIFIER: std::cell::RefCell<Option<chunk::Verifier>> =
@@ -221,7 +222,7 @@ fn check_uploads(items: &[(&[u8], ChunkDigest)]) -> Result<(), ApiError> {
                     .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?,
             );
         }
-        let verdicts = v.as_mut().expect("just set").check_each(items);
+        let verdicts = v.as_mut().expect("just set").check_each_filling(items);
         for ((_, d), r) in items.iter().zip(verdicts) {
             r.map_err(|e| {
                 bad(format!(
@@ -240,11 +241,8 @@ async fn put_chunk(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = parse_digest(&digest)?;
     blocking(move || {
-        let body = with_sums(body, |b| {
-            chunk::fill_sum(b);
-            Ok(())
-        })?;
-        check_uploads(&[(&body[..], d)])?;
+        let mut body = owned(body);
+        check_uploads(&mut [(&mut body[..], d)])?;
         let n = s.store.put_chunk(&d, &body).map_err(store_error)?;
         Ok(Json(serde_json::json!({ "stored": n })))
     })
@@ -265,28 +263,20 @@ pub const RECORD_HEAD: usize = 32 + 4;
 pub fn encode_batch<'a>(chunks: impl IntoIterator<Item = (&'a ChunkDigest, &'a [u8])>) -> Vec<u8> {
     let mut out = Vec::new();
     for (d, file) in chunks {
-        out.extend_from_slice(&record_head(d, file));
+        out.extend_from_slice(&record_head(d, file.len()));
         out.extend_from_slice(file);
     }
     out
 }
 
-/// The head of `file`'s record in an upload batch. A client that sends a
-/// batch straight from its chunk files writes, for each, this and then
-/// the file.
-pub fn record_head(d: &ChunkDigest, file: &[u8]) -> [u8; RECORD_HEAD] {
+/// The head of the record of a `len`-byte file in an upload batch. A
+/// client that sends a batch straight from its chunk files writes, for
+/// each, this and then the file.
+pub fn record_head(d: &ChunkDigest, len: usize) -> [u8; RECORD_HEAD] {
     let mut head = [0u8; RECORD_HEAD];
     head[..32].copy_from_slice(&d.0);
-    head[32..].copy_from_slice(&(file.len() as u32).to_le_bytes());
+    head[32..].copy_from_slice(&(len as u32).to_le_bytes());
     head
-}
-
-/// Bytes of the batch [`encode_batch`] would build from `chunks`.
-pub fn batch_len(chunks: &[(ChunkDigest, Vec<u8>)]) -> u64 {
-    chunks
-        .iter()
-        .map(|(_, f)| (RECORD_HEAD + f.len()) as u64)
-        .sum()
 }
 
 /// Splits an upload batch into (digest, file) records; any malformed
@@ -320,34 +310,40 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<(ChunkDigest, &[u8])>, String> {
     Ok(out)
 }
 
-/// `body` after `fill` filled in the zero checksums of its chunk files
-/// (agents leave them to the server, see `Store::sums_chunks`): in place
-/// when the body is not shared, which a collected upload usually is not.
-fn with_sums(
-    body: Bytes,
-    fill: impl FnOnce(&mut [u8]) -> Result<(), ApiError>,
-) -> Result<Bytes, ApiError> {
-    let mut body = body
-        .try_into_mut()
-        .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
-    fill(&mut body)?;
-    Ok(body.freeze())
+/// An upload the server may change (the chunk sums it fills in): the
+/// collected body itself unless it is shared, which it usually is not.
+fn owned(body: Bytes) -> bytes::BytesMut {
+    body.try_into_mut()
+        .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]))
 }
 
-/// Fills in the zero checksums of a batch's chunk files.
-fn fill_sums(body: &mut [u8]) -> Result<(), String> {
+/// The digest and the byte range of each chunk file of an upload batch.
+fn record_spans(body: &[u8]) -> Result<Vec<(ChunkDigest, std::ops::Range<usize>)>, String> {
     let base = body.as_ptr() as usize;
-    let spans: Vec<std::ops::Range<usize>> = decode_batch(body)?
+    Ok(decode_batch(body)?
         .iter()
-        .map(|(_, f)| {
+        .map(|(d, f)| {
             let at = f.as_ptr() as usize - base;
-            at..at + f.len()
+            (*d, at..at + f.len())
         })
-        .collect();
-    for span in spans {
-        chunk::fill_sum(&mut body[span]);
+        .collect())
+}
+
+/// The files at `spans` (in order, apart) of `body`, each writable.
+fn split_spans<'a>(
+    mut rest: &'a mut [u8],
+    spans: &[(ChunkDigest, std::ops::Range<usize>)],
+) -> Vec<(&'a mut [u8], ChunkDigest)> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(spans.len());
+    for (d, span) in spans {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(span.start - at);
+        let (file, tail) = tail.split_at_mut(span.len());
+        out.push((file, *d));
+        rest = tail;
+        at = span.end;
     }
-    Ok(())
+    out
 }
 
 /// A batch of uploads: every chunk is checked before any is stored, so a
@@ -357,17 +353,18 @@ async fn put_chunks(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
-        let bad_batch = |e: String| bad(format!("bad upload batch: {e}"));
-        let body = with_sums(body, |b| fill_sums(b).map_err(bad_batch))?;
-        let records = decode_batch(&body).map_err(bad_batch)?;
-        let items: Vec<(&[u8], ChunkDigest)> = records.iter().map(|(d, f)| (*f, *d)).collect();
-        check_uploads(&items)?;
+        let mut body = owned(body);
+        let spans = record_spans(&body).map_err(|e| bad(format!("bad upload batch: {e}")))?;
+        check_uploads(&mut split_spans(&mut body, &spans))?;
         let mut stored = 0;
-        for (d, file) in &records {
-            stored += s.store.put_chunk(d, file).map_err(store_error)?;
+        for (d, span) in &spans {
+            stored += s
+                .store
+                .put_chunk(d, &body[span.clone()])
+                .map_err(store_error)?;
         }
         Ok(Json(
-            serde_json::json!({ "stored": stored, "chunks": records.len() }),
+            serde_json::json!({ "stored": stored, "chunks": spans.len() }),
         ))
     })
     .await

@@ -323,27 +323,47 @@ pub fn run(
     // Index pages: changed ones are stored, the rest are the base's.
     let mut comp =
         chunk::compressor(opts.zstd_level).map_err(|e| BackupError::Zstd(opts.zstd_level, e))?;
+    let incremental = match (plan.kind, req.base) {
+        (BackupKind::Incremental, Some(b)) => Some(b),
+        _ => None,
+    };
     let mut pages = Vec::with_capacity(pages_total as usize);
     let mut to_store = Vec::with_capacity(PAGES_AHEAD);
     for p in 0..pages_total {
-        let bytes = match touched.get(&p) {
-            Some(page) => index::encode_page(page),
-            None => match (plan.kind, req.base) {
-                (BackupKind::Incremental, Some(b)) => {
-                    pages.push(b.pages[p as usize]);
-                    continue;
-                }
-                _ => index::encode_page(&vec![ChunkDigest::ZERO; index::page_len(plan.chunks, p)]),
-            },
+        let bytes = match (touched.get(&p), incremental) {
+            (Some(page), _) => index::encode_page(page),
+            (None, Some(b)) => {
+                pages.push(b.pages[p as usize]);
+                continue;
+            }
+            (None, None) => {
+                index::encode_page(&vec![ChunkDigest::ZERO; index::page_len(plan.chunks, p)])
+            }
         };
         let d = ChunkDigest::of(&bytes);
         pages.push(d);
+        // Rewritten with the bytes they had: the base's page.
+        if incremental.is_some_and(|b| b.pages.get(p as usize) == Some(&d)) {
+            continue;
+        }
         to_store.push((d, bytes));
         if to_store.len() == PAGES_AHEAD {
-            store_pages(store, &mut comp, &mut to_store, &mut stats)?;
+            store_pages(
+                store,
+                &mut comp,
+                &mut to_store,
+                incremental.is_none(),
+                &mut stats,
+            )?;
         }
     }
-    store_pages(store, &mut comp, &mut to_store, &mut stats)?;
+    store_pages(
+        store,
+        &mut comp,
+        &mut to_store,
+        incremental.is_none(),
+        &mut stats,
+    )?;
     let paged = started.elapsed();
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let manifest = Manifest {
@@ -575,6 +595,13 @@ struct Hashed {
     batch: Vec<(u64, Vec<u8>)>,
     done: Vec<Done>,
     asked: Vec<usize>,
+    /// [`chunk::looks_incompressible`] of each asked chunk, judged while
+    /// the chunk is in the cache from hashing: by the time a store
+    /// server's answer is in, megabytes have passed through it. Judged
+    /// cold, in `chunk::encode_with`, it took half of that function's
+    /// samples in 1% backups to a store server (perf, 28 Nov); judged
+    /// here, it costs about half as much.
+    incompressible: Vec<bool>,
 }
 
 impl Hashed {
@@ -595,7 +622,16 @@ impl Hashed {
         for (&i, d) in asked.iter().zip(ChunkDigest::of_each(&bufs)) {
             done[i].digest = d;
         }
-        Hashed { batch, done, asked }
+        let incompressible = bufs
+            .iter()
+            .map(|b| chunk::looks_incompressible(b))
+            .collect();
+        Hashed {
+            batch,
+            done,
+            asked,
+            incompressible,
+        }
     }
 
     fn digests(&self) -> Vec<ChunkDigest> {
@@ -603,16 +639,28 @@ impl Hashed {
     }
 
     /// Compresses and stores the chunks the store lacks, given its answer.
+    /// A chunk kept raw goes to the store as its read buffer, with no copy
+    /// into a chunk file (the buffer goes back to the reader from there).
     fn finish(
         mut self,
         store: &dyn Store,
         comp: &mut zstd::bulk::Compressor<'_>,
         missing: Result<Vec<bool>, StoreError>,
     ) -> Result<Hashed, BackupError> {
-        for (&i, lacks) in self.asked.iter().zip(missing?) {
+        let sum = !store.sums_chunks();
+        for ((&i, lacks), &incompressible) in
+            self.asked.iter().zip(missing?).zip(&self.incompressible)
+        {
             if lacks {
-                let (file, _) = chunk::encode_with(&self.batch[i].1, comp, !store.sums_chunks());
-                let stored = store.put_chunk_owned(&self.done[i].digest, file)?;
+                let d = &self.done[i].digest;
+                let plain = &mut self.batch[i].1;
+                let stored = match chunk::compressed(plain, comp, sum, incompressible) {
+                    Some(file) => store.put_chunk_owned(d, file)?,
+                    None => {
+                        let head = chunk::raw_head(plain, sum);
+                        store.put_raw_chunk(d, head, std::mem::take(plain))?
+                    }
+                };
                 if stored > 0 {
                     self.done[i].new = Some((self.done[i].bytes, stored));
                 }
@@ -646,19 +694,31 @@ fn emit(
 /// Index pages a backup loads or stores per round trip to the store.
 const PAGES_AHEAD: usize = 32;
 
-/// Stores the index pages (digest, encoded page) the store lacks, asking
-/// about all of them at once, and empties the list.
+/// Stores the index pages (digest, encoded page) and empties the list;
+/// when `ask`, only those the store lacks, asking about all at once.
+///
+/// An incremental backup does not ask: a page that differs from its base
+/// page names a chunk just read, so another disk holds the same page only
+/// by a rare coincidence, and a store keeps one copy of a page it is
+/// given twice. The question was a round trip that, to a store server, waited
+/// behind the backup's last uploads: up to 6 ms of a 1% backup of the
+/// shared corpus, for no page saved.
 fn store_pages(
     store: &dyn Store,
     comp: &mut zstd::bulk::Compressor<'_>,
     pages: &mut Vec<(ChunkDigest, Vec<u8>)>,
+    ask: bool,
     stats: &mut BackupStats,
 ) -> Result<(), BackupError> {
     if pages.is_empty() {
         return Ok(());
     }
-    let digests: Vec<ChunkDigest> = pages.iter().map(|(d, _)| *d).collect();
-    let missing = store.missing(&digests)?;
+    let missing = if ask {
+        let digests: Vec<ChunkDigest> = pages.iter().map(|(d, _)| *d).collect();
+        store.missing(&digests)?
+    } else {
+        vec![true; pages.len()]
+    };
     for ((d, bytes), lacks) in pages.drain(..).zip(missing) {
         if lacks {
             let (file, _) = chunk::encode_with(&bytes, comp, !store.sums_chunks());
@@ -841,6 +901,8 @@ mod tests {
         calls: std::sync::atomic::AtomicUsize,
         fail_from: usize,
         gets: std::sync::atomic::AtomicUsize,
+        /// Every digest asked about, in order.
+        asked: std::sync::Mutex<Vec<ChunkDigest>>,
     }
 
     impl Store for SlowStore {
@@ -853,6 +915,7 @@ mod tests {
                 });
             }
             std::thread::sleep(std::time::Duration::from_micros((n % 4) as u64 * 700));
+            self.asked.lock().unwrap().extend_from_slice(digests);
             self.inner.missing(digests)
         }
         fn put_chunk(&self, d: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
@@ -921,6 +984,7 @@ mod tests {
             calls: Default::default(),
             fail_from: usize::MAX,
             gets: Default::default(),
+            asked: Default::default(),
         };
         let full = backup_with(
             &slow,
@@ -977,6 +1041,7 @@ mod tests {
             calls: Default::default(),
             fail_from: 2,
             gets: Default::default(),
+            asked: Default::default(),
         };
         let e = backup_with(
             &failing,
@@ -1035,6 +1100,7 @@ mod tests {
             calls: Default::default(),
             fail_from: 0,
             gets: Default::default(),
+            asked: Default::default(),
         };
         let answers = ask_together(&failing, &asks);
         let errors: Vec<String> = answers
@@ -1154,7 +1220,7 @@ mod tests {
     }
 
     #[test]
-    fn an_incremental_backup_takes_its_base_pages_from_the_page_cache() {
+    fn an_incremental_takes_base_pages_from_the_cache_and_stores_changed_ones_unasked() {
         use std::sync::atomic::Ordering::SeqCst;
         // Two index pages (4096 chunks each), so one stays untouched.
         let (dir, local, mut data, img) = fixture(2 * PAGE_DIGESTS * CS as usize);
@@ -1165,6 +1231,7 @@ mod tests {
             calls: Default::default(),
             fail_from: usize::MAX,
             gets: Default::default(),
+            asked: Default::default(),
         };
         let cache = PageCache::default();
         let full = backup_with(
@@ -1206,6 +1273,15 @@ mod tests {
         assert_eq!(store.gets.load(SeqCst), before, "no page was read");
         assert_eq!(inc.pages[1], full.pages[1], "the untouched page is shared");
         assert_ne!(inc.pages[0], full.pages[0]);
+        // The full backup asked about its pages; the incremental stored
+        // its changed page without asking.
+        let asked = std::mem::take(&mut *store.asked.lock().unwrap());
+        assert!(full.pages.iter().all(|p| asked.contains(p)));
+        assert!(
+            !asked.contains(&inc.pages[0]),
+            "the changed page was asked about"
+        );
+        assert_eq!(inc.stats.pages_new, 1);
         let out = dir.path().join("out");
         crate::restore::restore(&store, &inc, &out, false, 2, &Progress::default()).unwrap();
         assert!(
@@ -1230,6 +1306,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(store.gets.load(SeqCst), before, "no page was read");
+
+        // A chunk rewritten with the bytes it had: its page is the base's
+        // page again, and is neither stored nor asked about.
+        let same = data[(PAGE_DIGESTS + 1) * CS as usize..][..100].to_vec();
+        let frozen = change(&mut data, (PAGE_DIGESTS as u64 + 1) * CS, &same);
+        store.asked.lock().unwrap().clear();
+        let rewritten = backup_with(
+            &store,
+            &img,
+            size,
+            &frozen,
+            Some(&inc2),
+            3500,
+            Mode::Auto,
+            None,
+            Some(&cache),
+        )
+        .unwrap();
+        assert_eq!(rewritten.pages, inc2.pages);
+        assert_eq!(rewritten.stats.pages_new, 0);
+        assert!(!store.asked.lock().unwrap().contains(&inc2.pages[1]));
 
         // Without the cache the base's page is read from the store, and
         // both ways give the same snapshot contents.

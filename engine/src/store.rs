@@ -153,6 +153,23 @@ pub trait Store: Send + Sync {
         crate::bufpool::FILES.give(file);
         r
     }
+    /// Stores a chunk kept raw, whose file is `head`
+    /// ([`crate::format::chunk::raw_head`]) and then `plain`, a read
+    /// buffer given back to [`crate::bufpool::READS`] once stored. A store
+    /// server's queue sends the two as they are; the default joins them
+    /// into one file for [`Store::put_chunk_owned`].
+    fn put_raw_chunk(
+        &self,
+        digest: &ChunkDigest,
+        head: [u8; crate::format::chunk::HEADER_LEN],
+        plain: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let mut file = crate::bufpool::FILES.take_empty(head.len() + plain.len());
+        file.extend_from_slice(&head);
+        file.extend_from_slice(&plain);
+        crate::bufpool::READS.give(plain);
+        self.put_chunk_owned(digest, file)
+    }
     /// The encoded chunk file of `digest`.
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError>;
 

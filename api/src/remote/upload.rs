@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use novabackup_engine::digest::ChunkDigest;
 
-use crate::store_server::{batch_len, record_head, BATCH_BYTES, RECORD_HEAD};
+use super::Upload;
+use crate::store_server::{record_head, BATCH_BYTES, RECORD_HEAD};
 
 /// How long a connection may take to open.
 const CONNECT: Duration = Duration::from_secs(5);
@@ -95,7 +96,7 @@ impl Uploader {
 
     /// Uploads `batch` as one request, on the kept connection or a new
     /// one. A transport error drops the connection.
-    pub(super) fn send(&mut self, batch: &[(ChunkDigest, Vec<u8>)]) -> Result<(), UploadError> {
+    pub(super) fn send(&mut self, batch: &[(ChunkDigest, Upload)]) -> Result<(), UploadError> {
         if let Some(conn) = self.conn.take() {
             match self.send_on(conn, batch) {
                 // The server may have closed a kept connection since (an
@@ -112,7 +113,7 @@ impl Uploader {
     fn send_on(
         &mut self,
         mut conn: Conn,
-        batch: &[(ChunkDigest, Vec<u8>)],
+        batch: &[(ChunkDigest, Upload)],
     ) -> Result<(), UploadError> {
         let (status, body, keep) = self
             .exchange(&mut conn, batch)
@@ -164,14 +165,17 @@ impl Uploader {
         Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
     }
 
-    fn request_head(&self, batch: &[(ChunkDigest, Vec<u8>)]) -> String {
+    fn request_head(&self, batch: &[(ChunkDigest, Upload)]) -> String {
         format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
              Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
             self.path,
             self.authority,
             self.token,
-            batch_len(batch)
+            batch
+                .iter()
+                .map(|(_, f)| RECORD_HEAD + f.len())
+                .sum::<usize>()
         )
     }
 
@@ -180,7 +184,7 @@ impl Uploader {
     fn exchange(
         &self,
         conn: &mut Conn,
-        batch: &[(ChunkDigest, Vec<u8>)],
+        batch: &[(ChunkDigest, Upload)],
     ) -> io::Result<(u16, Vec<u8>, bool)> {
         let head = self.request_head(batch);
         let heads = record_heads(batch);
@@ -208,24 +212,26 @@ impl Uploader {
     }
 }
 
-fn record_heads(batch: &[(ChunkDigest, Vec<u8>)]) -> Vec<[u8; RECORD_HEAD]> {
-    batch.iter().map(|(d, f)| record_head(d, f)).collect()
+fn record_heads(batch: &[(ChunkDigest, Upload)]) -> Vec<[u8; RECORD_HEAD]> {
+    batch.iter().map(|(d, f)| record_head(d, f.len())).collect()
 }
 
 /// The request as slices: its head, then each record's head and file.
 fn request_slices<'a>(
     head: &'a str,
     record_heads: &'a [[u8; RECORD_HEAD]],
-    batch: &'a [(ChunkDigest, Vec<u8>)],
+    batch: &'a [(ChunkDigest, Upload)],
 ) -> Vec<IoSlice<'a>> {
-    let mut slices = Vec::with_capacity(1 + 2 * batch.len());
+    let mut slices = Vec::with_capacity(1 + 3 * batch.len());
     slices.push(IoSlice::new(head.as_bytes()));
     for (h, (_, f)) in record_heads.iter().zip(batch) {
         slices.push(IoSlice::new(h));
         // No empty slices: a write of nothing but those would return 0
         // for ever.
-        if !f.is_empty() {
-            slices.push(IoSlice::new(f));
+        for part in f.parts() {
+            if !part.is_empty() {
+                slices.push(IoSlice::new(part));
+            }
         }
     }
     slices
@@ -338,10 +344,17 @@ mod tests {
 
     #[test]
     fn the_request_body_is_the_encoded_batch() {
-        let batch: Vec<(ChunkDigest, Vec<u8>)> = [&b"first"[..], b"", &[7u8; 20_000]]
+        let mut batch: Vec<(ChunkDigest, Upload)> = [&b"first"[..], b"", &[7u8; 20_000]]
             .iter()
-            .map(|f| (ChunkDigest::of(f), f.to_vec()))
+            .map(|f| (ChunkDigest::of(f), Upload::File(f.to_vec())))
             .collect();
+        // A raw chunk goes as its head and its plain bytes.
+        // Incompressible, as a raw chunk is.
+        let plain: Vec<u8> = (0u32..1000)
+            .flat_map(|i| ChunkDigest::of(&i.to_le_bytes()).0)
+            .collect();
+        let head = novabackup_engine::format::chunk::raw_head(&plain, true);
+        batch.push((ChunkDigest::of(&plain), Upload::Raw(head, plain.clone())));
         let u = Uploader::new("http://127.0.0.1:1", "tok", None).unwrap();
         let head = u.request_head(&batch);
         let heads = record_heads(&batch);
@@ -349,7 +362,19 @@ mod tests {
             .iter()
             .flat_map(|s| s.to_vec())
             .collect();
-        let built = crate::store_server::encode_batch(batch.iter().map(|(d, f)| (d, f.as_slice())));
+        let files: Vec<Vec<u8>> = batch.iter().map(|(_, f)| f.parts().concat()).collect();
+        let built = crate::store_server::encode_batch(
+            batch.iter().zip(&files).map(|((d, _), f)| (d, &f[..])),
+        );
+        let last = crate::store_server::decode_batch(&built).unwrap()[3].1;
+        let (whole, _) = novabackup_engine::format::chunk::encode(
+            &plain,
+            &mut novabackup_engine::format::chunk::compressor(1).unwrap(),
+        );
+        assert!(
+            last == &whole[..],
+            "the raw record is the file encode makes"
+        );
         assert_eq!(&sent[head.len()..], &built[..]);
         assert!(head.starts_with("POST /store/v1/chunks HTTP/1.1\r\n"));
         assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", built.len())));
@@ -364,7 +389,7 @@ mod tests {
         let plain = vec![5u8; 70_000];
         let mut comp = novabackup_engine::format::chunk::compressor(1).unwrap();
         let (file, _) = novabackup_engine::format::chunk::encode(&plain, &mut comp);
-        let batch = vec![(ChunkDigest::of(&plain), file)];
+        let batch = vec![(ChunkDigest::of(&plain), Upload::File(file))];
         up.send(&batch).unwrap();
         assert!(up.conn.is_some(), "the connection is kept");
         // The server restarts on the same address: the kept connection is
@@ -374,8 +399,10 @@ mod tests {
             crate::remote::tests_support::serve_at(dir.path(), url.trim_start_matches("http://"));
         up.send(&batch).unwrap();
         // A server that answers with an error keeps the connection usable.
-        let mut wrong = batch.clone();
-        wrong[0].0 = ChunkDigest::of(b"something else");
+        let wrong = vec![(
+            ChunkDigest::of(b"something else"),
+            Upload::File(batch[0].1.parts()[0].to_vec()),
+        )];
         match up.send(&wrong) {
             Err(UploadError::Status(400, body)) => {
                 assert!(String::from_utf8_lossy(&body).contains("rejected"))
