@@ -327,6 +327,10 @@ pub fn run(
         (BackupKind::Incremental, Some(b)) => Some(b),
         _ => None,
     };
+    let ask = incremental.is_none();
+    let mut flush = |to_store: &mut Vec<_>, stats: &mut BackupStats| {
+        store_pages(store, &mut comp, to_store, ask, stats)
+    };
     let mut pages = Vec::with_capacity(pages_total as usize);
     let mut to_store = Vec::with_capacity(PAGES_AHEAD);
     for p in 0..pages_total {
@@ -348,22 +352,10 @@ pub fn run(
         }
         to_store.push((d, bytes));
         if to_store.len() == PAGES_AHEAD {
-            store_pages(
-                store,
-                &mut comp,
-                &mut to_store,
-                incremental.is_none(),
-                &mut stats,
-            )?;
+            flush(&mut to_store, &mut stats)?;
         }
     }
-    store_pages(
-        store,
-        &mut comp,
-        &mut to_store,
-        incremental.is_none(),
-        &mut stats,
-    )?;
+    flush(&mut to_store, &mut stats)?;
     let paged = started.elapsed();
     stats.duration_ms = started.elapsed().as_millis() as u64;
     let manifest = Manifest {
