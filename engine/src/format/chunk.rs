@@ -156,10 +156,15 @@ fn head(codec: u8, plain_len: usize, payload: &[u8], sum: bool) -> [u8; HEADER_L
 /// [`encode_with`]); any other file is left as it is. Whether the bytes
 /// are right is for the digest check to say.
 pub fn fill_sum(file: &mut [u8]) {
-    if file.len() >= HEADER_LEN && file[16..24] == [0; 8] {
+    if unsummed(file) {
         let sum = xxh3_64(&file[HEADER_LEN..]);
         file[16..24].copy_from_slice(&sum.to_le_bytes());
     }
+}
+
+/// Whether `file` has a header whose checksum is left zero.
+fn unsummed(file: &[u8]) -> bool {
+    file.len() >= HEADER_LEN && file[16..24] == [0; 8]
 }
 
 /// Strips of bytes [`looks_incompressible`] samples, and their width.
@@ -216,23 +221,9 @@ pub fn decode(file: &[u8]) -> Result<Vec<u8>, ChunkError> {
     Ok(plain)
 }
 
-/// Like [`decode_verified`], into `out` (which must be exactly the plain
-/// length the caller expects), reusing `dctx` and the buffer between calls
-/// (restore decodes every chunk of a disk).
-pub fn decode_verified_into(
-    file: &[u8],
-    digest: &ChunkDigest,
-    out: &mut [u8],
-    dctx: &mut zstd::bulk::Decompressor<'_>,
-) -> Result<(), ChunkError> {
-    decode_into(file, out, dctx)?;
-    if ChunkDigest::of(out) != *digest {
-        return Err(ChunkError::Digest(*digest));
-    }
-    Ok(())
-}
-
-/// [`decode_verified_into`] without the digest check, for callers that
+/// [`decode`] into `out` (which must be exactly the plain length the
+/// caller expects), reusing `dctx` and the buffer between calls (restore
+/// decodes every chunk of a disk). No digest check: for callers that
 /// check many chunks' digests at once ([`ChunkDigest::of_each`]); the
 /// contents must not be used before that check.
 pub fn decode_into(
@@ -388,10 +379,7 @@ impl Verifier {
         &mut self,
         items: &mut [(&mut [u8], ChunkDigest)],
     ) -> Vec<Result<usize, ChunkError>> {
-        let unsummed: Vec<bool> = items
-            .iter()
-            .map(|(f, _)| f.len() >= HEADER_LEN && f[16..24] == [0; 8])
-            .collect();
+        let unsummed: Vec<bool> = items.iter().map(|(f, _)| unsummed(f)).collect();
         let view: Vec<(&[u8], ChunkDigest)> = items.iter().map(|(f, d)| (&f[..], *d)).collect();
         let verdicts = self.check_all(&view, |i| if unsummed[i] { Sum::Skip } else { Sum::Check });
         for (((f, _), unsummed), v) in items.iter_mut().zip(unsummed).zip(&verdicts) {
