@@ -714,7 +714,7 @@ fn store_pages(
     for ((d, bytes), lacks) in pages.drain(..).zip(missing) {
         if lacks {
             let (file, _) = chunk::encode_with(&bytes, comp, !store.sums_chunks());
-            if store.put_chunk_owned(&d, file)? > 0 {
+            if store.put_index_page(&d, file)? > 0 {
                 stats.pages_new += 1;
             }
         }

@@ -205,7 +205,11 @@ pub fn looks_incompressible(plain: &[u8]) -> bool {
 /// Decodes a chunk file (checksum, decompression, length). Any bytes give
 /// a value or an error, never a panic.
 pub fn decode(file: &[u8]) -> Result<Vec<u8>, ChunkError> {
-    let (codec, plain_len, payload) = parts(file, Sum::Check)?;
+    decode_as(file, Sum::Check)
+}
+
+fn decode_as(file: &[u8], sum: Sum) -> Result<Vec<u8>, ChunkError> {
+    let (codec, plain_len, payload) = parts(file, sum)?;
     let plain = match codec {
         CODEC_RAW => payload.to_vec(),
         CODEC_ZSTD => zstd::bulk::decompress(payload, plain_len)
@@ -317,6 +321,28 @@ pub fn decode_verified(file: &[u8], digest: &ChunkDigest) -> Result<Vec<u8>, Chu
     let plain = decode(file)?;
     if ChunkDigest::of(&plain) != *digest {
         return Err(ChunkError::Digest(*digest));
+    }
+    Ok(plain)
+}
+
+/// [`decode_verified`] of an upload whose checksum may be left zero for
+/// the receiver ([`fill_sum`]): such a file's checksum is filled in once
+/// its contents are found to hash to `digest`, with one xxh3 pass.
+pub fn decode_verified_filling(
+    file: &mut [u8],
+    digest: &ChunkDigest,
+) -> Result<Vec<u8>, ChunkError> {
+    let sum = if unsummed(file) {
+        Sum::Skip
+    } else {
+        Sum::Check
+    };
+    let plain = decode_as(file, sum)?;
+    if ChunkDigest::of(&plain) != *digest {
+        return Err(ChunkError::Digest(*digest));
+    }
+    if sum == Sum::Skip {
+        fill_sum(file);
     }
     Ok(plain)
 }
@@ -608,6 +634,34 @@ mod tests {
             assert!(decode_verified(&files[i], &digests[i]).is_ok());
         }
         assert_eq!(files[0][16..24], [0; 8]);
+    }
+
+    #[test]
+    fn decode_verified_filling_sums_only_sound_unsummed_files() {
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        for plain in [noise(65536, 3), text(65536)] {
+            let d = ChunkDigest::of(&plain);
+            let summed = encode(&plain, &mut z).0;
+            let mut file = encode_with(&plain, &mut z, false).0;
+            assert_eq!(decode_verified_filling(&mut file, &d).unwrap(), plain);
+            assert_eq!(file, summed);
+            // Already summed: checked, left as it is.
+            assert_eq!(decode_verified_filling(&mut file, &d).unwrap(), plain);
+            assert_eq!(file, summed);
+            // Unsummed and damaged: refused by its digest, left unsummed.
+            let mut bad = encode_with(&plain, &mut z, false).0;
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(decode_verified_filling(&mut bad, &d).is_err());
+            assert_eq!(bad[16..24], [0; 8]);
+            // Summed with a wrong sum: refused by the sum.
+            let mut wrong = summed.clone();
+            wrong[16] ^= 1;
+            assert_eq!(
+                decode_verified_filling(&mut wrong, &d),
+                Err(ChunkError::Checksum)
+            );
+        }
     }
 
     #[test]
