@@ -203,7 +203,13 @@ fn digest_list(body: &[u8], min: usize, max: usize) -> Result<Vec<ChunkDigest>, 
 
 async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let digests = digest_list(&body, 0, MAX_QUERY)?;
-    let m = blocking(move || s.store.missing(&digests).map_err(store_error)).await?;
+    // Answered here when no lock is taken: a hand-over to a blocking
+    // thread and back, with the server's core busy checking uploads, kept
+    // a backup's worker waiting for answers (see `LocalStore::missing_now`).
+    let m = match s.store.missing_now(&digests) {
+        Some(m) => m,
+        None => blocking(move || s.store.missing(&digests).map_err(store_error)).await?,
+    };
     let out: Vec<u8> = m.into_iter().map(u8::from).collect();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }

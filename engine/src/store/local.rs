@@ -172,6 +172,43 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl LocalStore {
+    /// [`Store::missing`] if it can answer without waiting for a lock:
+    /// `None` while a collection or a write holds one. A store server
+    /// answers on its network thread this way, without a hand-over to a
+    /// blocking thread and back; a collection holds the guard across pack
+    /// writes, which the network thread must never wait for.
+    pub fn missing_now(&self, digests: &[ChunkDigest]) -> Option<Vec<bool>> {
+        let g = match self.guard.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let index = match self.index.try_read() {
+            Ok(i) => i,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Self::answer(g, &index, digests))
+    }
+
+    /// Which of `digests` the index lacks; those present are recorded for
+    /// a collection under way.
+    fn answer(
+        mut g: MutexGuard<'_, Guard>,
+        index: &DigestMap<Loc>,
+        digests: &[ChunkDigest],
+    ) -> Vec<bool> {
+        let out: Vec<bool> = digests.iter().map(|d| !index.contains_key(d)).collect();
+        if g.tracking() {
+            for (d, m) in digests.iter().zip(&out) {
+                if !m {
+                    g.touched.insert(*d);
+                }
+            }
+        }
+        out
+    }
+
     /// Garbage collections begun plus those ended in this process: odd
     /// while one runs. Only a collection removes chunks, so while this
     /// stays the same even number, a chunk found present stays present
@@ -523,17 +560,9 @@ impl Store for LocalStore {
     fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError> {
         // Under the guard: a collection cannot remove a chunk between our
         // "present" and its record in `touched`.
-        let mut g = lock(&self.guard);
+        let g = lock(&self.guard);
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        let out: Vec<bool> = digests.iter().map(|d| !index.contains_key(d)).collect();
-        if g.tracking() {
-            for (d, m) in digests.iter().zip(&out) {
-                if !m {
-                    g.touched.insert(*d);
-                }
-            }
-        }
-        Ok(out)
+        Ok(Self::answer(g, &index, digests))
     }
 
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
@@ -825,6 +854,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
         super::super::conformance::run(&s);
+    }
+
+    #[test]
+    fn missing_now_answers_like_missing_and_never_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let mut z = zstd::bulk::Compressor::new(1).unwrap();
+        let (file, _) = crate::format::chunk::encode(b"here", &mut z);
+        let here = ChunkDigest::of(b"here");
+        s.put_chunk(&here, &file).unwrap();
+        let ask = [here, ChunkDigest::of(b"absent")];
+        assert_eq!(s.missing_now(&ask), Some(vec![false, true]));
+        assert_eq!(s.missing_now(&ask).unwrap(), s.missing(&ask).unwrap());
+        // A collection holds the guard across pack writes; a writer holds
+        // the index. Either way: no answer now, rather than a wait.
+        let g = s.guard.lock().unwrap();
+        assert_eq!(s.missing_now(&ask), None);
+        drop(g);
+        let w = s.index.write().unwrap();
+        assert_eq!(s.missing_now(&ask), None);
+        drop(w);
+        assert_eq!(s.missing_now(&ask), Some(vec![false, true]));
     }
 
     fn count(dir: &Path) -> usize {
