@@ -201,12 +201,21 @@ fn digest_list(body: &[u8], min: usize, max: usize) -> Result<Vec<ChunkDigest>, 
         .collect())
 }
 
+/// Most digests of a question answered on the network thread; a larger
+/// one (up to [`MAX_QUERY`], a few milliseconds of lookups) goes to a
+/// blocking thread rather than hold up the connections that thread serves.
+/// A backup's questions name 16 to a few hundred chunks.
+const ANSWER_NOW_MAX: usize = 4096;
+
 async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let digests = digest_list(&body, 0, MAX_QUERY)?;
     // Answered here when no lock is taken: a hand-over to a blocking
     // thread and back, with the server's core busy checking uploads, kept
     // a backup's worker waiting for answers (see `LocalStore::missing_now`).
-    let m = match s.store.missing_now(&digests) {
+    let now = (digests.len() <= ANSWER_NOW_MAX)
+        .then(|| s.store.missing_now(&digests))
+        .flatten();
+    let m = match now {
         Some(m) => m,
         None => blocking(move || s.store.missing(&digests).map_err(store_error)).await?,
     };
