@@ -23,6 +23,7 @@ use crate::pagecache::PageCache;
 use crate::plan::BackupPlan;
 use crate::progress::Progress;
 use crate::read::{read_chunks, ReadEngine, ReadError, ReadJob};
+use crate::store::pages::{load_page, PageError};
 use crate::store::{Store, StoreError};
 
 /// The point-in-time view a backup reads through: after a chunk is read
@@ -42,11 +43,7 @@ impl PointInTime for Quiescent {
     }
 }
 
-/// The default zstd level. Level -3 was measured against it on the corpus
-/// (docs/ARCHITECTURE.md, "Compression level"): 13-17% less time and CPU
-/// for a store 17% larger, which did not pay; `--zstd-level -3` is there
-/// for hosts short of CPU.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+pub use crate::format::chunk::DEFAULT_ZSTD_LEVEL;
 
 /// Tunables of the pipeline.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -99,6 +96,12 @@ pub enum BackupError {
     /// zstd could not start.
     #[error("cannot start zstd at level {0}: {1}")]
     Zstd(i32, io::Error),
+}
+
+impl From<PageError> for BackupError {
+    fn from(e: PageError) -> Self {
+        BackupError::BadBase { id: e.id, why: e.why }
+    }
 }
 
 /// Everything one backup needs.
@@ -722,22 +725,6 @@ fn store_pages(
     Ok(())
 }
 
-/// Reads page `p` of a snapshot's index, checking its digest.
-pub fn load_page(store: &dyn Store, m: &Manifest, p: u64) -> Result<Vec<ChunkDigest>, BackupError> {
-    let bad = |why: String| BackupError::BadBase {
-        id: m.id.clone(),
-        why,
-    };
-    let d = m
-        .pages
-        .get(p as usize)
-        .ok_or_else(|| bad(format!("page {p} missing from the manifest")))?;
-    let file = store.get_chunk(d).map_err(|e| bad(e.to_string()))?;
-    let bytes =
-        chunk::decode_verified(&file, d).map_err(|e| bad(format!("index page {d}: {e}")))?;
-    index::decode_page(&bytes, index::page_len(m.chunks(), p)).map_err(bad)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1186,7 +1173,7 @@ mod tests {
         assert!(r.ok(), "{r:?}");
 
         // Damage the chunk at offset 0 of the changed set: find it via the index.
-        let idx = crate::restore::read_index(&store, &inc).unwrap();
+        let idx = crate::store::pages::read_index(&store, &inc).unwrap();
         let victim = idx[1];
         let (f, off, len) = store.locate(&victim).unwrap();
         let mut bytes = std::fs::read(&f).unwrap();

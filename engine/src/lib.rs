@@ -11,6 +11,7 @@ pub mod fault;
 pub mod format;
 pub mod fsutil;
 pub mod ids;
+pub mod ops;
 pub mod pagecache;
 pub mod plan;
 pub mod progress;

@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::backup::{load_page, BackupError};
+use crate::store::pages::{read_index, PageError};
 use crate::digest::ChunkDigest;
 use crate::format::chunk;
-use crate::format::index;
 use crate::format::manifest::Manifest;
 use crate::fsutil::direct::{AlignedBuf, DirectWriter};
 use crate::progress::Progress;
@@ -41,7 +40,7 @@ pub enum RestoreError {
     },
     /// The index could not be read.
     #[error(transparent)]
-    Index(#[from] BackupError),
+    Index(#[from] PageError),
     /// A chunk is missing or damaged: nothing wrong was written.
     #[error("chunk {digest} at offset {offset} of snapshot {snapshot} is bad ({why}); the restore stopped and {target} was not completed")]
     BadChunk {
@@ -432,13 +431,4 @@ fn device_size(f: &File) -> io::Result<u64> {
     use std::io::Seek;
     let mut f = f;
     f.seek(io::SeekFrom::End(0))
-}
-
-/// The full chunk index of a snapshot.
-pub fn read_index(store: &dyn Store, m: &Manifest) -> Result<Vec<ChunkDigest>, BackupError> {
-    let mut v = Vec::with_capacity(m.chunks() as usize);
-    for p in 0..index::page_count(m.chunks()) {
-        v.extend(load_page(store, m, p)?);
-    }
-    Ok(v)
 }

@@ -11,6 +11,8 @@
 pub mod chunkcache;
 pub mod conformance;
 pub mod local;
+pub mod memory;
+pub mod pages;
 pub mod readahead;
 
 use crate::digest::ChunkDigest;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::backup::load_page;
+use crate::store::pages::load_page;
 use crate::digest::ChunkDigest;
 use crate::format::chunk;
 use crate::format::manifest::Manifest;

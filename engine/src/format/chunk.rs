@@ -52,8 +52,14 @@ pub enum Codec {
     Zstd,
 }
 
+/// The default zstd level. Level -3 was measured against it on the corpus
+/// (benches/RESULTS.md, "Compression level"): 13-17% less time and CPU
+/// for a store 17% larger, which did not pay; `--zstd-level -3` is there
+/// for hosts short of CPU.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
 /// The shortest match zstd looks for at the default level
-/// ([`crate::backup::DEFAULT_ZSTD_LEVEL`]): zstd's longest (7) instead of
+/// ([`DEFAULT_ZSTD_LEVEL`]): zstd's longest (7) instead of
 /// level 1's 6. On the compressible chunks of the shared corpus it took
 /// 5.7% less time (median of three: 6.08 s against 6.45 s) for 2.5% more
 /// bytes (885 against 863 MiB); docs/ARCHITECTURE.md, "Compression
@@ -65,7 +71,7 @@ const DEFAULT_LEVEL_MIN_MATCH: u32 = 7;
 /// output is a plain zstd frame, and chunks of any level mix in a store.
 pub fn compressor(level: i32) -> std::io::Result<zstd::bulk::Compressor<'static>> {
     let mut c = zstd::bulk::Compressor::new(level)?;
-    if level == crate::backup::DEFAULT_ZSTD_LEVEL {
+    if level == DEFAULT_ZSTD_LEVEL {
         c.set_parameter(zstd::zstd_safe::CParameter::MinMatch(
             DEFAULT_LEVEL_MIN_MATCH,
         ))?;
@@ -510,8 +516,8 @@ mod tests {
     #[test]
     fn the_default_level_is_tuned_and_every_level_round_trips() {
         let plain = text(65536);
-        let stock = zstd::bulk::compress(&plain, crate::backup::DEFAULT_ZSTD_LEVEL).unwrap();
-        let mut tuned = compressor(crate::backup::DEFAULT_ZSTD_LEVEL).unwrap();
+        let stock = zstd::bulk::compress(&plain, DEFAULT_ZSTD_LEVEL).unwrap();
+        let mut tuned = compressor(DEFAULT_ZSTD_LEVEL).unwrap();
         let ours = tuned.compress(&plain).unwrap();
         // The minimum match applies: the frame differs from stock level 1.
         assert_ne!(ours, stock);

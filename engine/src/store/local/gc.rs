@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{lock, read_toc, DigestSet, Loc, LocalStore, Writer, PACK_TARGET};
-use crate::backup::load_page;
+use crate::store::pages::load_page;
 use crate::digest::ChunkDigest;
 use crate::format::manifest::Manifest;
 use crate::format::pack;
