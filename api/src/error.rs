@@ -107,3 +107,37 @@ pub enum Errors {
     #[response(status = 507, description = "The store is out of space")]
     InsufficientStorage(ErrorBody),
 }
+
+impl From<novabackup_engine::ops::OpError> for ApiError {
+    /// The one mapping of operation errors to HTTP: the kind decides the
+    /// status, the message goes as it is.
+    fn from(e: novabackup_engine::ops::OpError) -> Self {
+        use novabackup_engine::ops::ErrorKind;
+        let code = match e.kind() {
+            ErrorKind::NotFound => ErrorCode::NotFound,
+            ErrorKind::Conflict | ErrorKind::Busy => ErrorCode::Conflict,
+            ErrorKind::Quota | ErrorKind::StoreFull => ErrorCode::InsufficientStorage,
+            ErrorKind::Invalid => ErrorCode::BadRequest,
+            ErrorKind::Damaged => ErrorCode::Unprocessable,
+            ErrorKind::Internal => ErrorCode::Internal,
+        };
+        ApiError::new(code, e.message())
+    }
+}
+
+impl From<novabackup_engine::store::StoreError> for ApiError {
+    fn from(e: novabackup_engine::store::StoreError) -> Self {
+        novabackup_engine::ops::OpError::from(e).into()
+    }
+}
+
+impl ErrorCode {
+    /// The CLI's exit code for an error the agent answered with: 4 when
+    /// something named does not exist, else 1 (see `novabackup --help`).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorCode::NotFound => 4,
+            _ => 1,
+        }
+    }
+}

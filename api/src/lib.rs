@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod remote;
 pub mod routes;
 pub mod store_server;
+pub mod store_wire;
 pub mod tls;
 pub mod types;
 

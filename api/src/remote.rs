@@ -1,5 +1,5 @@
 //! [`RemoteStore`]: the [`Store`] of a store server (`novabackup store
-//! serve`), spoken over the protocol in [`crate::store_server`].
+//! serve`), spoken over the protocol in [`crate::store_wire`].
 //!
 //! Uploads run on a pool of threads so that several are in flight while
 //! the backup's workers go on hashing and compressing, each request a
@@ -39,7 +39,7 @@ use novabackup_engine::store::chunkcache::ChunkCache;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
-use crate::store_server::{decode_batch, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH};
+use crate::store_wire::{decode_batch, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH};
 use upload::{UploadError, Uploader};
 
 /// Upload requests in flight at most.
@@ -242,20 +242,21 @@ impl RemoteStore {
             threads,
             releases: Default::default(),
         };
-        let h: serde_json::Value = s
+        let h: crate::store_wire::Health = s
             .inner
             .send("GET", "/store/v1/health", None)
             .map_err(|e| s.inner.error(e))
             .and_then(|r| r.into_json().map_err(|e| s.inner.remote(e.to_string())))?;
-        if h["format"] != 2 {
+        let ours = crate::store_wire::Health::current().format;
+        if h.format != ours {
             return Err(s.inner.remote(format!(
-                "the server speaks store format {}, this agent format 2; upgrade the older one",
-                h["format"]
+                "the server speaks store format {}, this agent format {ours}; upgrade the older one",
+                h.format
             )));
         }
         // An older server checks the sums it is sent; it gets them.
-        let sums = h["sums_chunks"] == true;
-        s.commit_pages = h["commit_pages"] == true;
+        let sums = h.sums_chunks;
+        s.commit_pages = h.commit_pages;
         s.inner
             .sums
             .store(sums, std::sync::atomic::Ordering::Relaxed);
@@ -409,7 +410,7 @@ impl Inner {
     /// One batched download; `None` when it failed (each chunk is then
     /// fetched, and its error reported, by `get_chunk`).
     fn fetch(&self, ask: &[ChunkDigest]) -> Option<Vec<(ChunkDigest, Vec<u8>)>> {
-        let body: Vec<u8> = ask.iter().flat_map(|d| d.0).collect();
+        let body = crate::store_wire::encode_digests(ask);
         let r = self.send("POST", "/store/v1/fetch", Some(&body)).ok()?;
         let limit = (ask.len() * (novabackup_engine::format::chunk::MAX_PLAIN + 64)) as u64;
         let answer = read_body(r, limit).ok()?;
@@ -570,8 +571,8 @@ impl Drop for RemoteLock {
 impl Store for RemoteStore {
     fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError> {
         let mut out = Vec::with_capacity(digests.len());
-        for batch in digests.chunks(crate::store_server::MAX_QUERY) {
-            let body: Vec<u8> = batch.iter().flat_map(|d| d.0).collect();
+        for batch in digests.chunks(crate::store_wire::MAX_QUERY) {
+            let body = crate::store_wire::encode_digests(batch);
             let r = self
                 .inner
                 .send("POST", "/store/v1/missing", Some(&body))
@@ -700,7 +701,7 @@ impl Store for RemoteStore {
             self.inner
                 .send("POST", "/store/v1/snapshots", Some(&manifest))
         } else {
-            let body = crate::store_server::encode_commit(
+            let body = crate::store_wire::encode_commit(
                 &manifest,
                 pages.iter().map(|(d, f)| (d, &f[..])),
             );
@@ -877,15 +878,13 @@ impl Store for RemoteStore {
     }
 
     fn usage(&self) -> Result<u64, StoreError> {
-        let v: serde_json::Value = self
+        let u: crate::store_wire::Usage = self
             .inner
             .send("GET", "/store/v1/usage", None)
             .map_err(|e| self.inner.error(e))?
             .into_json()
             .map_err(|e| self.inner.remote(e.to_string()))?;
-        v["bytes"]
-            .as_u64()
-            .ok_or_else(|| self.inner.remote("usage without bytes".into()))
+        Ok(u.bytes)
     }
 }
 
@@ -921,7 +920,7 @@ mod tests {
     use super::*;
 
     use super::tests_support::serve;
-    use crate::store_server::encode_batch;
+    use crate::store_wire::encode_batch;
 
     #[test]
     fn remote_store_conformance() {
@@ -1200,7 +1199,7 @@ mod tests {
         let auth = |r: ureq::Request| r.set("Authorization", "Bearer secret");
         let e = auth(ureq::put(&format!("{url}/store/v1/chunks/{d}"))).send_bytes(&bare);
         assert!(matches!(e, Err(ureq::Error::Status(400, _))), "{e:?}");
-        let batch = crate::store_server::encode_batch([(&d, &bare[..])]);
+        let batch = crate::store_wire::encode_batch([(&d, &bare[..])]);
         let e = auth(ureq::post(&format!("{url}/store/v1/chunks"))).send_bytes(&batch);
         assert!(matches!(e, Err(ureq::Error::Status(400, _))), "{e:?}");
         assert_eq!(s.missing(&[d]).unwrap(), vec![true]);
@@ -1305,7 +1304,7 @@ mod tests {
         let (p4, mut f4) = page(&[b, c]);
         *f4.last_mut().unwrap() ^= 1;
         let m4 = snap(40, p4, Some(&m2));
-        let body = crate::store_server::encode_commit(&m4.encode(), [(&p4, &f4[..])]);
+        let body = crate::store_wire::encode_commit(&m4.encode(), [(&p4, &f4[..])]);
         let e = ureq::post(&format!("{url}/store/v1/commit"))
             .set("Authorization", "Bearer secret")
             .send_bytes(&body);
@@ -1504,14 +1503,14 @@ mod malformed {
             ),
             (
                 auth(ureq::post(&format!("{url}/store/v1/commit")))
-                    .send_bytes(&crate::store_server::encode_commit(b"{not json", [])),
+                    .send_bytes(&crate::store_wire::encode_commit(b"{not json", [])),
                 400,
                 "bad_request",
             ),
             (
                 auth(ureq::post(&format!("{url}/store/v1/commit"))).send_bytes(&{
                     let m = novabackup_engine::store::conformance::manifest("vm", 5, vec![]);
-                    let mut b = crate::store_server::encode_commit(&m.encode(), []);
+                    let mut b = crate::store_wire::encode_commit(&m.encode(), []);
                     b.extend_from_slice(&[7u8; 35]);
                     b
                 }),

@@ -344,3 +344,23 @@ pub struct JobEvent {
     /// The job, as `GET /api/v1/jobs/{id}` returns it, in JSON.
     pub data: String,
 }
+
+impl From<&Quotas> for novabackup_engine::ops::quota::Limits {
+    fn from(q: &Quotas) -> Self {
+        novabackup_engine::ops::quota::Limits {
+            store: q.store,
+            disks: q.disks.clone(),
+        }
+    }
+}
+
+impl From<novabackup_engine::ops::quota::DiskUsage> for DiskUsage {
+    fn from(u: novabackup_engine::ops::quota::DiskUsage) -> Self {
+        DiskUsage {
+            disk: u.disk,
+            bytes: u.bytes,
+            limit: u.limit,
+            snapshots: u.snapshots,
+        }
+    }
+}

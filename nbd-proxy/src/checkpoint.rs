@@ -156,3 +156,70 @@ impl novabackup_engine::backup::PointInTime for Checkpoint {
         Checkpoint::settle(self, offset, buf)
     }
 }
+
+fn tracker_error(e: TrackError) -> novabackup_engine::ops::tracker::TrackerError {
+    use novabackup_engine::ops::tracker::TrackerError;
+    match e {
+        TrackError::CheckpointActive => TrackerError::CheckpointActive,
+        e => TrackerError::Failed(Box::new(e)),
+    }
+}
+
+impl novabackup_engine::ops::tracker::Checkpoint for Checkpoint {
+    fn frozen(&self) -> &DirtyBitmap {
+        Checkpoint::frozen(self)
+    }
+    fn trust(&self) -> &Trust {
+        Checkpoint::trust(self)
+    }
+    fn copies(&self) -> usize {
+        Checkpoint::copies(self)
+    }
+    fn commit(
+        self: Box<Self>,
+        snapshot: &str,
+    ) -> Result<(), novabackup_engine::ops::tracker::TrackerError> {
+        Checkpoint::commit(*self, snapshot).map_err(tracker_error)
+    }
+    fn abort(self: Box<Self>) -> Result<(), novabackup_engine::ops::tracker::TrackerError> {
+        Checkpoint::abort(*self).map_err(tracker_error)
+    }
+}
+
+/// An export is a disk the engine's operations can back up: its image,
+/// read through this tracker's checkpoints.
+impl novabackup_engine::ops::tracker::TrackedDisk for crate::Export {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn image(&self) -> &File {
+        &self.image.file
+    }
+    fn size(&self) -> u64 {
+        self.image.size
+    }
+    fn data_extents(&self) -> Vec<(u64, u64)> {
+        self.image.data_extents()
+    }
+    fn tracking(&self) -> novabackup_engine::ops::tracker::TrackerState {
+        let s = self.tracker.status();
+        novabackup_engine::ops::tracker::TrackerState {
+            granularity: s.granularity,
+            checkpoint_active: s.checkpoint_active,
+            base: s.base,
+        }
+    }
+    fn live_trust(&self) -> Trust {
+        self.tracker.live().1
+    }
+    fn checkpoint(
+        &self,
+        protect_all: bool,
+    ) -> Result<
+        Box<dyn novabackup_engine::ops::tracker::Checkpoint>,
+        novabackup_engine::ops::tracker::TrackerError,
+    > {
+        let cp = self.tracker.checkpoint(protect_all).map_err(tracker_error)?;
+        Ok(Box::new(cp))
+    }
+}

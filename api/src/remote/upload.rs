@@ -18,7 +18,7 @@ use std::time::Duration;
 use novabackup_engine::digest::ChunkDigest;
 
 use super::Upload;
-use crate::store_server::{record_head, BATCH_BYTES, RECORD_HEAD};
+use crate::store_wire::{record_head, BATCH_BYTES, RECORD_HEAD};
 
 /// How long a connection may take to open.
 const CONNECT: Duration = Duration::from_secs(5);
@@ -363,10 +363,10 @@ mod tests {
             .flat_map(|s| s.to_vec())
             .collect();
         let files: Vec<Vec<u8>> = batch.iter().map(|(_, f)| f.parts().concat()).collect();
-        let built = crate::store_server::encode_batch(
+        let built = crate::store_wire::encode_batch(
             batch.iter().zip(&files).map(|((d, _), f)| (d, &f[..])),
         );
-        let last = crate::store_server::decode_batch(&built).unwrap()[3].1;
+        let last = crate::store_wire::decode_batch(&built).unwrap()[3].1;
         let (whole, _) = novabackup_engine::format::chunk::encode(
             &plain,
             &mut novabackup_engine::format::chunk::compressor(1).unwrap(),
