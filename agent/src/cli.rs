@@ -188,7 +188,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => 3,
-        Some(ClientError::Api { status: 404, .. }) => 4,
+        Some(ClientError::Api { error, .. }) => error.code.exit_code(),
         _ => 1,
     }
 }

@@ -10,8 +10,8 @@ mod metrics;
 mod notify;
 mod policy;
 mod schedule;
+mod service;
 mod state;
-mod work;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -208,7 +208,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
             opts.chunk_size
         )
     })?;
-    let settings = work::EngineSettings {
+    let settings = state::EngineSettings {
         backup: novabackup_engine::backup::BackupOptions {
             chunk_size: chunk.bytes(),
             zstd_level: opts.zstd_level,

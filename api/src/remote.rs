@@ -701,10 +701,8 @@ impl Store for RemoteStore {
             self.inner
                 .send("POST", "/store/v1/snapshots", Some(&manifest))
         } else {
-            let body = crate::store_wire::encode_commit(
-                &manifest,
-                pages.iter().map(|(d, f)| (d, &f[..])),
-            );
+            let body =
+                crate::store_wire::encode_commit(&manifest, pages.iter().map(|(d, f)| (d, &f[..])));
             for (_, f) in pages {
                 bufpool::FILES.give(f);
             }

@@ -21,15 +21,15 @@ use novabackup_engine::digest::ChunkDigest;
 use novabackup_engine::format::chunk;
 use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
-use novabackup_engine::store::local::LocalStore;
 use novabackup_engine::ops::accept::Acceptor;
+use novabackup_engine::store::local::LocalStore;
 use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
 use serde::Deserialize;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::store_wire::{
-    decode_digests, encode_batch, record_spans, split_commit, Health, Lease,
-    SnapshotList, Stored, Usage, LEASE, MAX_FETCH, MAX_QUERY,
+    decode_digests, encode_batch, record_spans, split_commit, Health, Lease, SnapshotList, Stored,
+    Usage, LEASE, MAX_FETCH, MAX_QUERY,
 };
 
 /// Largest accepted request body: one chunk at the largest plain size, plus
@@ -222,10 +222,7 @@ fn split_spans<'a>(
 
 /// A batch of uploads: every chunk is checked before any is stored, so a
 /// batch with one bad chunk stores nothing.
-async fn put_chunks(
-    State(s): State<Shared>,
-    body: Bytes,
-) -> Result<Json<Stored>, ApiError> {
+async fn put_chunks(State(s): State<Shared>, body: Bytes) -> Result<Json<Stored>, ApiError> {
     blocking(move || {
         let mut body = owned(body);
         let spans = record_spans(&body).map_err(|e| bad(format!("bad upload batch: {e}")))?;
@@ -237,12 +234,10 @@ async fn put_chunks(
                 .put_chunk(d, &body[span.clone()])
                 .map_err(store_error)?;
         }
-        Ok(Json(
-            Stored {
-                stored,
-                chunks: Some(spans.len()),
-            },
-        ))
+        Ok(Json(Stored {
+            stored,
+            chunks: Some(spans.len()),
+        }))
     })
     .await
 }
@@ -491,4 +486,3 @@ async fn usage(State(s): State<Shared>) -> Result<Json<Usage>, ApiError> {
     let n = blocking(move || s.store.usage().map_err(store_error)).await?;
     Ok(Json(Usage { bytes: n }))
 }
-

@@ -100,7 +100,10 @@ pub enum BackupError {
 
 impl From<PageError> for BackupError {
     fn from(e: PageError) -> Self {
-        BackupError::BadBase { id: e.id, why: e.why }
+        BackupError::BadBase {
+            id: e.id,
+            why: e.why,
+        }
     }
 }
 

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::store::pages::{read_index, PageError};
 use crate::digest::ChunkDigest;
 use crate::format::chunk;
 use crate::format::manifest::Manifest;
 use crate::fsutil::direct::{AlignedBuf, DirectWriter};
 use crate::progress::Progress;
+use crate::store::pages::{read_index, PageError};
 use crate::store::readahead::ReadAhead;
 use crate::store::{Store, StoreError};
 

@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::store::pages::load_page;
 use crate::digest::ChunkDigest;
 use crate::format::chunk;
 use crate::format::manifest::Manifest;
 use crate::progress::Progress;
+use crate::store::pages::load_page;
 use crate::store::readahead::ReadAhead;
 use crate::store::Store;
 

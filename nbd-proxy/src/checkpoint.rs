@@ -219,7 +219,10 @@ impl novabackup_engine::ops::tracker::TrackedDisk for crate::Export {
         Box<dyn novabackup_engine::ops::tracker::Checkpoint>,
         novabackup_engine::ops::tracker::TrackerError,
     > {
-        let cp = self.tracker.checkpoint(protect_all).map_err(tracker_error)?;
+        let cp = self
+            .tracker
+            .checkpoint(protect_all)
+            .map_err(tracker_error)?;
         Ok(Box::new(cp))
     }
 }

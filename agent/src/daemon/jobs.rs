@@ -8,12 +8,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use novabackup_api::types::{JobInfo, JobState};
+use novabackup_engine::ops::{backup, prune, restore, verify, OpError};
 use novabackup_engine::progress::Progress;
+use novabackup_engine::store::GcReport;
 
 const KEEP: usize = 200;
 
-/// How a job ended: its state, result or error, and seconds taken.
-type Outcome = (JobState, Result<serde_json::Value, String>, f64);
+/// What a job that succeeded produced: each operation's own report,
+/// rendered as JSON only when a client asks for the job.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    /// A backup.
+    Backup(Box<backup::BackupReport>),
+    /// A restore.
+    Restore(restore::RestoreReport),
+    /// A verify.
+    Verify(verify::VerifyJobReport),
+    /// A prune.
+    Prune(prune::PruneReport),
+    /// A garbage collection.
+    Gc(GcReport),
+}
+
+/// How a job ended: its state, its report or error, and seconds taken.
+type Outcome = (JobState, Result<Arc<Report>, Arc<OpError>>, f64);
 
 struct Job {
     id: String,
@@ -63,7 +82,7 @@ impl Jobs {
         &self,
         kind: &str,
         target: &str,
-        work: impl FnOnce(&Progress) -> Result<serde_json::Value, String> + Send + 'static,
+        work: impl FnOnce(&Progress) -> Result<Report, OpError> + Send + 'static,
     ) -> JobInfo {
         let id = format!("job-{}", self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let job = Arc::new(Job {
@@ -98,7 +117,9 @@ impl Jobs {
             let _g = span.enter();
             tracing::info!("job started");
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&j.progress)))
-                .unwrap_or_else(|_| Err("the job crashed; see the agent's log".into()));
+                .unwrap_or_else(|_| Err(OpError::internal("the job crashed; see the agent's log")))
+                .map(Arc::new)
+                .map_err(Arc::new);
             let state = match &r {
                 Ok(_) => JobState::Succeeded,
                 Err(_) if j.cancelled.load(std::sync::atomic::Ordering::Relaxed) => {
@@ -125,16 +146,17 @@ impl Jobs {
                     .unwrap_or(DURATION_BUCKETS.len());
                 d.0[b] += 1;
                 d.1 += secs;
-                if let (Ok(v), "backup") = (&r, j.kind.as_str()) {
-                    for (i, k) in ["bytes_read", "bytes_new", "bytes_stored"]
-                        .iter()
+                if let Ok(Report::Backup(b)) = r.as_deref() {
+                    let st = &b.stats;
+                    for (i, n) in [st.bytes_read, st.bytes_new, st.bytes_stored]
+                        .into_iter()
                         .enumerate()
                     {
-                        t.backup_bytes[i] += v["stats"][k].as_u64().unwrap_or(0);
+                        t.backup_bytes[i] += n;
                     }
-                    if let Some(m) = v["audit"]["mismatches"].as_u64() {
+                    if let Some(a) = &b.audit {
                         t.audits += 1;
-                        t.audit_mismatches += m;
+                        t.audit_mismatches += a.mismatches;
                     }
                 }
             }
@@ -212,8 +234,12 @@ fn info(j: &Job) -> JobInfo {
     };
     let (state, result, error) = match outcome {
         None => (JobState::Running, None, None),
-        Some((s, Ok(v), _)) => (s, Some(v), None),
-        Some((s, Err(e), _)) => (s, None, Some(e)),
+        Some((s, Ok(r), _)) => (
+            s,
+            Some(serde_json::to_value(&*r).expect("reports serialize")),
+            None,
+        ),
+        Some((s, Err(e), _)) => (s, None, Some(e.to_string())),
     };
     let eta_seconds = (state == JobState::Running && rate > 0.0 && total >= done)
         .then(|| (total - done) as f64 / rate);
@@ -244,7 +270,7 @@ mod tests {
         let (go, gate) = std::sync::mpsc::sync_channel::<()>(0);
         let j = jobs.spawn("backup", "vm", move |_| {
             gate.recv().ok();
-            Ok(serde_json::json!({}))
+            Ok(Report::Gc(Default::default()))
         });
         let t = Instant::now();
         let r = jobs.wait(&j.id, Duration::from_millis(100)).unwrap();

@@ -1,7 +1,10 @@
-//! The agent's disks: attach, detach, restore at start and save at stop,
-//! persisted in DATA_DIR/disks.json (through the crash-safe helper) with
-//! one bitmap per disk under DATA_DIR/cbt/. Implements the API's
-//! [`DiskService`].
+//! The agent's state: a registry of its disks (attach, detach, restore at
+//! start and save at stop, persisted in DATA_DIR/disks.json through the
+//! crash-safe helper, with one bitmap per disk under DATA_DIR/cbt/), the
+//! store, the job table and the settings. Operations are the engine's
+//! (`novabackup_engine::ops`); the agent starts them as jobs
+//! ([`Agent::start_backup`] and its siblings), and `service.rs` answers
+//! the API with them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -9,25 +12,26 @@ use std::sync::{Arc, Mutex};
 use nbd_proxy::export::ExportError;
 use nbd_proxy::server::ServerError;
 use nbd_proxy::{Export, Image, Server, Tracker};
-use novabackup_api::types::{
-    AttachRequest, BackupRequest, CbtInfo, DiskInfo, Health, JobInfo, PruneRequest, Quotas,
-    RestoreRequest, RetentionPolicy, ScheduleAction, ScheduleInfo, ScheduleRequest, SnapshotInfo,
-    VerifyRequest,
-};
-use novabackup_engine::format::manifest::Manifest;
-use novabackup_engine::ids::SnapshotId;
-use novabackup_engine::plan::Mode;
-use novabackup_engine::store::{Store, StoreError};
-
-use super::jobs::Jobs;
-use super::policy::{self, Busy, Settings};
-use super::schedule::{self, Run, Schedules, Start};
-use super::work::{self, EngineSettings};
-use novabackup_api::{ApiError, DiskService, ErrorCode};
+use novabackup_api::types::{AttachRequest, CbtInfo, DiskInfo, JobInfo};
+use novabackup_engine::backup::BackupOptions;
 use novabackup_engine::cbt::Granularity;
 use novabackup_engine::fsutil;
 use novabackup_engine::ids::DiskName;
+use novabackup_engine::ops::backup::BackupJobOptions;
+use novabackup_engine::ops::claims::Claims;
+use novabackup_engine::ops::prune::PruneOptions;
+use novabackup_engine::ops::restore::RestoreOptions;
+use novabackup_engine::ops::verify::VerifyScope;
+use novabackup_engine::ops::{self, ErrorKind, OpError};
+use novabackup_engine::pagecache::PageCache;
+use novabackup_engine::plan::Mode;
+use novabackup_engine::read::ReadEngine;
+use novabackup_engine::store::{GcOptions, Store};
 use serde::{Deserialize, Serialize};
+
+use super::jobs::{Jobs, Report};
+use super::policy::Settings;
+use super::schedule::Schedules;
 
 const DISKS_FILE: &str = "disks.json";
 
@@ -47,24 +51,40 @@ struct Endpoints {
     socket: Option<PathBuf>,
 }
 
+/// Engine settings shared by every job.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Pipeline tunables.
+    pub backup: BackupOptions,
+    /// Image reader.
+    pub read: ReadEngine,
+    /// Threads for restore and verify.
+    pub workers: usize,
+    /// Audit change tracking every this many backups of a disk (0: never
+    /// unless asked).
+    pub audit_every: u32,
+    /// Index pages kept decoded between backups.
+    pub pages: Arc<PageCache>,
+}
+
 /// The agent's state.
 pub struct Agent {
     dir: PathBuf,
-    server: Arc<Server>,
+    pub(super) server: Arc<Server>,
     boot_id: String,
     /// Serializes attach and detach, and holds what disks.json says.
     records: Mutex<Vec<DiskRecord>>,
     endpoints: Mutex<Endpoints>,
-    store: Arc<dyn Store>,
-    jobs: Jobs,
-    settings: EngineSettings,
-    policy: Arc<Settings>,
-    schedules: Arc<Schedules>,
-    busy: Busy,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) jobs: Jobs,
+    pub(super) settings: EngineSettings,
+    pub(super) policy: Arc<Settings>,
+    pub(super) schedules: Arc<Schedules>,
+    claims: Claims,
 }
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
-    ApiError::new(code, msg)
+fn err(kind: ErrorKind, msg: impl Into<String>) -> OpError {
+    OpError::new(kind, msg)
 }
 
 impl Agent {
@@ -89,73 +109,111 @@ impl Agent {
             settings,
             policy: Arc::new(policy),
             schedules,
-            busy: Busy::default(),
+            claims: Claims::default(),
         }
     }
 
-    /// Starts a backup job holding the disk's claim.
-    fn start_backup(&self, disk: &str, mode: Mode) -> Result<JobInfo, ApiError> {
+    /// Starts a backup job holding the disk's claim; [`ErrorKind::Busy`]
+    /// when another job holds the disk.
+    pub fn start_backup(&self, disk: &str, mode: Mode) -> Result<JobInfo, OpError> {
         let export = self.export(disk)?;
         let busy = || {
-            err(
-                ErrorCode::Conflict,
-                format!(
-                    "a backup, prune or verify of disk {disk} is running; wait for it to finish"
-                ),
-            )
+            OpError::busy(format!(
+                "a backup, prune or verify of disk {disk} is running; wait for it to finish"
+            ))
         };
         if export.tracker.status().checkpoint_active {
             return Err(busy());
         }
-        let claim = self.busy.try_claim(disk).ok_or_else(busy)?;
+        let claim = self.claims.try_claim(disk).ok_or_else(busy)?;
         let store = self.store.clone();
-        let settings = self.settings.clone();
-        let quotas = self.policy.quotas();
+        let s = &self.settings;
+        let opts = BackupJobOptions {
+            mode,
+            pipeline: s.backup.clone(),
+            read: s.read,
+            audit_every: s.audit_every,
+            limits: self.policy.limits(),
+        };
+        let pages = s.pages.clone();
         Ok(self.jobs.spawn("backup", disk, move |p| {
             let _claim = claim;
-            work::backup(export, store, settings, mode, &quotas, p)
+            ops::backup::backup(&*export, &*store, &opts, Some(&pages), p)
+                .map(|r| Report::Backup(Box::new(r)))
         }))
     }
 
-    fn start_verify(&self, scope: work::VerifyScope, target: String) -> JobInfo {
+    /// Starts a verify job (it claims each disk in turn, waiting for it).
+    pub fn start_verify(&self, scope: VerifyScope) -> Result<JobInfo, OpError> {
+        scope.check(&*self.store)?;
         let store = self.store.clone();
         let workers = self.settings.workers;
-        let busy = self.busy.clone();
-        self.jobs.spawn("verify", &target, move |p| {
-            work::verify(store, scope, &busy, workers, p)
-        })
+        let claims = self.claims.clone();
+        Ok(self.jobs.spawn("verify", &scope.target(), move |p| {
+            ops::verify::verify(&*store, &scope, &claims, workers, p).map(Report::Verify)
+        }))
     }
 
-    fn start_prune(&self, disk: Option<DiskName>, dry_run: bool) -> JobInfo {
+    /// Starts a prune job (it claims each disk in turn, waiting for it).
+    pub fn start_prune(&self, opts: PruneOptions) -> JobInfo {
         let store = self.store.clone();
         let settings = self.policy.clone();
-        let busy = self.busy.clone();
-        let target = disk.as_ref().map_or("all".to_string(), |d| d.to_string());
-        let kind = if dry_run { "prune-dry-run" } else { "prune" };
+        let claims = self.claims.clone();
+        let target = opts
+            .disk
+            .as_ref()
+            .map_or("all".to_string(), |d| d.to_string());
+        let kind = if opts.dry_run {
+            "prune-dry-run"
+        } else {
+            "prune"
+        };
         self.jobs.spawn(kind, &target, move |p| {
-            policy::prune(&*store, &settings, &busy, disk.as_ref(), dry_run, p)
+            let policy_for = |d: &str| settings.effective(d);
+            ops::prune::prune(&*store, &policy_for, &claims, &opts, p).map(Report::Prune)
         })
     }
 
-    fn start_gc(&self, opts: novabackup_engine::store::GcOptions) -> Result<JobInfo, ApiError> {
+    /// Starts a garbage collection; [`ErrorKind::Busy`] while one runs.
+    pub fn start_gc(&self, opts: GcOptions) -> Result<JobInfo, OpError> {
         // One collection at a time; the store refuses a second one too.
-        let claim = self.busy.try_claim("\0gc").ok_or_else(|| {
-            err(
-                ErrorCode::Conflict,
-                "a garbage collection is running; wait for it to finish",
-            )
+        let claim = self.claims.try_claim("\0gc").ok_or_else(|| {
+            OpError::busy("a garbage collection is running; wait for it to finish")
         })?;
         let store = self.store.clone();
         Ok(self.jobs.spawn("gc", "store", move |p| {
             let _claim = claim;
-            let r = store.gc(&opts, p).map_err(|e| e.to_string())?;
-            tracing::info!(
-                removed = r.chunks_removed,
-                freed = r.bytes_before.saturating_sub(r.bytes_after),
-                "garbage collection done"
-            );
-            Ok(serde_json::to_value(r).expect("report serializes"))
+            ops::snapshots::gc(&*store, &opts, p).map(Report::Gc)
         }))
+    }
+
+    /// Starts a restore job once the target passed its checks; never over
+    /// the image of an attached disk.
+    pub fn start_restore(&self, opts: RestoreOptions) -> Result<JobInfo, OpError> {
+        ops::restore::check(&*self.store, &opts)?;
+        if let Some(d) = self
+            .server
+            .all()
+            .iter()
+            .find(|e| same_file(&e.image.path, &opts.target))
+        {
+            return Err(OpError::conflict(format!(
+                "{} is the image of attached disk {}; detach it before restoring over it",
+                opts.target.display(),
+                d.name
+            )));
+        }
+        let store = self.store.clone();
+        Ok(self
+            .jobs
+            .spawn("restore", &opts.snapshot.to_string(), move |p| {
+                ops::restore::restore(&*store, &opts, p).map(Report::Restore)
+            }))
+    }
+
+    /// Whether a job holds `disk`.
+    pub fn is_busy(&self, disk: &str) -> bool {
+        self.claims.is_busy(disk)
     }
 
     pub(super) fn set_endpoints(&self, tcp: Option<String>, socket: Option<PathBuf>) {
@@ -197,15 +255,15 @@ impl Agent {
         Ok(())
     }
 
-    fn open(&self, r: &DiskRecord) -> Result<Arc<Export>, ApiError> {
+    fn open(&self, r: &DiskRecord) -> Result<Arc<Export>, OpError> {
         let image = Image::open(&r.image, r.read_only).map_err(|e| match &e {
             ExportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 err(
-                    ErrorCode::Unprocessable,
+                    ErrorKind::Invalid,
                     format!("image {} does not exist", r.image.display()),
                 )
             }
-            _ => err(ErrorCode::Unprocessable, e.to_string()),
+            _ => err(ErrorKind::Invalid, e.to_string()),
         })?;
         let tracker = Tracker::open(
             &self.bitmap_path(&r.name),
@@ -213,7 +271,7 @@ impl Agent {
             r.granularity,
             &self.boot_id,
         )
-        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
         Ok(Arc::new(Export {
             name: r.name.to_string(),
             image,
@@ -222,26 +280,26 @@ impl Agent {
         }))
     }
 
-    fn save(&self, records: &[DiskRecord]) -> Result<(), ApiError> {
+    fn save(&self, records: &[DiskRecord]) -> Result<(), OpError> {
         let bytes = serde_json::to_vec_pretty(records).expect("records serialize");
         fsutil::write_atomic(&self.dir.join(DISKS_FILE), &bytes, 0o600).map_err(|e| {
             err(
-                ErrorCode::Internal,
+                ErrorKind::Internal,
                 format!("cannot save {DISKS_FILE}: {e}"),
             )
         })
     }
 
-    fn export(&self, name: &str) -> Result<Arc<Export>, ApiError> {
+    pub(super) fn export(&self, name: &str) -> Result<Arc<Export>, OpError> {
         self.server.get(name).ok_or_else(|| {
             err(
-                ErrorCode::NotFound,
+                ErrorKind::NotFound,
                 format!("no disk named {name:?}; `novabackup disk list` shows the attached disks"),
             )
         })
     }
 
-    fn info(&self, e: &Export) -> DiskInfo {
+    pub(super) fn info(&self, e: &Export) -> DiskInfo {
         let ep = self
             .endpoints
             .lock()
@@ -278,99 +336,27 @@ impl Agent {
             }
         }
     }
-}
-
-fn store_err(e: StoreError) -> ApiError {
-    let code = match &e {
-        StoreError::NoSnapshot(_) | StoreError::MissingChunk(_) => ErrorCode::NotFound,
-        StoreError::Exists(_) | StoreError::Locked(_) => ErrorCode::Conflict,
-        _ => ErrorCode::Internal,
-    };
-    err(code, e.to_string())
-}
-
-fn snapshot_id(id: &str) -> Result<SnapshotId, ApiError> {
-    id.parse()
-        .map_err(|e: novabackup_engine::ids::BadSnapshotId| {
-            err(ErrorCode::BadRequest, e.to_string())
-        })
-}
-
-fn parse_disk(d: &str) -> Result<DiskName, ApiError> {
-    d.parse::<DiskName>()
-        .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))
-}
-
-fn snapshot_info(m: Manifest) -> SnapshotInfo {
-    SnapshotInfo {
-        id: m.id.to_string(),
-        disk: m.disk.to_string(),
-        time: m.time,
-        kind: m.kind,
-        parent: m.parent.map(|p| p.to_string()),
-        reason: m.reason,
-        image_size: m.image_size,
-        chunk_size: m.chunk_size,
-        stats: m.stats,
-        protected: m.protected,
-        verified: m.verified,
-        audit: m.audit,
-    }
-}
-
-fn cbt_info(t: &Tracker) -> CbtInfo {
-    let s = t.status();
-    CbtInfo {
-        granularity: s.granularity,
-        blocks: s.blocks,
-        dirty_blocks: s.dirty_blocks,
-        dirty_bytes: s.dirty_bytes,
-        trusted: s.trusted,
-        reason: s.reason,
-        checkpoint_active: s.checkpoint_active,
-    }
-}
-
-impl DiskService for Agent {
-    fn health(&self) -> Health {
-        Health {
-            status: "ok".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            io_engine: match self.server.engine() {
-                nbd_proxy::IoEngine::Uring => "uring".into(),
-                nbd_proxy::IoEngine::Pread => "pread".into(),
-            },
-        }
-    }
-
-    fn list(&self) -> Vec<DiskInfo> {
-        self.server.all().iter().map(|e| self.info(e)).collect()
-    }
-
-    fn get(&self, name: &str) -> Result<DiskInfo, ApiError> {
-        Ok(self.info(&*self.export(name)?))
-    }
-
-    fn attach(&self, req: AttachRequest) -> Result<DiskInfo, ApiError> {
+    /// Attaches a disk: serves its image over NBD and tracks its writes.
+    pub fn attach(&self, req: AttachRequest) -> Result<DiskInfo, OpError> {
         let name: DiskName =
             req.name
                 .parse()
                 .map_err(|e: novabackup_engine::ids::BadDiskName| {
-                    err(ErrorCode::BadRequest, e.to_string())
+                    err(ErrorKind::Invalid, e.to_string())
                 })?;
         let granularity = Granularity::new(req.granularity.unwrap_or(Granularity::DEFAULT.bytes()))
-            .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
+            .map_err(|e| err(ErrorKind::Invalid, e.to_string()))?;
         let image = PathBuf::from(&req.image);
         if !image.is_absolute() {
             return Err(err(
-                ErrorCode::BadRequest,
+                ErrorKind::Invalid,
                 format!("image path {:?} must be absolute", req.image),
             ));
         }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if self.server.get(name.as_str()).is_some() || records.iter().any(|r| r.name == name) {
             return Err(err(
-                ErrorCode::Conflict,
+                ErrorKind::Conflict,
                 format!(
                     "a disk named {name} is already attached; detach it first or pick another name"
                 ),
@@ -379,7 +365,7 @@ impl DiskService for Agent {
         let canonical = image.canonicalize().unwrap_or_else(|_| image.clone());
         if let Some(other) = records.iter().find(|r| same_file(&r.image, &canonical)) {
             return Err(err(
-                ErrorCode::Conflict,
+                ErrorKind::Conflict,
                 format!("{} is already attached as disk {}; writes through two exports would escape tracking", image.display(), other.name),
             ));
         }
@@ -399,19 +385,20 @@ impl DiskService for Agent {
         self.save(&next)?;
         self.server
             .add(export.clone())
-            .map_err(|e| err(ErrorCode::Conflict, e.to_string()))?;
+            .map_err(|e| err(ErrorKind::Conflict, e.to_string()))?;
         *records = next;
         tracing::info!(disk = %name, image = %export.image.path.display(), "disk attached");
         Ok(self.info(&export))
     }
 
-    fn detach(&self, name: &str) -> Result<(), ApiError> {
+    /// Detaches a disk (refused while NBD clients are connected).
+    pub fn detach(&self, name: &str) -> Result<(), OpError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let export = match self.server.remove(name) {
             Ok(e) => Some(e),
             Err(ServerError::Busy { .. }) => {
                 let n = self.server.connections(name);
-                return Err(err(ErrorCode::Conflict, format!("disk {name} has {n} connected NBD client(s); disconnect them (shut the VM down) first")));
+                return Err(err(ErrorKind::Conflict, format!("disk {name} has {n} connected NBD client(s); disconnect them (shut the VM down) first")));
             }
             // Known but not served (its image was missing at start-up).
             Err(_) if records.iter().any(|r| r.name.as_str() == name) => None,
@@ -436,363 +423,35 @@ impl DiskService for Agent {
         Ok(())
     }
 
-    fn cbt(&self, name: &str) -> Result<CbtInfo, ApiError> {
-        Ok(cbt_info(&self.export(name)?.tracker))
-    }
-
-    fn cbt_reset(&self, name: &str) -> Result<CbtInfo, ApiError> {
+    /// Clears a disk's bitmap (the operator's reset).
+    pub fn cbt_reset(&self, name: &str) -> Result<CbtInfo, OpError> {
         let e = self.export(name)?;
         e.tracker
             .reset()
-            .map_err(|x| err(ErrorCode::Internal, x.to_string()))?;
+            .map_err(|x| err(ErrorKind::Internal, x.to_string()).with_source(x))?;
         tracing::info!(disk = name, "bitmap reset by the operator");
         Ok(cbt_info(&e.tracker))
     }
+}
 
-    fn backup(&self, req: BackupRequest) -> Result<JobInfo, ApiError> {
-        let mode = match (req.full, req.audit) {
-            (true, true) => {
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    "choose full or audit, not both (an audit reads everything too)",
-                ))
-            }
-            (true, false) => Mode::Full,
-            (false, true) => Mode::Audit,
-            (false, false) => Mode::Auto,
-        };
-        self.start_backup(&req.disk, mode)
-    }
-
-    fn snapshots(&self, disk: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError> {
-        let disk = match disk {
-            Some(d) => Some(
-                d.parse::<DiskName>()
-                    .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?,
-            ),
-            None => None,
-        };
-        let (list, damaged) = self.store.list(disk.as_ref()).map_err(store_err)?;
-        for d in damaged {
-            tracing::error!("{d}");
-        }
-        Ok(list.into_iter().map(snapshot_info).collect())
-    }
-
-    fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ApiError> {
-        self.store
-            .manifest(&snapshot_id(id)?)
-            .map(snapshot_info)
-            .map_err(store_err)
-    }
-
-    fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
-        let id = snapshot_id(id)?;
-        if self.store.manifest(&id).map_err(store_err)?.protected {
-            return Err(err(
-                ErrorCode::Conflict,
-                format!("snapshot {id} is protected; `novabackup snapshot unprotect {id}` first"),
-            ));
-        }
-        self.store.delete(&id).map_err(store_err)?;
-        tracing::info!(snapshot = %id, "snapshot deleted");
-        Ok(())
-    }
-
-    fn verify(&self, req: VerifyRequest) -> Result<JobInfo, ApiError> {
-        let ids = match req.snapshots {
-            Some(v) if !v.is_empty() => {
-                let ids = v
-                    .iter()
-                    .map(|i| snapshot_id(i))
-                    .collect::<Result<Vec<_>, _>>()?;
-                for id in &ids {
-                    self.store.manifest(id).map_err(store_err)?;
-                }
-                Some(ids)
-            }
-            _ => None,
-        };
-        let target = ids
-            .as_ref()
-            .map(|v| {
-                v.iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_else(|| "all".into());
-        let disk = req.disk.as_deref().map(parse_disk).transpose()?;
-        let skip_within = req
-            .skip_verified_within
-            .as_deref()
-            .map(novabackup_engine::retention::parse_duration)
-            .transpose()
-            .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
-        let target = match (&ids, &disk) {
-            (None, Some(d)) => d.to_string(),
-            _ => target,
-        };
-        Ok(self.start_verify(
-            work::VerifyScope {
-                ids,
-                disk,
-                skip_within,
-            },
-            target,
-        ))
-    }
-
-    fn restore(&self, req: RestoreRequest) -> Result<JobInfo, ApiError> {
-        let id = snapshot_id(&req.snapshot)?;
-        self.store.manifest(&id).map_err(store_err)?;
-        let target = PathBuf::from(&req.target);
-        if !target.is_absolute() {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("target {:?} must be an absolute path", req.target),
-            ));
-        }
-        if let Some(d) = self
-            .server
-            .all()
-            .iter()
-            .find(|e| same_file(&e.image.path, &target))
-        {
-            return Err(err(
-                ErrorCode::Conflict,
-                format!(
-                    "{} is the image of attached disk {}; detach it before restoring over it",
-                    target.display(),
-                    d.name
-                ),
-            ));
-        }
-        if target.exists() && !req.force {
-            return Err(err(
-                ErrorCode::Conflict,
-                format!("{} exists; pass --force to overwrite it", target.display()),
-            ));
-        }
-        let store = self.store.clone();
-        let workers = self.settings.workers;
-        let force = req.force;
-        Ok(self.jobs.spawn("restore", &id.to_string(), move |p| {
-            work::restore(store, &id, &target, force, workers, p)
-        }))
-    }
-
-    fn jobs(&self) -> Vec<JobInfo> {
-        self.jobs.list()
-    }
-
-    fn job(&self, id: &str) -> Result<JobInfo, ApiError> {
-        self.jobs.get(id).ok_or_else(|| no_job(id))
-    }
-
-    fn wait_job(&self, id: &str, timeout: std::time::Duration) -> Result<JobInfo, ApiError> {
-        self.jobs.wait(id, timeout).ok_or_else(|| no_job(id))
-    }
-
-    fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
-        self.jobs.cancel(id).ok_or_else(|| no_job(id))
-    }
-
-    fn metrics(&self) -> Result<String, ApiError> {
-        use super::metrics::{render, DiskSample, StoreSample};
-        let disks: Vec<DiskSample> = self
-            .server
-            .all()
-            .iter()
-            .map(|e| DiskSample {
-                name: e.name.clone(),
-                requests: e.stats.requests(),
-                bytes_read: e.stats.bytes_read(),
-                bytes_written: e.stats.bytes_written(),
-                dirty_bytes: cbt_info(&e.tracker).dirty_bytes,
-                connections: self.server.connections(&e.name),
-                latency: e.stats.latency(),
-            })
-            .collect();
-        let (list, _) = self.store.list(None).map_err(store_err)?;
-        let q = self.policy.quotas();
-        let store = StoreSample {
-            bytes: self.store.usage().map_err(store_err)?,
-            snapshots: list.len(),
-            chunks: self.store.chunk_count(),
-            limit: q.store,
-            disks: policy::usage_report(&list, &q)
-                .into_iter()
-                .map(|u| (u.disk, u.bytes, u.limit))
-                .collect(),
-        };
-        Ok(render(&self.jobs.totals(), &disks, &store))
-    }
-
-    fn store_info(&self) -> Result<novabackup_api::types::StoreInfo, ApiError> {
-        let (list, _) = self.store.list(None).map_err(store_err)?;
-        let q = self.policy.quotas();
-        Ok(novabackup_api::types::StoreInfo {
-            location: self.store.describe(),
-            bytes_used: self.store.usage().map_err(store_err)?,
-            snapshots: list.len(),
-            limit: q.store,
-            disks: policy::usage_report(&list, &q),
-            schedules: self.schedules.list(),
-        })
-    }
-
-    fn protect(&self, id: &str, protected: bool) -> Result<SnapshotInfo, ApiError> {
-        let id = snapshot_id(id)?;
-        let a = novabackup_engine::format::manifest::Annotation {
-            protected: Some(protected),
-            ..Default::default()
-        };
-        let m = self.store.annotate(&id, &a).map_err(store_err)?;
-        tracing::info!(snapshot = %id, protected, "snapshot protection changed");
-        Ok(snapshot_info(m))
-    }
-
-    fn policies(&self) -> Result<Vec<RetentionPolicy>, ApiError> {
-        Ok(self.policy.policies())
-    }
-
-    fn put_policy(&self, p: RetentionPolicy, create: bool) -> Result<RetentionPolicy, ApiError> {
-        self.policy.put_policy(p, create)
-    }
-
-    fn delete_policy(&self, name: &str) -> Result<(), ApiError> {
-        self.policy.delete_policy(name)
-    }
-
-    fn prune(&self, req: PruneRequest) -> Result<JobInfo, ApiError> {
-        let disk = req.disk.as_deref().map(parse_disk).transpose()?;
-        Ok(self.start_prune(disk, req.dry_run))
-    }
-
-    fn gc(&self, req: novabackup_api::types::GcRequest) -> Result<JobInfo, ApiError> {
-        self.start_gc(novabackup_engine::store::GcOptions {
-            min_garbage_percent: req.min_garbage_percent,
-        })
-    }
-
-    fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {
-        Ok(self.schedules.list())
-    }
-
-    fn put_schedule(
-        &self,
-        req: ScheduleRequest,
-        id: Option<String>,
-    ) -> Result<ScheduleInfo, ApiError> {
-        self.schedules
-            .put(req, id, novabackup_engine::time::now_unix())
-    }
-
-    fn delete_schedule(&self, id: &str) -> Result<(), ApiError> {
-        self.schedules.delete(id)
-    }
-
-    fn quotas(&self) -> Result<Quotas, ApiError> {
-        Ok(self.policy.quotas())
-    }
-
-    fn set_quotas(&self, q: Quotas) -> Result<Quotas, ApiError> {
-        self.policy.set_quotas(q)
+/// What the API shows of a tracker.
+pub(super) fn cbt_info(t: &Tracker) -> CbtInfo {
+    let s = t.status();
+    CbtInfo {
+        granularity: s.granularity,
+        blocks: s.blocks,
+        dirty_blocks: s.dirty_blocks,
+        dirty_bytes: s.dirty_bytes,
+        trusted: s.trusted,
+        reason: s.reason,
+        checkpoint_active: s.checkpoint_active,
     }
 }
 
-impl schedule::Runner for Agent {
-    fn disks_for(&self, action: ScheduleAction) -> Vec<String> {
-        match action {
-            ScheduleAction::Backup => self.server.all().iter().map(|e| e.name.clone()).collect(),
-            // Every disk with snapshots, attached or not.
-            _ => match self.store.list(None) {
-                Ok((l, _)) => l
-                    .iter()
-                    .map(|m| m.disk.to_string())
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect(),
-                Err(e) => {
-                    tracing::error!("scheduler cannot list snapshots: {e}");
-                    Vec::new()
-                }
-            },
-        }
-    }
-
-    fn start(&self, run: &Run) -> Start {
-        let disk = run.disk.clone();
-        if let Some(d) = &disk {
-            if self.busy.is_busy(d) {
-                return Start::Busy;
-            }
-        }
-        let r = match (run.spec.action, disk) {
-            (ScheduleAction::Backup, Some(d)) => {
-                let mode = match (run.spec.full, run.spec.audit) {
-                    (true, _) => Mode::Full,
-                    (_, true) => Mode::Audit,
-                    _ => Mode::Auto,
-                };
-                match self.start_backup(&d, mode) {
-                    Err(e) if e.code == ErrorCode::Conflict => return Start::Busy,
-                    r => r,
-                }
-            }
-            (ScheduleAction::Prune, d) => d
-                .as_deref()
-                .map(parse_disk)
-                .transpose()
-                .map(|d| self.start_prune(d, false)),
-            (ScheduleAction::Verify, d) => {
-                let skip = run
-                    .spec
-                    .skip_verified_within
-                    .as_deref()
-                    .and_then(|w| novabackup_engine::retention::parse_duration(w).ok());
-                d.as_deref().map(parse_disk).transpose().map(|disk| {
-                    let target = disk.as_ref().map_or("all".into(), |d| d.to_string());
-                    self.start_verify(
-                        work::VerifyScope {
-                            ids: None,
-                            disk,
-                            skip_within: skip,
-                        },
-                        target,
-                    )
-                })
-            }
-            (ScheduleAction::Gc, _) => match self.start_gc(novabackup_engine::store::GcOptions {
-                min_garbage_percent: run.spec.min_garbage_percent.unwrap_or(0),
-            }) {
-                Err(e) if e.code == ErrorCode::Conflict => return Start::Busy,
-                r => r,
-            },
-            (ScheduleAction::Backup, None) => Err(err(ErrorCode::BadRequest, "no disk")),
-        };
-        match r {
-            Ok(j) => {
-                tracing::info!(schedule = %run.schedule, job = %j.id, kind = %j.kind, target = %j.target, "scheduled job started");
-                Start::Started
-            }
-            Err(e) => Start::Failed(e.message),
-        }
-    }
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(super) fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => (x.dev(), x.ino(), x.rdev()) == (y.dev(), y.ino(), y.rdev()),
         _ => a == b,
     }
-}
-
-fn no_job(id: &str) -> ApiError {
-    err(
-        ErrorCode::NotFound,
-        format!("no job {id:?}; `GET /api/v1/jobs` lists them"),
-    )
 }

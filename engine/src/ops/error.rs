@@ -176,8 +176,14 @@ mod tests {
         let full = StoreError::io("/s", std::io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(OpError::from(full).kind(), ErrorKind::StoreFull);
         let disk = "vm".parse().unwrap();
-        assert_eq!(OpError::from(StoreError::Locked(disk)).kind(), ErrorKind::Busy);
-        assert_eq!(OpError::from(StoreError::Exists(id)).kind(), ErrorKind::Conflict);
+        assert_eq!(
+            OpError::from(StoreError::Locked(disk)).kind(),
+            ErrorKind::Busy
+        );
+        assert_eq!(
+            OpError::from(StoreError::Exists(id)).kind(),
+            ErrorKind::Conflict
+        );
     }
 
     #[test]

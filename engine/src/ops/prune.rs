@@ -134,10 +134,9 @@ pub fn prune(
                 PruneAction::Remove
             };
             if !d.keep && !opts.dry_run {
-                let id = d
-                    .id
-                    .parse()
-                    .map_err(|e: crate::ids::BadSnapshotId| OpError::internal(e.to_string()))?;
+                let id =
+                    d.id.parse()
+                        .map_err(|e: crate::ids::BadSnapshotId| OpError::internal(e.to_string()))?;
                 match store.delete(&id) {
                     Ok(()) => {
                         removed += 1;

@@ -62,14 +62,7 @@ pub fn restore(
     progress: &Progress,
 ) -> Result<RestoreReport, OpError> {
     let m = store.manifest(&opts.snapshot)?;
-    let stats = restore::restore(
-        store,
-        &m,
-        &opts.target,
-        opts.force,
-        opts.workers,
-        progress,
-    )?;
+    let stats = restore::restore(store, &m, &opts.target, opts.force, opts.workers, progress)?;
     Ok(RestoreReport {
         snapshot: opts.snapshot.clone(),
         target: opts.target.clone(),

@@ -369,7 +369,13 @@ fn prune_keeps_what_the_policy_and_protection_keep_and_a_dry_run_removes_nothing
     let real = PruneOptions::default();
     let r = prune(&store, &keep_last_1, &claims, &real, &Progress::default()).unwrap();
     assert_eq!(r.removed, 1);
-    let left: Vec<_> = store.list(None).unwrap().0.into_iter().map(|m| m.id).collect();
+    let left: Vec<_> = store
+        .list(None)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
     assert_eq!(left, vec![a.snapshot.clone(), c.snapshot]);
     assert!(!left.contains(&b.snapshot));
 

@@ -26,12 +26,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{lock, read_toc, DigestSet, Loc, LocalStore, Writer, PACK_TARGET};
-use crate::store::pages::load_page;
 use crate::digest::ChunkDigest;
 use crate::format::manifest::Manifest;
 use crate::format::pack;
 use crate::fsutil;
 use crate::progress::Progress;
+use crate::store::pages::load_page;
 use crate::store::{GcOptions, GcReport, Store, StoreError};
 
 /// Where a test makes the collection stop, as a crash would.
