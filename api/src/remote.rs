@@ -9,7 +9,7 @@
 //! for upload counts as present (like a staged chunk in a local store), so
 //! one backup never sends the same chunk twice.
 //!
-//! A backup's index pages are held back instead ([`Store::put_index_page`])
+//! A backup's index pages are held back instead ([`FastPaths::put_index_page`])
 //! and go inside its commit request (`POST /store/v1/commit`), when the
 //! server's health says it takes them: the commit is then one round trip,
 //! and the server checks the snapshot with the pages in hand.
@@ -36,7 +36,7 @@ use novabackup_engine::format::manifest::{Annotation, Manifest};
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::progress::Progress;
 use novabackup_engine::store::chunkcache::ChunkCache;
-use novabackup_engine::store::{DiskLock, GcOptions, GcReport, Store, StoreError};
+use novabackup_engine::store::{DiskLock, FastPaths, GcOptions, GcReport, Store, StoreError};
 
 use crate::error::ErrorBody;
 use crate::store_wire::{decode_batch, Lease, SnapshotList, BATCH_BYTES, MAX_FETCH};
@@ -118,7 +118,7 @@ const FETCHERS: usize = 2;
 /// at 64 KiB chunks changes about 256 pages; of the shared corpus, 16.
 const PAGES_HELD: usize = 16 << 20;
 
-/// Index pages held back for a commit (see [`Store::put_index_page`]).
+/// Index pages held back for a commit (see [`FastPaths::put_index_page`]).
 #[derive(Default)]
 struct HeldPages {
     pages: Vec<(ChunkDigest, Vec<u8>)>,
@@ -600,63 +600,7 @@ impl Store for RemoteStore {
     }
 
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError> {
-        self.put_chunk_owned(digest, file.to_vec())
-    }
-
-    fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        self.queue(digest, Upload::File(file))
-    }
-
-    fn put_raw_chunk(
-        &self,
-        digest: &ChunkDigest,
-        head: [u8; chunk::HEADER_LEN],
-        plain: Vec<u8>,
-    ) -> Result<u64, StoreError> {
-        self.queue(digest, Upload::Raw(head, plain))
-    }
-
-    /// Held for the commit that names the page, up to [`PAGES_HELD`];
-    /// uploaded like a chunk past that, or to a server that does not take
-    /// pages with a commit.
-    fn put_index_page(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        let len = file.len();
-        if self.commit_pages {
-            let known = {
-                let p = self.inner.pending();
-                p.queued.contains(digest) || p.uploaded.contains(digest)
-            };
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            if known || held.pages.iter().any(|(d, _)| d == digest) {
-                bufpool::FILES.give(file);
-                return Ok(0);
-            }
-            if held.bytes + len <= PAGES_HELD {
-                held.bytes += len;
-                held.pages.push((*digest, file));
-                return Ok(len as u64);
-            }
-        }
-        self.queue(digest, Upload::File(file))
-    }
-
-    /// Queues the chunks for download in batches (one request per batch
-    /// instead of one per chunk) by the fetcher threads, to be handed out
-    /// by `get_chunk`; returns at once, so the network overlaps the
-    /// caller's decoding. Errors are left for `get_chunk` to report,
-    /// chunk by chunk.
-    fn prefetch(&self, digests: &[ChunkDigest]) {
-        let Some(fetches) = self.fetches.as_ref() else {
-            return;
-        };
-        for ask in digests.chunks(MAX_FETCH) {
-            let ask = self.cache.claim(ask);
-            if !ask.is_empty() {
-                if let Err(e) = fetches.send(ask) {
-                    self.cache.arrive(&e.0, Vec::new());
-                }
-            }
-        }
+        self.queue(digest, Upload::File(file.to_vec()))
     }
 
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
@@ -672,15 +616,6 @@ impl Store for RemoteStore {
             Err(ureq::Error::Status(404, _)) => Err(StoreError::MissingChunk(*digest)),
             Err(e) => Err(self.inner.error(e)),
         }
-    }
-
-    fn sums_chunks(&self) -> bool {
-        self.inner.sums.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn send_pending(&self) {
-        // A failure is kept in `failed`; the commit's wait reports it.
-        let _ = self.flush();
     }
 
     fn sync(&self) -> Result<(), StoreError> {
@@ -875,6 +810,10 @@ impl Store for RemoteStore {
         self.inner.base.clone()
     }
 
+    fn fast_paths(&self) -> Option<&dyn FastPaths> {
+        Some(self)
+    }
+
     fn usage(&self) -> Result<u64, StoreError> {
         let u: crate::store_wire::Usage = self
             .inner
@@ -883,6 +822,79 @@ impl Store for RemoteStore {
             .into_json()
             .map_err(|e| self.inner.remote(e.to_string()))?;
         Ok(u.bytes)
+    }
+}
+
+/// Every fast path: a store server is across a network, where each saves
+/// a copy, a round trip or a pass over the data.
+impl FastPaths for RemoteStore {
+    fn store(&self) -> &dyn Store {
+        self
+    }
+
+    fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
+        self.queue(digest, Upload::File(file))
+    }
+
+    fn put_raw_chunk(
+        &self,
+        digest: &ChunkDigest,
+        head: [u8; chunk::HEADER_LEN],
+        plain: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        self.queue(digest, Upload::Raw(head, plain))
+    }
+
+    /// Held for the commit that names the page, up to [`PAGES_HELD`];
+    /// uploaded like a chunk past that, or to a server that does not take
+    /// pages with a commit.
+    fn put_index_page(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
+        let len = file.len();
+        if self.commit_pages {
+            let known = {
+                let p = self.inner.pending();
+                p.queued.contains(digest) || p.uploaded.contains(digest)
+            };
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if known || held.pages.iter().any(|(d, _)| d == digest) {
+                bufpool::FILES.give(file);
+                return Ok(0);
+            }
+            if held.bytes + len <= PAGES_HELD {
+                held.bytes += len;
+                held.pages.push((*digest, file));
+                return Ok(len as u64);
+            }
+        }
+        self.queue(digest, Upload::File(file))
+    }
+
+    /// Queues the chunks for download in batches (one request per batch
+    /// instead of one per chunk) by the fetcher threads, to be handed out
+    /// by `get_chunk`; returns at once, so the network overlaps the
+    /// caller's decoding. Errors are left for `get_chunk` to report,
+    /// chunk by chunk.
+    fn prefetch(&self, digests: &[ChunkDigest]) {
+        let Some(fetches) = self.fetches.as_ref() else {
+            return;
+        };
+        for ask in digests.chunks(MAX_FETCH) {
+            let ask = self.cache.claim(ask);
+            if !ask.is_empty() {
+                if let Err(e) = fetches.send(ask) {
+                    self.cache.arrive(&e.0, Vec::new());
+                }
+            }
+        }
+    }
+
+    fn sums_chunks(&self) -> bool {
+        self.inner.sums.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn send_pending(&self) {
+        // A failure is kept in `failed`; the commit's wait reports it.
+        let _ = self.flush();
     }
 }
 

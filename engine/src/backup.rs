@@ -206,11 +206,11 @@ pub fn run(
                     .collect()
             };
             if let Some(first) = groups.first() {
-                store.prefetch(&digests(first));
+                store.fast().prefetch(&digests(first));
             }
             for (i, group) in groups.iter().enumerate() {
                 if let Some(next) = groups.get(i + 1) {
-                    store.prefetch(&digests(next));
+                    store.fast().prefetch(&digests(next));
                 }
                 for &p in group.iter() {
                     touched.insert(p, load_page(store, b, p)?);
@@ -312,7 +312,7 @@ pub fn run(
         }
     });
     result?;
-    store.send_pending();
+    store.fast().send_pending();
     let piped = started.elapsed();
     let audit = match req.audit {
         Some((base, frozen)) if plan.kind == BackupKind::Full => Some(audit_against(
@@ -645,7 +645,7 @@ impl Hashed {
         comp: &mut zstd::bulk::Compressor<'_>,
         missing: Result<Vec<bool>, StoreError>,
     ) -> Result<Hashed, BackupError> {
-        let sum = !store.sums_chunks();
+        let sum = !store.fast().sums_chunks();
         for ((&i, lacks), &incompressible) in
             self.asked.iter().zip(missing?).zip(&self.incompressible)
         {
@@ -653,10 +653,10 @@ impl Hashed {
                 let d = &self.done[i].digest;
                 let plain = &mut self.batch[i].1;
                 let stored = match chunk::compressed(plain, comp, sum, incompressible) {
-                    Some(file) => store.put_chunk_owned(d, file)?,
+                    Some(file) => store.fast().put_chunk_owned(d, file)?,
                     None => {
                         let head = chunk::raw_head(plain, sum);
-                        store.put_raw_chunk(d, head, std::mem::take(plain))?
+                        store.fast().put_raw_chunk(d, head, std::mem::take(plain))?
                     }
                 };
                 if stored > 0 {
@@ -719,8 +719,8 @@ fn store_pages(
     };
     for ((d, bytes), lacks) in pages.drain(..).zip(missing) {
         if lacks {
-            let (file, _) = chunk::encode_with(&bytes, comp, !store.sums_chunks());
-            if store.put_index_page(&d, file)? > 0 {
+            let (file, _) = chunk::encode_with(&bytes, comp, !store.fast().sums_chunks());
+            if store.fast().put_index_page(&d, file)? > 0 {
                 stats.pages_new += 1;
             }
         }

@@ -156,7 +156,7 @@ pub fn restore(
             .expect("the pool has room for every buffer");
     }
     let (filled_tx, filled_rx) = crossbeam_channel::bounded::<Filled>(decoders * 2);
-    let prefetch = |d: &[ChunkDigest]| store.prefetch(d);
+    let prefetch = |d: &[ChunkDigest]| store.fast().prefetch(d);
     let w = Worker {
         store,
         m,

@@ -2,6 +2,10 @@
 //! implement it here ([`local`]); remote stores implement it in the `api`
 //! crate. Every implementation must pass [`conformance`].
 //!
+//! The trait holds the core operations; what only some stores do faster
+//! (owned and raw puts, read-ahead, held index pages) is the optional
+//! [`FastPaths`] extension, reached through `store.fast()`.
+//!
 //! Durability contract: [`Store::put_chunk`] may stage a chunk; it becomes
 //! durable at the next [`Store::sync`]. [`Store::commit`] writes a manifest
 //! and must only be called after a `sync` that followed the last put of
@@ -147,62 +151,9 @@ pub trait Store: Send + Sync {
     fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>, StoreError>;
     /// Stores an encoded chunk file under `digest` (the caller checked it).
     fn put_chunk(&self, digest: &ChunkDigest, file: &[u8]) -> Result<u64, StoreError>;
-    /// [`Store::put_chunk`] of a file the caller no longer needs: a store
-    /// that keeps the bytes for later (a store server's upload queue)
-    /// takes them without a copy.
-    fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        let r = self.put_chunk(digest, &file);
-        crate::bufpool::FILES.give(file);
-        r
-    }
-    /// Stores a chunk kept raw, whose file is `head`
-    /// ([`crate::format::chunk::raw_head`]) and then `plain`, a read
-    /// buffer given back to [`crate::bufpool::READS`] once stored. A store
-    /// server's queue sends the two as they are; the default joins them
-    /// into one file for [`Store::put_chunk_owned`].
-    fn put_raw_chunk(
-        &self,
-        digest: &ChunkDigest,
-        head: [u8; crate::format::chunk::HEADER_LEN],
-        plain: Vec<u8>,
-    ) -> Result<u64, StoreError> {
-        let mut file = crate::bufpool::FILES.take_empty(head.len() + plain.len());
-        file.extend_from_slice(&head);
-        file.extend_from_slice(&plain);
-        crate::bufpool::READS.give(plain);
-        self.put_chunk_owned(digest, file)
-    }
-    /// [`Store::put_chunk_owned`] of an index page, the last a backup
-    /// puts before its commit. A store server's client holds these back
-    /// and sends them inside the commit request: one round trip fewer,
-    /// and the server has the pages it must read to check the snapshot
-    /// in hand instead of reading them back from disk.
-    fn put_index_page(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
-        self.put_chunk_owned(digest, file)
-    }
     /// The encoded chunk file of `digest`.
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError>;
 
-    /// Hints that these chunks will be read soon, so a store can start
-    /// fetching them while the caller works on earlier ones (a restore
-    /// from a store larger than memory). Best effort; the default does
-    /// nothing.
-    fn prefetch(&self, _digests: &[ChunkDigest]) {}
-    /// Hints that no chunk follows soon (a backup's data is all put), so
-    /// a store that holds chunks back to send them in batches sends what
-    /// it holds now, while the caller builds the index. Best effort:
-    /// failures surface at [`Store::sync`] or [`Store::commit`]; the
-    /// default does nothing.
-    fn send_pending(&self) {}
-
-    /// Whether this store sums chunk files itself: true when `put_chunk`
-    /// takes files with a zero checksum ([`crate::format::chunk::fill_sum`]).
-    /// A store server does, having to read every upload anyway to check
-    /// its digest; the agent then skips an xxh3 pass over every byte
-    /// it sends (TLS and the digest check cover the way there).
-    fn sums_chunks(&self) -> bool {
-        false
-    }
     /// Makes every chunk put so far durable.
     fn sync(&self) -> Result<(), StoreError>;
     /// Makes every chunk put so far durable, as [`Store::sync`] does, then
@@ -242,5 +193,112 @@ pub trait Store: Send + Sync {
     /// Distinct chunks stored, when that is cheap to know.
     fn chunk_count(&self) -> Option<u64> {
         None
+    }
+    /// The store's own [`FastPaths`], if it has any; callers reach them
+    /// (or the plain behaviour) through [`dyn Store::fast`].
+    fn fast_paths(&self) -> Option<&dyn FastPaths> {
+        None
+    }
+}
+
+/// Optional fast paths of a store: owned and raw puts, index pages held
+/// for the commit, read-ahead and send hints, chunk sums left to the
+/// store. A store server's client has them all (each saves a copy or a
+/// round trip); a local store reads ahead. Each default is the plain
+/// behaviour over [`FastPaths::store`], so a store overrides only what it
+/// does better; the conformance suite runs every one on every store.
+pub trait FastPaths: Send + Sync {
+    /// The store these paths belong to.
+    fn store(&self) -> &dyn Store;
+
+    /// [`Store::put_chunk`] of a file the caller no longer needs: a store
+    /// that keeps the bytes for later (a store server's upload queue)
+    /// takes them without a copy.
+    fn put_chunk_owned(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
+        let r = self.store().put_chunk(digest, &file);
+        crate::bufpool::FILES.give(file);
+        r
+    }
+    /// Stores a chunk kept raw, whose file is `head`
+    /// ([`crate::format::chunk::raw_head`]) and then `plain`, a read
+    /// buffer given back to [`crate::bufpool::READS`] once stored. A store
+    /// server's queue sends the two as they are; the default joins them
+    /// into one file for [`FastPaths::put_chunk_owned`].
+    fn put_raw_chunk(
+        &self,
+        digest: &ChunkDigest,
+        head: [u8; crate::format::chunk::HEADER_LEN],
+        plain: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let mut file = crate::bufpool::FILES.take_empty(head.len() + plain.len());
+        file.extend_from_slice(&head);
+        file.extend_from_slice(&plain);
+        crate::bufpool::READS.give(plain);
+        self.put_chunk_owned(digest, file)
+    }
+    /// [`FastPaths::put_chunk_owned`] of an index page, the last a backup
+    /// puts before its commit. A store server's client holds these back
+    /// and sends them inside the commit request: one round trip fewer,
+    /// and the server has the pages it must read to check the snapshot
+    /// in hand instead of reading them back from disk.
+    fn put_index_page(&self, digest: &ChunkDigest, file: Vec<u8>) -> Result<u64, StoreError> {
+        self.put_chunk_owned(digest, file)
+    }
+    /// Hints that these chunks will be read soon, so a store can start
+    /// fetching them while the caller works on earlier ones (a restore
+    /// from a store larger than memory). Best effort; the default does
+    /// nothing.
+    fn prefetch(&self, _digests: &[ChunkDigest]) {}
+    /// Hints that no chunk follows soon (a backup's data is all put), so
+    /// a store that holds chunks back to send them in batches sends what
+    /// it holds now, while the caller builds the index. Best effort:
+    /// failures surface at [`Store::sync`] or [`Store::commit`]; the
+    /// default does nothing.
+    fn send_pending(&self) {}
+
+    /// Whether this store sums chunk files itself: true when `put_chunk`
+    /// takes files with a zero checksum ([`crate::format::chunk::fill_sum`]).
+    /// A store server does, having to read every upload anyway to check
+    /// its digest; the agent then skips an xxh3 pass over every byte
+    /// it sends (TLS and the digest check cover the way there).
+    fn sums_chunks(&self) -> bool {
+        false
+    }
+}
+
+/// A store with none of its own fast paths: the defaults.
+struct Plain<'a>(&'a dyn Store);
+
+impl FastPaths for Plain<'_> {
+    fn store(&self) -> &dyn Store {
+        self.0
+    }
+}
+
+/// A store's fast paths, its own or the defaults ([`dyn Store::fast`]).
+pub struct Fast<'a>(FastInner<'a>);
+
+enum FastInner<'a> {
+    Own(&'a dyn FastPaths),
+    Plain(Plain<'a>),
+}
+
+impl<'a> std::ops::Deref for Fast<'a> {
+    type Target = dyn FastPaths + 'a;
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            FastInner::Own(f) => *f,
+            FastInner::Plain(p) => p,
+        }
+    }
+}
+
+impl dyn Store + '_ {
+    /// This store's fast paths, or the plain behaviour where it has none.
+    pub fn fast(&self) -> Fast<'_> {
+        Fast(match self.fast_paths() {
+            Some(f) => FastInner::Own(f),
+            None => FastInner::Plain(Plain(self)),
+        })
     }
 }

@@ -110,7 +110,7 @@ pub fn verify(
     let list: Vec<ChunkDigest> = first_use.into_iter().map(|(d, _)| d).collect();
     // Callers may verify in parts on one progress: this part adds to it.
     progress.set_total(progress.get().0 + list.len() as u64);
-    let prefetch = |d: &[ChunkDigest]| store.prefetch(d);
+    let prefetch = |d: &[ChunkDigest]| store.fast().prefetch(d);
     let batches = ReadAhead::new(&prefetch, &list, BATCH, AHEAD);
     let bad: Mutex<BTreeMap<ChunkDigest, String>> = Mutex::new(BTreeMap::new());
     let bytes = AtomicUsize::new(0);

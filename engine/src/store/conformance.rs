@@ -120,4 +120,43 @@ pub fn run(s: &dyn Store) {
     assert!(matches!(s.lock(&disk, None), Err(StoreError::Locked(_))));
     drop(held);
     assert!(s.usage().unwrap() > 0);
+    fast_paths(s);
+}
+
+/// The optional fast paths, the store's own or the defaults: whatever
+/// path a chunk takes in, it comes out the same.
+fn fast_paths(s: &dyn Store) {
+    use crate::format::chunk;
+    let f = s.fast();
+    let mut z = zstd::bulk::Compressor::new(1).unwrap();
+    // A store that sums chunk files itself takes them unsummed.
+    let sum = !f.sums_chunks();
+    let owned = ChunkDigest::of(b"owned");
+    let (file, _) = chunk::encode_with(b"owned", &mut z, sum);
+    assert!(f.put_chunk_owned(&owned, file).unwrap() > 0);
+    let plain = vec![7u8; 4096];
+    let raw = ChunkDigest::of(&plain);
+    f.put_raw_chunk(&raw, chunk::raw_head(&plain, sum), plain.clone())
+        .unwrap();
+    f.send_pending();
+    s.sync().unwrap();
+    assert_eq!(s.missing(&[owned, raw]).unwrap(), vec![false, false]);
+    f.prefetch(&[owned, raw]);
+    let back = |d: &ChunkDigest| chunk::decode_verified(&s.get_chunk(d).unwrap(), d).unwrap();
+    assert_eq!(back(&owned), b"owned");
+    assert_eq!(back(&raw), plain);
+
+    // An index page put last (a store server's client holds it for the
+    // commit) is there once the snapshot naming it is.
+    let page = crate::format::index::encode_page(&[owned]);
+    let p = ChunkDigest::of(&page);
+    let (file, _) = chunk::encode_with(&page, &mut z, sum);
+    f.put_index_page(&p, file).unwrap();
+    let m = manifest("fast", 3_000, vec![p]);
+    s.commit(&m).unwrap();
+    assert_eq!(s.missing(&[p]).unwrap(), vec![false]);
+    assert_eq!(
+        crate::store::pages::load_page(s, &m, 0).unwrap(),
+        vec![owned]
+    );
 }

@@ -633,51 +633,6 @@ impl Store for LocalStore {
         Ok(len as u64)
     }
 
-    /// Reads the chunks of published packs ahead (see `prefetch`), one
-    /// request per run of neighbouring chunks.
-    fn prefetch(&self, digests: &[ChunkDigest]) {
-        let mut locs: Vec<(Loc, ChunkDigest)> = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            digests
-                .iter()
-                .filter_map(|d| index.get(d).map(|l| (*l, *d)))
-                .collect()
-        };
-        locs.sort_by_key(|(l, _)| (l.pack, l.offset));
-        // Reading a little unneeded data beats another request.
-        let mut runs: Vec<(u32, prefetch::Run)> = Vec::new();
-        for (l, d) in locs {
-            let end = l.offset + l.len as u64;
-            match runs.last_mut() {
-                Some((p, r)) if *p == l.pack && l.offset <= r.end + PREFETCH_GAP => {
-                    r.end = r.end.max(end);
-                    r.members.push((l.offset, l.len, d));
-                }
-                _ => runs.push((
-                    l.pack,
-                    prefetch::Run {
-                        path: PathBuf::new(),
-                        start: l.offset,
-                        end,
-                        members: vec![(l.offset, l.len, d)],
-                    },
-                )),
-            }
-        }
-        for (pack, mut run) in runs {
-            {
-                let packs = lock(&self.packs);
-                let p = &packs[pack as usize];
-                // A pack being filled is read from its writer's memory.
-                if !p.published || p.removed {
-                    continue;
-                }
-                run.path = self.pack_path(&p.id, true);
-            }
-            self.prefetched.request(run);
-        }
-    }
-
     fn get_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
         if let Some(f) = self.prefetched.take(digest) {
             return Ok(f);
@@ -823,6 +778,10 @@ impl Store for LocalStore {
         Some(self.index.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
     }
 
+    fn fast_paths(&self) -> Option<&dyn super::FastPaths> {
+        Some(self)
+    }
+
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
@@ -842,6 +801,58 @@ impl Store for LocalStore {
         let mut total = 0;
         walk(&self.root, &mut total);
         Ok(total)
+    }
+}
+
+/// A local store reads ahead; its puts are the plain ones.
+impl super::FastPaths for LocalStore {
+    fn store(&self) -> &dyn Store {
+        self
+    }
+
+    /// Reads the chunks of published packs ahead (see `prefetch`), one
+    /// request per run of neighbouring chunks.
+    fn prefetch(&self, digests: &[ChunkDigest]) {
+        let mut locs: Vec<(Loc, ChunkDigest)> = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            digests
+                .iter()
+                .filter_map(|d| index.get(d).map(|l| (*l, *d)))
+                .collect()
+        };
+        locs.sort_by_key(|(l, _)| (l.pack, l.offset));
+        // Reading a little unneeded data beats another request.
+        let mut runs: Vec<(u32, prefetch::Run)> = Vec::new();
+        for (l, d) in locs {
+            let end = l.offset + l.len as u64;
+            match runs.last_mut() {
+                Some((p, r)) if *p == l.pack && l.offset <= r.end + PREFETCH_GAP => {
+                    r.end = r.end.max(end);
+                    r.members.push((l.offset, l.len, d));
+                }
+                _ => runs.push((
+                    l.pack,
+                    prefetch::Run {
+                        path: PathBuf::new(),
+                        start: l.offset,
+                        end,
+                        members: vec![(l.offset, l.len, d)],
+                    },
+                )),
+            }
+        }
+        for (pack, mut run) in runs {
+            {
+                let packs = lock(&self.packs);
+                let p = &packs[pack as usize];
+                // A pack being filled is read from its writer's memory.
+                if !p.published || p.removed {
+                    continue;
+                }
+                run.path = self.pack_path(&p.id, true);
+            }
+            self.prefetched.request(run);
+        }
     }
 }
 
@@ -948,7 +959,7 @@ mod tests {
         }
         s.sync().unwrap();
         let all: Vec<ChunkDigest> = files.iter().map(|(d, _)| *d).collect();
-        s.prefetch(&all);
+        super::super::FastPaths::prefetch(&s, &all);
         let (bytes, reading) = s.prefetched.held();
         assert!(bytes + reading > 0, "read ahead or being read");
         for (d, f) in &files {
