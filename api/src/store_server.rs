@@ -151,7 +151,7 @@ async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiEr
 /// Checks chunk files against their digests before anything is written:
 /// a tampered or damaged upload never enters the store. The first bad one
 /// is the error. The zero checksums agents leave to the server (see
-/// `Store::sums_chunks`) are filled in.
+/// `FastPaths::sums_chunks`) are filled in.
 fn check_uploads(items: &mut [(&mut [u8], ChunkDigest)]) -> Result<(), ApiError> {
     // One zstd context per blocking thread, reused across uploads.
     thread_local! {
@@ -283,8 +283,7 @@ async fn commit(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiErr
 /// A commit that carries the snapshot's new index pages (see
 /// [`encode_commit`]): the pages are checked like uploads and stored,
 /// then the snapshot is checked with them in hand, where a commit alone
-/// reads every changed page back from the store (2-3 ms of a 1% backup
-/// of the shared corpus, its 16 pages).
+/// reads every changed page back from the store.
 async fn commit_with_pages(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     blocking(move || {
         let mut body = owned(body);

@@ -246,8 +246,8 @@ mod tests {
 
     #[test]
     fn a_commit_splits_into_its_manifest_and_its_pages() {
-        let m = novabackup_engine::store::conformance::manifest("vm", 5, vec![]);
         let a = ChunkDigest::of(b"a");
+        let m = novabackup_engine::store::conformance::manifest("vm", 5, vec![a]);
         let body = encode_commit(&m.encode(), [(&a, &b"page"[..])]);
         let (back, at) = split_commit(&body).unwrap();
         assert_eq!(back.id, m.id);

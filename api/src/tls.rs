@@ -61,11 +61,10 @@ pub fn fingerprint(cert: &[u8]) -> String {
 }
 
 /// aws-lc-rs, AES-128-GCM first. Every uploaded byte is sealed by the
-/// agent and opened by the server, and on a 1% backup to a store server
-/// that was the agent's largest cost after SHA-256. For 41 MiB in 16 KiB
-/// records on this machine type (AVX-512 VAES): ring AES-256-GCM 5.3 ms,
-/// aws-lc-rs AES-256-GCM 3.7 ms, aws-lc-rs AES-128-GCM 3.0 ms. AES-128 is
-/// TLS 1.3's mandatory suite; AES-256 and ChaCha20 stay offered.
+/// agent and opened by the server, the agent's largest cost after SHA-256
+/// in a small backup to a store server, and this pair seals fastest
+/// (benches/RESULTS.md, "TLS"). AES-128 is TLS 1.3's mandatory suite;
+/// AES-256 and ChaCha20 stay offered.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::aws_lc_rs as p;
     let mut suites = p::DEFAULT_CIPHER_SUITES.to_vec();
@@ -239,7 +238,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // Without NODELAY a response's last small segment waits for the
-    // peer's delayed ACK: batched chunk downloads took 7 ms instead of 1.
+    // peer's delayed ACK.
     let Some(tls) = tls else {
         use axum::serve::ListenerExt;
         let listener = listener.tap_io(|tcp| {

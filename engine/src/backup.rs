@@ -49,7 +49,7 @@ pub use crate::format::chunk::DEFAULT_ZSTD_LEVEL;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupOptions {
-    /// Chunk size in bytes (default 64 KiB; see docs/ARCHITECTURE.md).
+    /// Chunk size in bytes (default 64 KiB; see benches/RESULTS.md, "Chunk size").
     pub chunk_size: u64,
     /// zstd level ([`DEFAULT_ZSTD_LEVEL`]).
     pub zstd_level: i32,
@@ -455,10 +455,9 @@ fn audit_against(
 /// Most chunks one worker hashes before asking the store which it lacks.
 const BATCH: usize = 16;
 
-/// Batches one worker holds while their questions are in flight. With the
-/// agent and a store server on a core each, one question in flight left
-/// the worker waiting for answers 2.7-2.9 s of a 14-17 s full backup,
-/// three 1.2 s, six 0.7 s (one run each); every batch held is about 1 MiB.
+/// Batches one worker holds while their questions are in flight: enough
+/// to hide a store server's round trip behind compression, each about
+/// 1 MiB held (benches/RESULTS.md, "Store server").
 const QUESTIONS: usize = 4;
 
 /// One worker of the pipeline. It takes whatever is queued (up to
@@ -467,9 +466,7 @@ const QUESTIONS: usize = 4;
 /// store instead of one per chunk. The question goes to a helper thread,
 /// and while the answers travel the worker compresses and stores the
 /// batches asked about before (up to [`QUESTIONS`] wait), so a store
-/// server's round trips do not idle the core (with the server on a core
-/// of its own, waiting on these answers left the agent's core 12-15%
-/// idle).
+/// server's round trips do not idle the core.
 fn worker(
     store: &dyn Store,
     level: i32,
@@ -594,11 +591,9 @@ struct Hashed {
     done: Vec<Done>,
     asked: Vec<usize>,
     /// [`chunk::looks_incompressible`] of each asked chunk, judged while
-    /// the chunk is in the cache from hashing: by the time a store
-    /// server's answer is in, megabytes have passed through it. Judged
-    /// cold, in `chunk::encode_with`, it took half of that function's
-    /// samples in 1% backups to a store server (perf, 28 Nov); judged
-    /// here, it costs about half as much.
+    /// the chunk is in the CPU cache from hashing: by the time a store
+    /// server's answer is in, megabytes have passed through it, and
+    /// judging it cold costs about twice as much.
     incompressible: Vec<bool>,
 }
 
@@ -698,9 +693,8 @@ const PAGES_AHEAD: usize = 32;
 /// An incremental backup does not ask: a page that differs from its base
 /// page names a chunk just read, so another disk holds the same page only
 /// by a rare coincidence, and a store keeps one copy of a page it is
-/// given twice. The question was a round trip that, to a store server, waited
-/// behind the backup's last uploads: up to 6 ms of a 1% backup of the
-/// shared corpus, for no page saved.
+/// given twice. To a store server the question would be a round trip
+/// waiting behind the backup's last uploads, for no page saved.
 fn store_pages(
     store: &dyn Store,
     comp: &mut zstd::bulk::Compressor<'_>,

@@ -2,8 +2,8 @@
 //! Firecracker microVM with free page reporting) memory the process gives
 //! back goes to the host, and touching it again costs a page fault and a
 //! cleared page each 4 KiB. A backup that allocated its read buffers and
-//! chunk files afresh paid that for every one: in a 1% backup to a store
-//! server, 6-7% of the agent's CPU went to `clear_page` (perf, 27 Nov).
+//! chunk files afresh would pay that for every one (benches/RESULTS.md,
+//! "Plan and pipeline").
 //! The two pools here keep at most [`POOL_BYTES`] each, so an idle agent
 //! holds that much more memory and no more.
 

@@ -106,6 +106,16 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Whether two paths name the same file or device (by device and inode,
+/// so links and different spellings of one path agree).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino(), x.rdev()) == (y.dev(), y.ino(), y.rdev()),
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

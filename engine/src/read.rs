@@ -45,8 +45,7 @@ pub struct ReadJob<'a> {
     /// Reads in flight.
     pub depth: usize,
     /// Buffers the sink is done with, reused before allocating new ones
-    /// (a fresh zeroed 64 KiB buffer per chunk cost about 2% of a full
-    /// backup in memset and page faults).
+    /// (a fresh zeroed buffer per chunk costs memset and page faults).
     pub recycled: Option<&'a crate::bufpool::BufPool>,
 }
 

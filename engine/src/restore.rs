@@ -148,7 +148,7 @@ pub fn restore(
     let batch = (BATCH_BYTES / cs).max(1);
     let decoders = workers.max(1);
     // Four buffers per decoder, so a decoder rarely waits for the disk
-    // (two per decoder left the cores idle 14% of a restore).
+    // (with two, the cores idled waiting for writes).
     let (free_tx, free_rx) = crossbeam_channel::bounded::<AlignedBuf>(decoders * 4);
     for _ in 0..decoders * 4 {
         free_tx
@@ -243,10 +243,9 @@ const BATCH_BYTES: usize = 1 << 20;
 const AHEAD_BATCHES: usize = 16;
 
 /// Threads writing the target. Direct writes into preallocated blocks run
-/// side by side (ext4 takes its inode lock shared for them); one writer,
-/// at one request at a time, was busy 3.2-4.0 s of a 3.4-4.2 s restore of
-/// the shared corpus, three each about 2 s of 3.5 s (debug timings, one
-/// run each).
+/// side by side (ext4 takes its inode lock shared for them); one writer
+/// at one request at a time was busy for almost the whole restore
+/// (benches/RESULTS.md, "Restore and verify").
 const WRITERS: usize = 3;
 
 /// A decoded batch on its way to the writer: the buffer and its runs of

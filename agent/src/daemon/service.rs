@@ -164,6 +164,7 @@ impl DiskService for Agent {
             target: PathBuf::from(&req.target),
             force: req.force,
             workers: self.settings.workers,
+            in_use: Vec::new(),
         };
         Ok(self.start_restore(opts)?)
     }

@@ -6,7 +6,7 @@
 //! ([`Agent::start_backup`] and its siblings), and `service.rs` answers
 //! the API with them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use nbd_proxy::export::ExportError;
@@ -189,20 +189,14 @@ impl Agent {
 
     /// Starts a restore job once the target passed its checks; never over
     /// the image of an attached disk.
-    pub fn start_restore(&self, opts: RestoreOptions) -> Result<JobInfo, OpError> {
-        ops::restore::check(&*self.store, &opts)?;
-        if let Some(d) = self
+    pub fn start_restore(&self, mut opts: RestoreOptions) -> Result<JobInfo, OpError> {
+        opts.in_use = self
             .server
             .all()
             .iter()
-            .find(|e| same_file(&e.image.path, &opts.target))
-        {
-            return Err(OpError::conflict(format!(
-                "{} is the image of attached disk {}; detach it before restoring over it",
-                opts.target.display(),
-                d.name
-            )));
-        }
+            .map(|e| (e.name.clone(), e.image.path.clone()))
+            .collect();
+        ops::restore::check(&*self.store, &opts)?;
         let store = self.store.clone();
         Ok(self
             .jobs
@@ -363,7 +357,10 @@ impl Agent {
             ));
         }
         let canonical = image.canonicalize().unwrap_or_else(|_| image.clone());
-        if let Some(other) = records.iter().find(|r| same_file(&r.image, &canonical)) {
+        if let Some(other) = records
+            .iter()
+            .find(|r| fsutil::same_file(&r.image, &canonical))
+        {
             return Err(err(
                 ErrorKind::Conflict,
                 format!("{} is already attached as disk {}; writes through two exports would escape tracking", image.display(), other.name),
@@ -445,13 +442,5 @@ pub(super) fn cbt_info(t: &Tracker) -> CbtInfo {
         trusted: s.trusted,
         reason: s.reason,
         checkpoint_active: s.checkpoint_active,
-    }
-}
-
-pub(super) fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => (x.dev(), x.ino(), x.rdev()) == (y.dev(), y.ino(), y.rdev()),
-        _ => a == b,
     }
 }

@@ -1,8 +1,7 @@
 //! Upload batches sent on connections of their own, past ureq. ureq copies
 //! a request body through an 8 KiB stack buffer, and the TLS connector
 //! then gathered those pieces again before rustls encrypted them: three
-//! copies of every uploaded byte on the agent, 6% of its CPU in a 1%
-//! backup to a store server (perf, 27 Nov). Here a batch's chunk files go
+//! copies of every uploaded byte on the agent. Here a batch's chunk files go
 //! to rustls as one vectored write, whose encryption is the only copy, or
 //! straight to the socket with `writev` on plain HTTP.
 //!
@@ -30,9 +29,7 @@ const ANSWER_MAX: u64 = 1 << 20;
 /// Plaintext rustls encrypts before the records are written out: a whole
 /// batch ([`BATCH_BYTES`] and its heads), so that it leaves in one or two
 /// `writev` calls, not one per 256 KiB. Each call on loopback also runs
-/// the receiver's network stack and wakes the server; with the larger
-/// buffer the agent's CPU in a pinned 1% backup fell from 83 to 78 ms
-/// (medians of six runs of six backups each).
+/// the receiver's network stack and wakes the server.
 const TLS_BUFFER: usize = BATCH_BYTES + (64 << 10);
 
 /// Why an upload failed.

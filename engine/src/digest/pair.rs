@@ -3,10 +3,9 @@
 //!
 //! Why: one SHA-256 is a chain of dependent `sha256rnds2` instructions, so
 //! a single stream leaves the unit idle between rounds. Two independent
-//! streams interleaved fill those gaps: on this project's benchmark machine
-//! (Xeon with SHA-NI) two 64 KiB chunks hash about 20% faster as a pair
-//! than one after the other with `sha2` (`benches/pipeline.rs`,
-//! `sha256 pair`). Every reader and writer of chunks hashes whole batches
+//! streams interleaved fill those gaps, so two chunks hash faster as a
+//! pair than one after the other with `sha2` (`benches/pipeline.rs`,
+//! `sha256 pair`; figures in benches/RESULTS.md). Every reader and writer of chunks hashes whole batches
 //! of equal-sized chunks, so pairs are the common case.
 //!
 //! The round structure follows `sha2`'s own SHA-NI backend

@@ -52,18 +52,15 @@ pub enum Codec {
     Zstd,
 }
 
-/// The default zstd level. Level -3 was measured against it on the corpus
-/// (benches/RESULTS.md, "Compression level"): 13-17% less time and CPU
-/// for a store 17% larger, which did not pay; `--zstd-level -3` is there
-/// for hosts short of CPU.
+/// The default zstd level: faster levels save CPU once but cost store
+/// space in every snapshot kept (benches/RESULTS.md, "Compression
+/// level"); `--zstd-level -3` is there for hosts short of CPU.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// The shortest match zstd looks for at the default level
-/// ([`DEFAULT_ZSTD_LEVEL`]): zstd's longest (7) instead of
-/// level 1's 6. On the compressible chunks of the shared corpus it took
-/// 5.7% less time (median of three: 6.08 s against 6.45 s) for 2.5% more
-/// bytes (885 against 863 MiB); docs/ARCHITECTURE.md, "Compression
-/// level".
+/// ([`DEFAULT_ZSTD_LEVEL`]): zstd's longest (7) instead of level 1's 6,
+/// which trades a little size for noticeably less time on disk images
+/// (benches/RESULTS.md, "Compression level").
 const DEFAULT_LEVEL_MIN_MATCH: u32 = 7;
 
 /// A compressor for chunks at zstd `level`, tuned as
@@ -86,7 +83,7 @@ pub fn encode(plain: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> (Vec
 }
 
 /// [`encode`], leaving the checksum field zero unless `sum`: for a store
-/// that sums what it is given ([`crate::store::Store::sums_chunks`]).
+/// that sums what it is given (`FastPaths::sums_chunks` of the store module).
 /// A zero checksum is one [`fill_sum`] fills in.
 pub fn encode_with(
     plain: &[u8],
@@ -114,10 +111,10 @@ pub fn compressed(
     incompressible: bool,
 ) -> Option<Vec<u8>> {
     thread_local! {
-        /// zstd's output, reused: a fresh buffer per chunk cost page
-        /// faults and page clearing (13% of the agent's CPU in a 1%
-        /// backup to a store server, where the chunk files wait for
-        /// their upload while new ones are made).
+        /// zstd's output, reused: a fresh buffer per chunk costs page
+        /// faults and page clearing, most of all in a backup to a store
+        /// server, where chunk files wait for their upload while new
+        /// ones are made.
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     if incompressible {
@@ -141,7 +138,7 @@ pub fn compressed(
 
 /// The header of `plain`'s raw chunk file (its checksum zero unless
 /// `sum`): the file is this, then `plain`. A store server is sent the two
-/// as they lie, with no copy into one file ([`crate::store::Store::put_raw_chunk`]).
+/// as they lie, with no copy into one file (`FastPaths::put_raw_chunk` of the store module).
 pub fn raw_head(plain: &[u8], sum: bool) -> [u8; HEADER_LEN] {
     head(CODEC_RAW, plain.len(), plain, sum)
 }
@@ -405,8 +402,8 @@ impl Verifier {
 
     /// [`Verifier::check_each`] of uploads, filling in the checksums left
     /// zero ([`encode_with`]) of the files found sound: one xxh3 pass over
-    /// those, where [`fill_sum`] and then a check took two (about 4% of a
-    /// store server's CPU). Their digest check is what vouches for them.
+    /// those, where [`fill_sum`] and then a check would take two. Their
+    /// digest check is what vouches for them.
     pub fn check_each_filling(
         &mut self,
         items: &mut [(&mut [u8], ChunkDigest)],
@@ -466,8 +463,8 @@ impl Verifier {
 
 /// The plain bytes of `file` (`len` of them) to hash, and whether it
 /// decoded: a raw chunk's payload where it lies, anything else decoded
-/// into `buf`. A store server checks every upload, and copying the raw
-/// ones out was 2% of its CPU on a 1% backup's uploads (perf, 28 Nov).
+/// into `buf`. A store server checks every upload; copying the raw ones
+/// out first would be pure overhead.
 fn plain_of<'a>(
     file: &'a [u8],
     len: usize,

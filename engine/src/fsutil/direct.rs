@@ -2,10 +2,9 @@
 //! as fallback.
 //!
 //! Why: on this class of machine a buffered write costs more CPU than the
-//! data's SHA-256: copying 3 GB into fresh page-cache pages took 0.8-2.7 s
-//! of system time (`dd bs=1M`), while the same bytes written with
-//! `O_DIRECT` at queue depth 16 took 3% of a core and 1.5 s of disk time
-//! that overlaps with decoding. A restore is CPU-bound, so every copy it
+//! data's SHA-256 (copying into fresh page-cache pages), while the same
+//! bytes written with `O_DIRECT` cost almost no CPU and disk time that
+//! overlaps with decoding (benches/RESULTS.md, "Restore and verify"). A restore is CPU-bound, so every copy it
 //! avoids is wall time saved, and the final fsync has nothing left to
 //! flush.
 //!

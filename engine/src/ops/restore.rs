@@ -23,6 +23,9 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Threads.
     pub workers: usize,
+    /// Images in use, by disk name: never a target (the images of attached
+    /// disks, which a restore would overwrite under a running guest).
+    pub in_use: Vec<(String, PathBuf)>,
 }
 
 /// What a restore did.
@@ -37,13 +40,24 @@ pub struct RestoreReport {
 }
 
 /// The checks before a restore starts: the snapshot exists, the target is
-/// absolute and, unless forced, does not exist. Returns the manifest.
+/// absolute, is no image in use and, unless forced, does not exist.
+/// Returns the manifest.
 pub fn check(store: &dyn Store, opts: &RestoreOptions) -> Result<Manifest, OpError> {
     let m = store.manifest(&opts.snapshot)?;
     if !opts.target.is_absolute() {
         return Err(OpError::invalid(format!(
             "target {:?} must be an absolute path",
             opts.target.display().to_string()
+        )));
+    }
+    if let Some((disk, _)) = opts
+        .in_use
+        .iter()
+        .find(|(_, image)| crate::fsutil::same_file(image, &opts.target))
+    {
+        return Err(OpError::conflict(format!(
+            "{} is the image of attached disk {disk}; detach it before restoring over it",
+            opts.target.display()
         )));
     }
     if opts.target.exists() && !opts.force {

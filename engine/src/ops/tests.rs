@@ -415,6 +415,7 @@ fn restore_checks_its_target_first_and_brings_back_the_bytes() {
         target: "relative.img".into(),
         force: false,
         workers: 1,
+        in_use: vec![],
     };
     assert_eq!(
         restore_op::check(&store, &o).unwrap_err().kind(),
@@ -425,6 +426,12 @@ fn restore_checks_its_target_first_and_brings_back_the_bytes() {
     let e = restore_op::check(&store, &o).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
     assert!(e.to_string().contains("--force"), "{e}");
+    let mut busy = o.clone();
+    busy.force = true;
+    busy.in_use = vec![("vm".into(), target.clone())];
+    let e = restore_op::check(&store, &busy).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert!(e.to_string().contains("image of attached disk vm"), "{e}");
     let mut gone = o.clone();
     gone.snapshot = "vm@20200101T000000Z".parse().unwrap();
     assert_eq!(
@@ -454,6 +461,7 @@ fn restore_of_a_snapshot_with_a_lost_chunk_fails_as_damaged() {
         target: dir.path().join("out.img"),
         force: false,
         workers: 1,
+        in_use: vec![],
     };
     let e = restore_op::restore(&store, &o, &Progress::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Damaged, "{e}");

@@ -134,7 +134,7 @@ pub struct LocalStore {
     collections: AtomicU64,
     /// Serializes annotation read-modify-writes.
     annotating: Mutex<()>,
-    /// Chunk files read ahead by [`Store::prefetch`], until taken.
+    /// Chunk files read ahead by [`FastPaths::prefetch`](super::FastPaths::prefetch), until taken.
     prefetched: prefetch::Prefetcher,
 }
 

@@ -1,5 +1,5 @@
 //! Sharing a list of chunks among worker threads in batches, with the
-//! store told a few batches ahead what will be read ([`Store::prefetch`]).
+//! store told a few batches ahead what will be read ([`super::FastPaths::prefetch`]).
 //!
 //! Restore and verify both walk a long list of digests on every core; each
 //! worker claims the next batch, and whoever claims a batch asks the store
@@ -13,7 +13,7 @@ use crate::digest::ChunkDigest;
 
 /// Batches of a digest list, claimed by workers, prefetched ahead.
 pub struct ReadAhead<'a> {
-    /// The store's prefetch ([`super::Store::prefetch`]).
+    /// The store's prefetch ([`super::FastPaths::prefetch`]).
     prefetch: &'a (dyn Fn(&[ChunkDigest]) + Sync),
     list: &'a [ChunkDigest],
     batch: usize,

@@ -3,11 +3,10 @@
 //!
 //! Why: buffered writes put every stored byte into fresh page-cache pages.
 //! On this class of machine (a microVM whose freed memory goes back to the
-//! host) a fresh page costs a trip to the host: in a full backup of the
-//! shared corpus, `copy_folio_from_iter_atomic` took 27% of the agent's
-//! CPU when the page cache had to grow, against 1.5% when it could reuse
-//! pages (perf, same binary, same data). A store rarely reads back what it
-//! has just written, so caching it buys little.
+//! host) a fresh page costs a trip to the host, and growing the page cache
+//! became the largest cost of a full backup (benches/RESULTS.md, "Packs
+//! are written with `O_DIRECT`"). A store rarely reads back what it has
+//! just written, so caching it buys little.
 //!
 //! So a [`PackWriter`] gathers appended bytes in an aligned buffer and,
 //! each time the buffer is full, hands it to a thread of its own that
@@ -25,8 +24,7 @@
 //! The last [`RECENT`] buffers written stay readable from memory too. A
 //! store server checks a snapshot's new index pages as it commits, and
 //! those were uploaded just before: direct writes leave them out of the
-//! page cache, so each page was a read from the device, 0.1-0.2 ms apiece
-//! (strace of a store server, 1% backups of the shared corpus).
+//! page cache, so each page would be a read from the device.
 
 use std::fs::File;
 use std::io;
@@ -44,8 +42,7 @@ const RECENT: usize = 2;
 
 /// Stage buffers kept from one pack for the next: a backup's pack is new,
 /// and fresh stages (with the padded tail each sync writes) cost a page
-/// fault and a cleared page every 4 KiB, 3-4 ms of a 1% backup (perf, 27
-/// Nov; see [`crate::bufpool`]).
+/// fault and a cleared page every 4 KiB (see [`crate::bufpool`]).
 static STAGES: BufPool = BufPool::new();
 
 /// A buffer handed to the writing thread: `len` bytes from file offset `at`.

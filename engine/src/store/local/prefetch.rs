@@ -4,7 +4,7 @@
 //! Packs are written past the page cache (see `packfile`); reading them
 //! back through it would fill it with fresh pages, which on this class of
 //! machine cost more than the read itself. So the runs of neighbouring
-//! chunks a reader announces ([`super::Store::prefetch`]) are read with
+//! chunks a reader announces ([`super::FastPaths::prefetch`]) are read with
 //! one direct request each, by a thread, while the reader's threads decode
 //! what came before; the chunk files wait here until taken. A reader
 //! asking for a chunk still being read waits for it instead of reading it
