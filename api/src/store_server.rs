@@ -94,10 +94,6 @@ pub fn router(store: LocalStore, token: String) -> Router {
         })
 }
 
-fn store_error(e: StoreError) -> ApiError {
-    ApiError::from(e)
-}
-
 /// Runs blocking store work off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -142,7 +138,7 @@ async fn missing(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiEr
         .flatten();
     let m = match now {
         Some(m) => m,
-        None => blocking(move || s.store.missing(&digests).map_err(store_error)).await?,
+        None => blocking(move || s.store.missing(&digests).map_err(ApiError::from)).await?,
     };
     let out: Vec<u8> = m.into_iter().map(u8::from).collect();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
@@ -187,7 +183,7 @@ async fn put_chunk(
     blocking(move || {
         let mut body = owned(body);
         check_uploads(&mut [(&mut body[..], d)])?;
-        let n = s.store.put_chunk(&d, &body).map_err(store_error)?;
+        let n = s.store.put_chunk(&d, &body).map_err(ApiError::from)?;
         Ok(Json(Stored {
             stored: n,
             chunks: None,
@@ -232,7 +228,7 @@ async fn put_chunks(State(s): State<Shared>, body: Bytes) -> Result<Json<Stored>
             stored += s
                 .store
                 .put_chunk(d, &body[span.clone()])
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
         }
         Ok(Json(Stored {
             stored,
@@ -247,7 +243,7 @@ async fn get_chunk(
     Path(digest): Path<String>,
 ) -> Result<Response, ApiError> {
     let d = parse_digest(&digest)?;
-    let bytes = blocking(move || s.store.get_chunk(&d).map_err(store_error)).await?;
+    let bytes = blocking(move || s.store.get_chunk(&d).map_err(ApiError::from)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -261,7 +257,7 @@ async fn fetch(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiErro
             match s.store.get_chunk(d) {
                 Ok(f) => files.push((d, f)),
                 Err(StoreError::MissingChunk(_)) => {}
-                Err(e) => return Err(store_error(e)),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(encode_batch(files.iter().map(|(d, f)| (*d, f.as_slice()))))
@@ -271,7 +267,7 @@ async fn fetch(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiErro
 }
 
 async fn sync(State(s): State<Shared>) -> Result<StatusCode, ApiError> {
-    blocking(move || s.store.sync().map_err(store_error)).await?;
+    blocking(move || s.store.sync().map_err(ApiError::from)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -308,7 +304,7 @@ async fn commit_with_pages(State(s): State<Shared>, body: Bytes) -> Result<Respo
         for (d, span) in &spans {
             s.store
                 .put_chunk(d, &body[span.clone()])
-                .map_err(store_error)?;
+                .map_err(ApiError::from)?;
         }
         commit_checked(&s, m, &given)
     })
@@ -341,7 +337,7 @@ async fn list(
 ) -> Result<Json<SnapshotList>, ApiError> {
     let disk = q.disk.as_deref().map(parse_disk).transpose()?;
     blocking(move || {
-        let (snapshots, bad) = s.store.list(disk.as_ref()).map_err(store_error)?;
+        let (snapshots, bad) = s.store.list(disk.as_ref()).map_err(ApiError::from)?;
         Ok(Json(SnapshotList {
             snapshots,
             damaged: bad.iter().map(|e| e.to_string()).collect(),
@@ -352,13 +348,13 @@ async fn list(
 
 async fn manifest(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let m = blocking(move || s.store.manifest(&id).map_err(store_error)).await?;
+    let m = blocking(move || s.store.manifest(&id).map_err(ApiError::from)).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], m.encode()).into_response())
 }
 
 async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
-    blocking(move || s.store.delete(&id).map_err(store_error)).await?;
+    blocking(move || s.store.delete(&id).map_err(ApiError::from)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -370,7 +366,7 @@ async fn annotate(
     let id = parse_id(&id)?;
     let a: Annotation =
         serde_json::from_slice(&body).map_err(|e| bad(format!("bad annotation: {e}")))?;
-    let m = blocking(move || s.store.annotate(&id, &a).map_err(store_error)).await?;
+    let m = blocking(move || s.store.annotate(&id, &a).map_err(ApiError::from)).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], m.encode()).into_response())
 }
 
@@ -385,7 +381,7 @@ async fn gc(
     blocking(move || {
         s.store
             .gc(&opts, &novabackup_engine::progress::Progress::default())
-            .map_err(store_error)
+            .map_err(ApiError::from)
     })
     .await
     .map(Json)
@@ -416,16 +412,16 @@ async fn lock(
         let base = base
             .map(|id| s.store.manifest(&id))
             .transpose()
-            .map_err(store_error)?;
+            .map_err(ApiError::from)?;
         let mut held = locks(&s);
         if held.get(&disk).is_some_and(|h| h.until < Instant::now()) {
             tracing::warn!(%disk, "a backup lock lapsed (its client stopped renewing it)");
             held.remove(&disk);
         }
         if held.contains_key(&disk) {
-            return Err(store_error(StoreError::Locked(disk)));
+            return Err(StoreError::Locked(disk).into());
         }
-        let guard = s.store.lock(&disk, base.as_ref()).map_err(store_error)?;
+        let guard = s.store.lock(&disk, base.as_ref()).map_err(ApiError::from)?;
         let mut raw = [0u8; 16];
         getrandom::getrandom(&mut raw)
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
@@ -482,6 +478,6 @@ async fn unlock(
 }
 
 async fn usage(State(s): State<Shared>) -> Result<Json<Usage>, ApiError> {
-    let n = blocking(move || s.store.usage().map_err(store_error)).await?;
+    let n = blocking(move || s.store.usage().map_err(ApiError::from)).await?;
     Ok(Json(Usage { bytes: n }))
 }

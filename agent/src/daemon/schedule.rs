@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use novabackup_api::types::{ScheduleAction, ScheduleInfo, ScheduleRequest};
-use novabackup_api::{ApiError, ErrorCode};
 use novabackup_engine::fsutil;
+use novabackup_engine::ops::{ErrorKind, OpError};
 use novabackup_engine::schedule::When;
 use novabackup_engine::time::rfc3339;
 use serde::{Deserialize, Serialize};
@@ -69,13 +69,13 @@ pub struct Schedules {
     list: Mutex<Vec<Stored>>,
 }
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
-    ApiError::new(code, msg)
+fn err(kind: ErrorKind, msg: impl Into<String>) -> OpError {
+    OpError::new(kind, msg)
 }
 
 /// Checks a request; returns its parsed time.
-pub fn validate(r: &ScheduleRequest) -> Result<When, ApiError> {
-    let bad = |m: String| err(ErrorCode::BadRequest, m);
+pub fn validate(r: &ScheduleRequest) -> Result<When, OpError> {
+    let bad = |m: String| err(ErrorKind::Invalid, m);
     let when = When::parse(&r.cron, r.timezone.as_deref()).map_err(bad)?;
     if let Some(d) = &r.disk {
         d.parse::<novabackup_engine::ids::DiskName>()
@@ -146,7 +146,7 @@ impl Schedules {
         };
         for s in &list {
             if let Err(e) = validate(&s.spec) {
-                tracing::error!(schedule = %s.id, "schedule cannot run: {}", e.message);
+                tracing::error!(schedule = %s.id, "schedule cannot run: {e}");
             }
         }
         Ok(Schedules {
@@ -155,11 +155,11 @@ impl Schedules {
         })
     }
 
-    fn save(&self, list: &[Stored]) -> Result<(), ApiError> {
+    fn save(&self, list: &[Stored]) -> Result<(), OpError> {
         let bytes = serde_json::to_vec_pretty(list).expect("schedules serialize");
         fsutil::write_atomic(&self.path, &bytes, 0o600).map_err(|e| {
             err(
-                ErrorCode::Internal,
+                ErrorKind::Internal,
                 format!("cannot save {}: {e}", self.path.display()),
             )
         })
@@ -180,7 +180,7 @@ impl Schedules {
         mut req: ScheduleRequest,
         id: Option<String>,
         now: u64,
-    ) -> Result<ScheduleInfo, ApiError> {
+    ) -> Result<ScheduleInfo, OpError> {
         validate(&req)?;
         let mut list = self.lock();
         let mut next = list.clone();
@@ -188,14 +188,14 @@ impl Schedules {
             Some(id) => {
                 if req.id.as_ref().is_some_and(|x| *x != id) {
                     return Err(err(
-                        ErrorCode::BadRequest,
+                        ErrorKind::Invalid,
                         format!("the body names schedule {:?}, the path {id:?}", req.id),
                     ));
                 }
                 req.id = Some(id.clone());
                 let s = next.iter_mut().find(|s| s.id == id).ok_or_else(|| {
                     err(
-                        ErrorCode::NotFound,
+                        ErrorKind::NotFound,
                         format!("no schedule {id:?}; `novabackup schedule list` shows them"),
                     )
                 })?;
@@ -209,7 +209,7 @@ impl Schedules {
                         super::policy::check_name("schedule id", id)?;
                         if next.iter().any(|s| s.id == *id) {
                             return Err(err(
-                                ErrorCode::Conflict,
+                                ErrorKind::Conflict,
                                 format!(
                                     "a schedule {id} exists; change it with PUT or `schedule set`"
                                 ),
@@ -239,12 +239,12 @@ impl Schedules {
     }
 
     /// Deletes a schedule.
-    pub fn delete(&self, id: &str) -> Result<(), ApiError> {
+    pub fn delete(&self, id: &str) -> Result<(), OpError> {
         let mut list = self.lock();
         let next: Vec<Stored> = list.iter().filter(|s| s.id != id).cloned().collect();
         if next.len() == list.len() {
             return Err(err(
-                ErrorCode::NotFound,
+                ErrorKind::NotFound,
                 format!("no schedule {id:?}; `novabackup schedule list` shows them"),
             ));
         }
@@ -268,7 +268,7 @@ impl Schedules {
         }
         if !due.is_empty() {
             if let Err(e) = self.save(&list) {
-                tracing::error!("{}", e.message);
+                tracing::error!("{e}");
             }
         }
         due

@@ -266,12 +266,13 @@ impl DiskService for Agent {
         req: ScheduleRequest,
         id: Option<String>,
     ) -> Result<ScheduleInfo, ApiError> {
-        self.schedules
-            .put(req, id, novabackup_engine::time::now_unix())
+        Ok(self
+            .schedules
+            .put(req, id, novabackup_engine::time::now_unix())?)
     }
 
     fn delete_schedule(&self, id: &str) -> Result<(), ApiError> {
-        self.schedules.delete(id)
+        Ok(self.schedules.delete(id)?)
     }
 
     fn quotas(&self) -> Result<Quotas, ApiError> {
