@@ -375,13 +375,12 @@ async fn gc(
     q: Result<Query<GcOptions>, QueryRejection>,
 ) -> Result<Json<GcReport>, ApiError> {
     let Query(opts) = q.map_err(|e| bad(format!("bad query: {}", e.body_text())))?;
-    if opts.min_garbage_percent > 100 {
-        return Err(bad("min_garbage_percent is a percentage (0-100)"));
-    }
+    novabackup_engine::ops::snapshots::check_gc(&opts)?;
     blocking(move || {
-        s.store
-            .gc(&opts, &novabackup_engine::progress::Progress::default())
-            .map_err(ApiError::from)
+        let progress = novabackup_engine::progress::Progress::default();
+        Ok(novabackup_engine::ops::snapshots::gc(
+            &s.store, &opts, &progress,
+        )?)
     })
     .await
     .map(Json)

@@ -176,6 +176,7 @@ impl Agent {
 
     /// Starts a garbage collection; [`ErrorKind::Busy`] while one runs.
     pub fn start_gc(&self, opts: GcOptions) -> Result<JobInfo, OpError> {
+        ops::snapshots::check_gc(&opts)?;
         // One collection at a time; the store refuses a second one too.
         let claim = self.claims.try_claim("\0gc").ok_or_else(|| {
             OpError::busy("a garbage collection is running; wait for it to finish")

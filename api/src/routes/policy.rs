@@ -120,12 +120,6 @@ pub(super) async fn gc(State(svc): Svc, body: axum::body::Bytes) -> Started {
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request body: {e}")))?
     };
-    if req.min_garbage_percent > 100 {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "min_garbage_percent is a percentage (0-100)",
-        ));
-    }
     let job = blocking(&svc, move |s| s.gc(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }

@@ -41,13 +41,19 @@ pub fn protect(store: &dyn Store, id: &SnapshotId, protected: bool) -> Result<Ma
     Ok(m)
 }
 
-/// Removes every chunk and index page no snapshot references.
-pub fn gc(store: &dyn Store, opts: &GcOptions, progress: &Progress) -> Result<GcReport, OpError> {
+/// Fails unless `opts` make sense (before a collection starts).
+pub fn check_gc(opts: &GcOptions) -> Result<(), OpError> {
     if opts.min_garbage_percent > 100 {
         return Err(OpError::invalid(
             "min_garbage_percent is a percentage (0-100)",
         ));
     }
+    Ok(())
+}
+
+/// Removes every chunk and index page no snapshot references.
+pub fn gc(store: &dyn Store, opts: &GcOptions, progress: &Progress) -> Result<GcReport, OpError> {
+    check_gc(opts)?;
     let r = store.gc(opts, progress)?;
     tracing::info!(
         removed = r.chunks_removed,
