@@ -167,7 +167,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Backup(a) => backup::backup(&client, a),
                 Command::Snapshots { disk, json } => backup::snapshots(&client, disk, json),
                 Command::Snapshot(c) => backup::snapshot(&client, c),
-                Command::Restore(a) => backup::restore(&client, a),
+                Command::Restore(a) => backup::restore(
+                    &client,
+                    a,
+                    cli.data_dir
+                        .as_deref()
+                        .unwrap_or(Path::new(DEFAULT_DATA_DIR)),
+                ),
                 Command::Verify(a) => backup::verify(&client, a),
                 Command::Jobs { json } => backup::jobs(&client, json),
                 Command::Status { json } => status::status(&client, json),

@@ -12,6 +12,8 @@
 //! chunk_size = "64K"
 //! zstd_level = 1                      # -3 is faster, 3 smaller
 //! audit_every = 14                    # CBT audit every 14th backup of a disk
+//! restore_dirs = ["/srv/restores"]    # besides DATA_DIR/restores
+//! restore_devices = ["/dev/vg0/restore"]
 //!
 //! [[disk]]
 //! name = "web"
@@ -62,6 +64,12 @@ pub struct FileConfig {
     pub store_fingerprint: Option<String>,
     /// Audit change tracking every N backups of a disk (0: only on request).
     pub audit_every: Option<u32>,
+    /// Folders besides DATA_DIR/restores that API restores may write in.
+    #[serde(default)]
+    pub restore_dirs: Vec<PathBuf>,
+    /// Block devices API restores may overwrite.
+    #[serde(default)]
+    pub restore_devices: Vec<PathBuf>,
     /// Disks to attach.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,

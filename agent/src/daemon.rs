@@ -31,6 +31,8 @@ pub use state::Agent;
 pub const TOKEN_FILE: &str = "api.token";
 /// Where the running agent says where it listens.
 const RUNTIME_FILE: &str = "agent.json";
+/// The folder restores go to unless the configuration names others.
+pub const RESTORES_DIR: &str = "restores";
 
 /// Flags of `novabackup agent`; each overrides the configuration file.
 #[derive(Debug, Clone, clap::Args)]
@@ -72,6 +74,12 @@ pub struct AgentArgs {
     /// Audit change tracking every N backups of a disk (0: only on request) [default: 14].
     #[arg(long)]
     pub audit_every: Option<u32>,
+    /// A folder restores may write in, besides DATA_DIR/restores (repeatable).
+    #[arg(long = "restore-dir")]
+    pub restore_dirs: Vec<PathBuf>,
+    /// A block device restores may overwrite (repeatable).
+    #[arg(long = "restore-device")]
+    pub restore_devices: Vec<PathBuf>,
     /// Where the boot id is read (tests point it at a file to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     pub boot_id_file: PathBuf,
@@ -110,6 +118,10 @@ pub struct AgentOptions {
     pub store_fingerprint: Option<String>,
     /// Audit change tracking every N backups of a disk (0: never).
     pub audit_every: u32,
+    /// Folders besides DATA_DIR/restores that API restores may write in.
+    pub restore_dirs: Vec<PathBuf>,
+    /// Block devices API restores may overwrite.
+    pub restore_devices: Vec<PathBuf>,
 }
 
 impl AgentArgs {
@@ -154,6 +166,16 @@ impl AgentArgs {
             insecure_listen: self.tls.insecure_listen || c.insecure_listen.unwrap_or(false),
             store_fingerprint: self.store_fingerprint.or(c.store_fingerprint),
             audit_every: self.audit_every.or(c.audit_every).unwrap_or(14),
+            restore_dirs: if self.restore_dirs.is_empty() {
+                c.restore_dirs
+            } else {
+                self.restore_dirs
+            },
+            restore_devices: if self.restore_devices.is_empty() {
+                c.restore_devices
+            } else {
+                self.restore_devices
+            },
         }
     }
 }
@@ -182,7 +204,8 @@ pub fn runtime_info(dir: &Path) -> Option<RuntimeInfo> {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join("cbt"))
+    fsutil::create_private_dir(&dir)
+        .and_then(|()| std::fs::create_dir_all(dir.join("cbt")))
         .with_context(|| format!("cannot create the state folder {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let token = load_or_create_token(&dir)?;
@@ -223,6 +246,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
             .unwrap_or(2),
         audit_every: opts.audit_every,
         pages: Default::default(),
+        confine: restore_confinement(&dir, &opts)?,
     };
     let policy = policy::Settings::load(&dir)?;
     let schedules = Arc::new(schedule::Schedules::load(&dir)?);
@@ -298,7 +322,7 @@ async fn serve(
     fsutil::write_atomic(
         &dir.join(RUNTIME_FILE),
         &serde_json::to_vec_pretty(&info)?,
-        0o644,
+        0o600,
     )?;
     tracing::info!(api = %api_addr, nbd_tcp = ?nbd_tcp, nbd_socket = ?socket, "agent ready");
 
@@ -448,6 +472,38 @@ fn attach_declared(agent: &Agent, disks: &[crate::config::DiskConfig]) {
             Err(e) => tracing::error!(disk = %d.name, "declared disk not attached: {e}"),
         }
     }
+}
+
+/// The folders and devices restores may write to: DATA_DIR/restores
+/// (created private) and whatever the configuration adds.
+fn restore_confinement(
+    dir: &Path,
+    opts: &AgentOptions,
+) -> anyhow::Result<novabackup_engine::ops::restore::Confinement> {
+    let own = dir.join(RESTORES_DIR);
+    fsutil::create_private_dir(&own)
+        .with_context(|| format!("cannot create the restore folder {}", own.display()))?;
+    let mut dirs = vec![own];
+    for d in &opts.restore_dirs {
+        if !d.is_absolute() || !d.is_dir() {
+            anyhow::bail!(
+                "restore_dirs: {} is not an absolute path to an existing folder",
+                d.display()
+            );
+        }
+        dirs.push(d.clone());
+    }
+    for d in &opts.restore_devices {
+        use std::os::unix::fs::FileTypeExt;
+        let ok = std::fs::metadata(d).is_ok_and(|m| m.file_type().is_block_device());
+        if !ok {
+            anyhow::bail!("restore_devices: {} is not a block device", d.display());
+        }
+    }
+    Ok(novabackup_engine::ops::restore::Confinement {
+        dirs,
+        devices: opts.restore_devices.clone(),
+    })
 }
 
 fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>> {

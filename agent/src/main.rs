@@ -9,6 +9,9 @@ mod tlsopts;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Every file novabackup creates (packs, manifests, restored images,
+    // state) is its owner's alone unless a mode says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = cli::Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("NOVABACKUP_LOG").unwrap_or_else(|_| {

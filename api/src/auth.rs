@@ -5,10 +5,15 @@
 //!
 //! Roles:
 //! - `admin`: everything.
-//! - `backup`: read anything, back up, restore, verify and cancel jobs,
-//!   limited to the disks the token lists (all disks when it lists none);
-//!   no attaching, detaching, deleting, resetting or token management.
-//! - `read-only`: `GET` only (monitoring, `/metrics`).
+//! - `backup`: read, back up, restore, verify and cancel jobs; limited to
+//!   the disks the token lists (all disks when it lists none): a limited
+//!   token sees and acts on only those disks' snapshots and jobs, and
+//!   nothing host-wide. No attaching, detaching, deleting, resetting,
+//!   pruning, gc, policy or token management.
+//! - `read-only`: reads, but never the token list.
+//!
+//! [`ROUTES`] is the one table of which role may call which route; the
+//! middleware enforces it before any handler runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -32,6 +37,17 @@ pub enum Role {
     Backup,
     /// Look, do not touch.
     ReadOnly,
+}
+
+impl Role {
+    /// The role's name, as `token create --role` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Backup => "backup",
+            Role::ReadOnly => "read-only",
+        }
+    }
 }
 
 impl std::str::FromStr for Role {
@@ -106,9 +122,20 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the token is limited to some disks.
+    pub fn is_scoped(&self) -> bool {
+        self.role != Role::Admin && !self.disks.is_empty()
+    }
+
     /// Whether this caller may act on `disk`.
     pub fn may_use(&self, disk: &str) -> bool {
         self.role == Role::Admin || self.disks.is_empty() || self.disks.iter().any(|d| d == disk)
+    }
+
+    /// Whether this caller may see a job acting on `disks` (empty:
+    /// host-wide work, which only unlimited tokens see).
+    pub fn may_see_job(&self, disks: &[String]) -> bool {
+        !self.is_scoped() || (!disks.is_empty() && disks.iter().all(|d| self.may_use(d)))
     }
 
     /// Fails with 403 for a token limited to some disks.
@@ -291,27 +318,192 @@ impl Tokens {
     }
 }
 
-/// What a role may call: read-only only reads; backup also starts and
-/// cancels work, but never changes disks, snapshots or tokens.
-fn allowed(role: Role, method: &Method, path: &str) -> bool {
-    match role {
-        Role::Admin => true,
-        Role::ReadOnly => method == Method::GET || method == Method::HEAD,
-        Role::Backup => {
-            if path.starts_with("/api/v1/tokens") {
-                return false;
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Any token (admin, backup, read-only).
+    Read,
+    /// Admin and backup tokens.
+    Operate,
+    /// Admin tokens only.
+    Admin,
+}
+
+/// How a route is confined for a token limited to some disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The `{name}` path segment is the disk.
+    DiskParam,
+    /// The `{id}` path segment is a snapshot id, `DISK@TIME`.
+    SnapshotParam,
+    /// The handler checks the disks the body names (backups, restores,
+    /// verify, prune) or the job's disk (jobs/{id}).
+    Handler,
+    /// A list: the handler leaves out what the token may not see.
+    Filtered,
+    /// Host-wide: only tokens that are not limited to disks.
+    Host,
+}
+
+/// The one table of who may call what: every route of the API (the test
+/// `every_route_role_and_scope` walks it against the router and the
+/// OpenAPI document).
+pub const ROUTES: &[(&str, &str, Access, Scope)] = {
+    use Access::*;
+    use Scope::*;
+    &[
+        ("GET", "/api/v1/disks", Read, Filtered),
+        ("POST", "/api/v1/disks", Admin, Host),
+        ("GET", "/api/v1/disks/{name}", Read, DiskParam),
+        ("DELETE", "/api/v1/disks/{name}", Admin, Host),
+        ("GET", "/api/v1/disks/{name}/cbt", Read, DiskParam),
+        ("POST", "/api/v1/disks/{name}/cbt/reset", Admin, Host),
+        ("POST", "/api/v1/backups", Operate, Handler),
+        ("POST", "/api/v1/restores", Operate, Handler),
+        ("POST", "/api/v1/verify", Operate, Handler),
+        ("GET", "/api/v1/snapshots", Read, Filtered),
+        ("GET", "/api/v1/snapshots/{id}", Read, SnapshotParam),
+        ("DELETE", "/api/v1/snapshots/{id}", Admin, Host),
+        (
+            "POST",
+            "/api/v1/snapshots/{id}/verify",
+            Operate,
+            SnapshotParam,
+        ),
+        ("POST", "/api/v1/snapshots/{id}/protect", Admin, Host),
+        ("POST", "/api/v1/snapshots/{id}/unprotect", Admin, Host),
+        ("GET", "/api/v1/jobs", Read, Filtered),
+        ("GET", "/api/v1/jobs/{id}", Read, Handler),
+        ("POST", "/api/v1/jobs/{id}/cancel", Operate, Handler),
+        ("GET", "/api/v1/jobs/{id}/events", Read, Handler),
+        ("GET", "/api/v1/store", Read, Host),
+        ("GET", "/api/v1/retention/policies", Read, Host),
+        ("POST", "/api/v1/retention/policies", Admin, Host),
+        ("GET", "/api/v1/retention/policies/{name}", Read, Host),
+        ("PUT", "/api/v1/retention/policies/{name}", Admin, Host),
+        ("DELETE", "/api/v1/retention/policies/{name}", Admin, Host),
+        ("POST", "/api/v1/prune", Admin, Host),
+        ("POST", "/api/v1/gc", Admin, Host),
+        ("GET", "/api/v1/schedules", Read, Host),
+        ("POST", "/api/v1/schedules", Admin, Host),
+        ("GET", "/api/v1/schedules/{id}", Read, Host),
+        ("PUT", "/api/v1/schedules/{id}", Admin, Host),
+        ("DELETE", "/api/v1/schedules/{id}", Admin, Host),
+        ("GET", "/api/v1/quotas", Read, Host),
+        ("PUT", "/api/v1/quotas", Admin, Host),
+        ("GET", "/api/v1/tokens", Admin, Host),
+        ("POST", "/api/v1/tokens", Admin, Host),
+        ("DELETE", "/api/v1/tokens/{id}", Admin, Host),
+        ("GET", "/metrics", Read, Host),
+    ]
+};
+
+/// The table row for a request and the values of its `{...}` segments.
+fn route<'a>(method: &Method, path: &'a str) -> Option<(Access, Scope, Vec<&'a str>)> {
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES.iter().find_map(|&(m, pattern, access, scope)| {
+        if m != method {
+            return None;
+        }
+        let mut params = Vec::new();
+        let mut got = path.split('/');
+        for want in pattern.split('/') {
+            let g = got.next()?;
+            if want.starts_with('{') {
+                if g.is_empty() {
+                    return None;
+                }
+                params.push(g);
+            } else if want != g {
+                return None;
             }
-            if method == Method::GET || method == Method::HEAD {
-                return true;
+        }
+        got.next().is_none().then_some((access, scope, params))
+    })
+}
+
+/// Whether `caller` may make this call, as far as the method and path
+/// tell (handlers check bodies and jobs: [`Scope::Handler`]).
+pub fn authorize(caller: &Caller, method: &Method, path: &str) -> Result<(), ApiError> {
+    let deny = |why: String| {
+        Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "token {:?} ({}) may not {method} {path}: {why}",
+                caller.name,
+                caller.role.as_str()
+            ),
+        ))
+    };
+    let Some((access, scope, params)) = route(method, path) else {
+        // The router answers 404 for paths it does not know; a known path
+        // with another method is refused here rather than guessed at.
+        return if caller.role == Role::Admin {
+            Ok(())
+        } else {
+            deny("no such route in the access table".into())
+        };
+    };
+    let role_ok = match access {
+        Access::Read => true,
+        Access::Operate => caller.role != Role::ReadOnly,
+        Access::Admin => caller.role == Role::Admin,
+    };
+    if !role_ok {
+        return deny(format!(
+            "it needs an {} token",
+            match access {
+                Access::Admin => "admin",
+                _ => "admin or backup",
             }
-            method == Method::POST
-                && (path == "/api/v1/backups"
-                    || path == "/api/v1/restores"
-                    || path == "/api/v1/verify"
-                    || (path.starts_with("/api/v1/snapshots/") && path.ends_with("/verify"))
-                    || (path.starts_with("/api/v1/jobs/") && path.ends_with("/cancel")))
+        ));
+    }
+    if caller.is_scoped() {
+        let param = params.first().map(|p| percent_decode(p));
+        let disk = match scope {
+            Scope::DiskParam => param.as_deref(),
+            Scope::SnapshotParam => param.as_deref().map(snapshot_disk),
+            Scope::Handler | Scope::Filtered => None,
+            Scope::Host => {
+                return deny(format!(
+                    "it acts on the whole host and the token is limited to {:?}",
+                    caller.disks
+                ))
+            }
+        };
+        if let Some(d) = disk {
+            caller.check_disk(d)?;
         }
     }
+    Ok(())
+}
+
+/// The disk part of a snapshot id (`disk@time`).
+pub fn snapshot_disk(id: &str) -> &str {
+    id.split('@').next().unwrap_or(id)
+}
+
+/// Path segments arrive percent-encoded (`vm%40T` for `vm@T`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Middleware: 401 without a known token, 403 when its role may not make
@@ -325,18 +517,8 @@ pub async fn require_role(
     let Some(caller) = caller else {
         return unauthorized().into_response();
     };
-    if !allowed(caller.role, req.method(), req.uri().path()) {
-        return ApiError::new(
-            ErrorCode::Forbidden,
-            format!(
-                "token {:?} ({:?}) may not {} {}",
-                caller.name,
-                caller.role,
-                req.method(),
-                req.uri().path()
-            ),
-        )
-        .into_response();
+    if let Err(e) = authorize(&caller, req.method(), req.uri().path()) {
+        return e.into_response();
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
@@ -412,16 +594,35 @@ mod tests {
         );
     }
 
+    fn caller(role: Role, disks: &[&str]) -> Caller {
+        Caller {
+            name: "t".into(),
+            role,
+            disks: disks.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn roles_allow_what_the_module_doc_says() {
         use Method as M;
-        assert!(allowed(Role::ReadOnly, &M::GET, "/metrics"));
-        assert!(!allowed(Role::ReadOnly, &M::POST, "/api/v1/backups"));
-        assert!(allowed(Role::Backup, &M::POST, "/api/v1/backups"));
-        assert!(allowed(Role::Backup, &M::POST, "/api/v1/jobs/job-1/cancel"));
-        assert!(!allowed(Role::Backup, &M::DELETE, "/api/v1/snapshots/vm@x"));
-        assert!(!allowed(Role::Backup, &M::POST, "/api/v1/disks"));
-        assert!(!allowed(Role::Backup, &M::GET, "/api/v1/tokens"));
-        assert!(allowed(Role::Admin, &M::DELETE, "/api/v1/tokens/ab"));
+        let ro = caller(Role::ReadOnly, &[]);
+        let bk = caller(Role::Backup, &[]);
+        let web = caller(Role::Backup, &["web"]);
+        let admin = caller(Role::Admin, &[]);
+        assert!(authorize(&ro, &M::GET, "/metrics").is_ok());
+        assert!(authorize(&ro, &M::POST, "/api/v1/backups").is_err());
+        assert!(authorize(&ro, &M::GET, "/api/v1/tokens").is_err());
+        assert!(authorize(&bk, &M::POST, "/api/v1/backups").is_ok());
+        assert!(authorize(&bk, &M::POST, "/api/v1/jobs/job-1/cancel").is_ok());
+        assert!(authorize(&bk, &M::DELETE, "/api/v1/snapshots/vm@x").is_err());
+        assert!(authorize(&bk, &M::POST, "/api/v1/disks").is_err());
+        assert!(authorize(&bk, &M::GET, "/api/v1/tokens").is_err());
+        assert!(authorize(&web, &M::GET, "/api/v1/disks/web").is_ok());
+        assert!(authorize(&web, &M::GET, "/api/v1/disks/db").is_err());
+        assert!(authorize(&web, &M::GET, "/api/v1/snapshots/web%40T").is_ok());
+        assert!(authorize(&web, &M::GET, "/api/v1/snapshots/db%40T").is_err());
+        assert!(authorize(&web, &M::GET, "/metrics").is_err());
+        assert!(authorize(&admin, &M::DELETE, "/api/v1/tokens/ab").is_ok());
+        assert!(authorize(&bk, &M::PATCH, "/api/v1/disks").is_err());
     }
 }

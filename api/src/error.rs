@@ -119,6 +119,7 @@ impl From<novabackup_engine::ops::OpError> for ApiError {
             ErrorKind::Quota | ErrorKind::StoreFull => ErrorCode::InsufficientStorage,
             ErrorKind::Invalid => ErrorCode::BadRequest,
             ErrorKind::Damaged => ErrorCode::Unprocessable,
+            ErrorKind::Forbidden => ErrorCode::Forbidden,
             ErrorKind::Internal => ErrorCode::Internal,
         };
         ApiError::new(code, e.message())

@@ -136,6 +136,10 @@ pub struct JobInfo {
     pub kind: String,
     /// What it works on (disk, snapshot).
     pub target: String,
+    /// The disks it acts on; empty for host-wide work (gc, verify of
+    /// every disk). Tokens limited to disks see only jobs on theirs.
+    #[serde(default)]
+    pub disks: Vec<String>,
     /// State.
     pub state: JobState,
     /// Units done (bytes; chunks for verify).

@@ -94,6 +94,15 @@ pub fn remove_durable(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates `dir` (and its parents) if needed and makes it private to its
+/// owner (0700), also when it existed with wider permissions: backup data
+/// and state are nobody else's to read.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
 /// Fsyncs a folder so that renames and unlinks inside it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -63,9 +63,71 @@ pub enum RestoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// The target is neither a regular file (or a new one) nor a block
+    /// device: a folder, a symbolic link, a socket...
+    #[error("{path} is {what}; restore to a regular file or a block device")]
+    NotATarget {
+        /// The target.
+        path: PathBuf,
+        /// What it is.
+        what: &'static str,
+    },
     /// Cancelled.
     #[error("the restore was cancelled")]
     Cancelled,
+}
+
+/// What is at `target`, without following a symbolic link there.
+fn target_kind(target: &Path) -> Result<Option<bool>, RestoreError> {
+    match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RestoreError::Write {
+            path: target.into(),
+            source,
+        }),
+        Ok(md) => {
+            let ft = md.file_type();
+            let what = if ft.is_block_device() {
+                return Ok(Some(true));
+            } else if ft.is_file() {
+                return Ok(Some(false));
+            } else if ft.is_symlink() {
+                "a symbolic link"
+            } else if ft.is_dir() {
+                "a folder"
+            } else {
+                "a special file"
+            };
+            Err(RestoreError::NotATarget {
+                path: target.into(),
+                what,
+            })
+        }
+    }
+}
+
+/// Creates `partial` afresh: whatever was there (a leftover of a crash, or
+/// a symbolic link someone planted) is unlinked, never followed, and the
+/// new file is created exclusively, private to its owner.
+fn create_partial(partial: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(partial) {
+        Ok(md) if md.is_dir() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a folder is in the way of the temporary file; remove it",
+            ))
+        }
+        Ok(_) => std::fs::remove_file(partial)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(partial)
 }
 
 /// What a restore did.
@@ -95,21 +157,29 @@ pub fn restore(
         path: path.to_path_buf(),
         source,
     };
-    let is_dev = std::fs::metadata(target)
-        .map(|md| md.file_type().is_block_device())
-        .unwrap_or(false);
-    if target.exists() && !force && !is_dev {
-        return Err(RestoreError::Exists(target.to_path_buf()));
-    }
-    if is_dev && !force {
+    let kind = target_kind(target)?;
+    let is_dev = kind == Some(true);
+    if kind.is_some() && !force {
         return Err(RestoreError::Exists(target.to_path_buf()));
     }
     let digests = read_index(store, m)?;
     let (out, partial) = if is_dev {
+        use std::os::unix::fs::OpenOptionsExt;
         let f = OpenOptions::new()
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(target)
             .map_err(|e| werr(target, e))?;
+        // What was checked by name is what was opened.
+        match f.metadata() {
+            Ok(md) if md.file_type().is_block_device() => {}
+            _ => {
+                return Err(RestoreError::NotATarget {
+                    path: target.into(),
+                    what: "no longer a block device",
+                })
+            }
+        }
         let have = device_size(&f).map_err(|e| werr(target, e))?;
         if have < m.image_size {
             return Err(RestoreError::TooSmall {
@@ -121,14 +191,11 @@ pub fn restore(
         (f, None)
     } else {
         let partial = PathBuf::from(format!("{}.partial", target.display()));
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&partial)
-            .map_err(|e| werr(&partial, e))?;
-        f.set_len(m.image_size).map_err(|e| werr(&partial, e))?;
-        if let Err(e) = preallocate(&f, &digests, m.chunk_size, m.image_size) {
+        let f = create_partial(&partial).map_err(|e| werr(&partial, e))?;
+        let sized = f
+            .set_len(m.image_size)
+            .and_then(|()| preallocate(&f, &digests, m.chunk_size, m.image_size));
+        if let Err(e) = sized {
             let _ = std::fs::remove_file(&partial);
             return Err(werr(&partial, e));
         }
@@ -199,10 +266,24 @@ pub fn restore(
         return Err(e);
     }
     let decoded = started.elapsed();
-    out.file().sync_all().map_err(|e| werr(&written_path, e))?;
+    // Nothing is left behind on failure: a partial file is removed.
+    let fail = |path: &Path, e: io::Error| {
+        if let Some(p) = &partial {
+            let _ = std::fs::remove_file(p);
+        }
+        werr(path, e)
+    };
+    out.file().sync_all().map_err(|e| fail(&written_path, e))?;
     tracing::debug!(decode = ?decoded, fsync = ?(started.elapsed() - decoded), direct = out.is_direct(), "restore phases");
     if let Some(p) = &partial {
-        std::fs::rename(p, target).map_err(|e| werr(target, e))?;
+        // A folder or link put in place of the target meanwhile is not
+        // replaced (rename would swap a link, never follow it, but a
+        // folder there means someone else's plans).
+        if let Err(e) = target_kind(target) {
+            let _ = std::fs::remove_file(p);
+            return Err(e);
+        }
+        std::fs::rename(p, target).map_err(|e| fail(target, e))?;
         if let Some(dir) = target.parent() {
             let _ = crate::fsutil::sync_dir(if dir.as_os_str().is_empty() {
                 Path::new(".")

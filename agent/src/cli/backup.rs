@@ -1,10 +1,11 @@
 //! `novabackup backup`, `snapshots`, `snapshot delete`, `restore`, `verify`
 //! and `jobs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use novabackup_api::error::ErrorCode;
 use novabackup_api::types::{BackupRequest, RestoreRequest, VerifyRequest};
 use novabackup_api::Client;
 use novabackup_engine::size::format_size;
@@ -232,20 +233,51 @@ pub fn snapshot(client: &Client, c: SnapshotCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn restore(client: &Client, a: RestoreArgs) -> anyhow::Result<()> {
+/// `novabackup restore`. The agent writes restores only below its restore
+/// folders; a target elsewhere is restored into DATA_DIR/restores and then
+/// moved (or copied onto a device) by this process, with the rights of
+/// whoever runs it, never the agent's.
+pub fn restore(client: &Client, a: RestoreArgs, data_dir: &Path) -> anyhow::Result<()> {
     let target =
         std::path::absolute(&a.to).with_context(|| format!("bad target {}", a.to.display()))?;
-    let j = client.restore(&RestoreRequest {
-        snapshot: a.snapshot,
+    let direct = client.restore(&RestoreRequest {
+        snapshot: a.snapshot.clone(),
         target: target.to_string_lossy().into_owned(),
         force: a.force,
-    })?;
+    });
+    let staging = data_dir.join(crate::daemon::RESTORES_DIR);
+    let (j, staged) = match direct {
+        Err(novabackup_api::ClientError::Api { error, .. })
+            if error.code == ErrorCode::Forbidden
+                && error.message.contains("outside the restore folders")
+                && !a.no_wait
+                && staging.is_dir() =>
+        {
+            check_target(&target, a.force)?;
+            let staged = staging.join(format!(
+                ".cli-{}-{}.img",
+                std::process::id(),
+                novabackup_engine::time::now_unix()
+            ));
+            let j = client.restore(&RestoreRequest {
+                snapshot: a.snapshot,
+                target: staged.to_string_lossy().into_owned(),
+                force: false,
+            })?;
+            (j, Some(Staged(staged)))
+        }
+        other => (other?, None),
+    };
     if a.no_wait {
         println!("{}", j.id);
         return Ok(());
     }
     let j = job::wait(client, j, false, "bytes")?;
     let r = job::result(&j)?;
+    if let Some(s) = &staged {
+        s.move_to(&target)
+            .with_context(|| format!("cannot put the restored image at {}", target.display()))?;
+    }
     let ms = r["stats"]["duration_ms"].as_u64().unwrap_or(0);
     let bytes = r["stats"]["bytes"].as_u64().unwrap_or(0);
     println!(
@@ -256,6 +288,73 @@ pub fn restore(client: &Client, a: RestoreArgs) -> anyhow::Result<()> {
         ms as f64 / 1000.0
     );
     Ok(())
+}
+
+/// The checks the agent would make, made here for a staged restore.
+fn check_target(target: &Path, force: bool) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot use {}", target.display())),
+        Ok(m) if m.is_dir() => anyhow::bail!(
+            "{} is a folder; restore to a regular file or a block device",
+            target.display()
+        ),
+        Ok(_) if !force => {
+            anyhow::bail!("{} exists; pass --force to overwrite it", target.display())
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
+/// An image the agent restored into its restore folder for this process;
+/// removed on drop unless moved.
+struct Staged(PathBuf);
+
+impl Staged {
+    fn move_to(&self, target: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let dev = std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+        if !dev {
+            match std::fs::rename(&self.0, target) {
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+                r => return r,
+            }
+        }
+        // Another filesystem, or a device: copy, with this process's rights.
+        let mut src = std::fs::File::open(&self.0)?;
+        let (mut out, partial) = if dev {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(target)?;
+            (f, None)
+        } else {
+            let p = PathBuf::from(format!("{}.partial", target.display()));
+            let _ = std::fs::remove_file(&p);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)?;
+            (f, Some(p))
+        };
+        let copied = std::io::copy(&mut src, &mut out).and_then(|_| out.sync_all());
+        match (copied, &partial) {
+            (Err(e), Some(p)) => {
+                let _ = std::fs::remove_file(p);
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+            (Ok(()), Some(p)) => std::fs::rename(p, target),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 pub fn verify(client: &Client, a: VerifyArgs) -> anyhow::Result<()> {

@@ -38,6 +38,8 @@ struct Job {
     id: String,
     kind: String,
     target: String,
+    /// The disks it acts on; empty for host-wide work (gc, verify all).
+    disks: Vec<String>,
     started_unix: u64,
     started: Instant,
     progress: Arc<Progress>,
@@ -82,6 +84,7 @@ impl Jobs {
         &self,
         kind: &str,
         target: &str,
+        disks: Vec<String>,
         work: impl FnOnce(&Progress) -> Result<Report, OpError> + Send + 'static,
     ) -> JobInfo {
         let id = format!("job-{}", self.next.fetch_add(1, Ordering::Relaxed) + 1);
@@ -89,6 +92,7 @@ impl Jobs {
             id: id.clone(),
             kind: kind.into(),
             target: target.into(),
+            disks,
             started_unix: novabackup_engine::time::now_unix(),
             started: Instant::now(),
             progress: Arc::new(Progress::default()),
@@ -247,6 +251,7 @@ fn info(j: &Job) -> JobInfo {
         id: j.id.clone(),
         kind: j.kind.clone(),
         target: j.target.clone(),
+        disks: j.disks.clone(),
         state,
         done,
         total,
@@ -268,7 +273,7 @@ mod tests {
     fn wait_returns_at_the_timeout_while_running_and_at_once_when_the_job_ends() {
         let jobs = Jobs::default();
         let (go, gate) = std::sync::mpsc::sync_channel::<()>(0);
-        let j = jobs.spawn("backup", "vm", move |_| {
+        let j = jobs.spawn("backup", "vm", vec!["vm".into()], move |_| {
             gate.recv().ok();
             Ok(Report::Gc(Default::default()))
         });

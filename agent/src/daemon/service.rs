@@ -165,6 +165,7 @@ impl DiskService for Agent {
             force: req.force,
             workers: self.settings.workers,
             in_use: Vec::new(),
+            confine: Some(self.settings.confine.clone()),
         };
         Ok(self.start_restore(opts)?)
     }

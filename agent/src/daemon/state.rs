@@ -65,6 +65,8 @@ pub struct EngineSettings {
     pub audit_every: u32,
     /// Index pages kept decoded between backups.
     pub pages: Arc<PageCache>,
+    /// Where restores asked for over the API may write.
+    pub confine: novabackup_engine::ops::restore::Confinement,
 }
 
 /// The agent's state.
@@ -136,11 +138,13 @@ impl Agent {
             limits: self.policy.limits(),
         };
         let pages = s.pages.clone();
-        Ok(self.jobs.spawn("backup", disk, move |p| {
-            let _claim = claim;
-            ops::backup::backup(&*export, &*store, &opts, Some(&pages), p)
-                .map(|r| Report::Backup(Box::new(r)))
-        }))
+        Ok(self
+            .jobs
+            .spawn("backup", disk, vec![disk.to_string()], move |p| {
+                let _claim = claim;
+                ops::backup::backup(&*export, &*store, &opts, Some(&pages), p)
+                    .map(|r| Report::Backup(Box::new(r)))
+            }))
     }
 
     /// Starts a verify job (it claims each disk in turn, waiting for it).
@@ -149,7 +153,16 @@ impl Agent {
         let store = self.store.clone();
         let workers = self.settings.workers;
         let claims = self.claims.clone();
-        Ok(self.jobs.spawn("verify", &scope.target(), move |p| {
+        let disks = match (&scope.ids, &scope.disk) {
+            (Some(ids), _) => {
+                let mut d: Vec<String> = ids.iter().map(|i| i.disk().to_string()).collect();
+                d.dedup();
+                d
+            }
+            (None, Some(d)) => vec![d.to_string()],
+            (None, None) => Vec::new(),
+        };
+        Ok(self.jobs.spawn("verify", &scope.target(), disks, move |p| {
             ops::verify::verify(&*store, &scope, &claims, workers, p).map(Report::Verify)
         }))
     }
@@ -168,7 +181,8 @@ impl Agent {
         } else {
             "prune"
         };
-        self.jobs.spawn(kind, &target, move |p| {
+        let disks = opts.disk.iter().map(|d| d.to_string()).collect();
+        self.jobs.spawn(kind, &target, disks, move |p| {
             let policy_for = |d: &str| settings.effective(d);
             ops::prune::prune(&*store, &policy_for, &claims, &opts, p).map(Report::Prune)
         })
@@ -182,7 +196,7 @@ impl Agent {
             OpError::busy("a garbage collection is running; wait for it to finish")
         })?;
         let store = self.store.clone();
-        Ok(self.jobs.spawn("gc", "store", move |p| {
+        Ok(self.jobs.spawn("gc", "store", Vec::new(), move |p| {
             let _claim = claim;
             ops::snapshots::gc(&*store, &opts, p).map(Report::Gc)
         }))
@@ -197,13 +211,14 @@ impl Agent {
             .iter()
             .map(|e| (e.name.clone(), e.image.path.clone()))
             .collect();
-        ops::restore::check(&*self.store, &opts)?;
+        ops::restore::check(&*self.store, &mut opts)?;
         let store = self.store.clone();
-        Ok(self
-            .jobs
-            .spawn("restore", &opts.snapshot.to_string(), move |p| {
-                ops::restore::restore(&*store, &opts, p).map(Report::Restore)
-            }))
+        Ok(self.jobs.spawn(
+            "restore",
+            &opts.snapshot.to_string(),
+            vec![opts.snapshot.disk().to_string()],
+            move |p| ops::restore::restore(&*store, &opts, p).map(Report::Restore),
+        ))
     }
 
     /// Whether a job holds `disk`.

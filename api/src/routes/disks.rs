@@ -5,17 +5,23 @@ use std::sync::Arc;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 
 use super::{blocking, json_body, DiskService};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::types::{AttachRequest, CbtInfo, DiskInfo};
 
 type Svc = State<Arc<dyn DiskService>>;
 
 #[utoipa::path(get, path = "/api/v1/disks", operation_id = "list_disks", tag = "disks", responses((status = 200, description = "Attached disks", body = [DiskInfo]), crate::error::Errors), security(("bearer" = [])))]
-pub(super) async fn list(State(svc): Svc) -> Result<Json<Vec<DiskInfo>>, ApiError> {
-    blocking(&svc, |s| Ok(s.list())).await.map(Json)
+pub(super) async fn list(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<DiskInfo>>, ApiError> {
+    let mut list = blocking(&svc, |s| Ok(s.list())).await?;
+    list.retain(|d| caller.may_use(&d.name));
+    Ok(Json(list))
 }
 
 #[utoipa::path(post, path = "/api/v1/disks", operation_id = "attach_disk", tag = "disks", request_body = AttachRequest, responses((status = 201, description = "Attached", body = DiskInfo), crate::error::Errors), security(("bearer" = [])))]

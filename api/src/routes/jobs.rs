@@ -36,6 +36,15 @@ pub(super) async fn restore(
 ) -> Started {
     let req = json_body(body)?;
     caller.check_disk(snapshot_disk(&req.snapshot))?;
+    if req.force && caller.role != crate::auth::Role::Admin {
+        return Err(ApiError::new(
+            crate::error::ErrorCode::Forbidden,
+            format!(
+                "token {:?} may not overwrite an existing target (\"force\"): that needs an admin token",
+                caller.name
+            ),
+        ));
+    }
     let job = blocking(&svc, move |s| s.restore(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
@@ -48,6 +57,12 @@ pub(super) async fn verify_many(
 ) -> Started {
     let req = json_body(body)?;
     match &req.snapshots {
+        Some(ids) if ids.is_empty() => {
+            return Err(ApiError::new(
+                crate::error::ErrorCode::BadRequest,
+                "`snapshots` is empty: name at least one snapshot, or leave it out to verify every snapshot",
+            ))
+        }
         Some(ids) => {
             for id in ids {
                 caller.check_disk(snapshot_disk(id))?;
@@ -62,9 +77,22 @@ pub(super) async fn verify_many(
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
-/// The disk part of a snapshot id (`disk@time`).
-fn snapshot_disk(id: &str) -> &str {
-    id.split('@').next().unwrap_or(id)
+use crate::auth::snapshot_disk;
+
+/// Fails with 403 unless the caller may see `job` (a token limited to
+/// disks sees only jobs on those disks, never host-wide ones).
+pub(super) fn check_job(caller: &Caller, job: &JobInfo) -> Result<(), ApiError> {
+    if caller.may_see_job(&job.disks) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            crate::error::ErrorCode::Forbidden,
+            format!(
+                "token {:?} may not see job {}: it is limited to disks {:?}",
+                caller.name, job.id, caller.disks
+            ),
+        ))
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/snapshots/{id}/verify", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 202, description = "Verify job started", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
@@ -91,12 +119,16 @@ pub(super) struct SnapshotQuery {
 #[utoipa::path(get, path = "/api/v1/snapshots", tag = "snapshots", params(("disk" = Option<String>, Query, description = "Only this disk's")), responses((status = 200, description = "Snapshots, oldest first", body = [SnapshotInfo]), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn snapshots(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<SnapshotQuery>, QueryRejection>,
 ) -> Result<Json<Vec<SnapshotInfo>>, ApiError> {
     let q = query_params(q)?;
-    blocking(&svc, move |s| s.snapshots(q.disk.as_deref()))
-        .await
-        .map(Json)
+    if let Some(d) = &q.disk {
+        caller.check_disk(d)?;
+    }
+    let mut list = blocking(&svc, move |s| s.snapshots(q.disk.as_deref())).await?;
+    list.retain(|s| caller.may_use(&s.disk));
+    Ok(Json(list))
 }
 
 #[utoipa::path(get, path = "/api/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 200, description = "The snapshot", body = SnapshotInfo), crate::error::Errors), security(("bearer" = [])))]
@@ -123,6 +155,7 @@ pub(super) async fn delete_snapshot(
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "Server-sent events: `progress` (the job) every half second, then `end`", content_type = "text/event-stream", body = crate::types::JobEvent), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn events(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<
     axum::response::Sse<
@@ -133,6 +166,7 @@ pub(super) async fn events(
     use axum::response::sse::{Event, KeepAlive, Sse};
     // An unknown job is a 404 before the stream starts.
     let first = svc.job(&id)?;
+    check_job(&caller, &first)?;
     let stream = futures_util::stream::unfold(
         (svc, id, Some(first), false),
         |(svc, id, pending, ended)| async move {
@@ -180,8 +214,13 @@ pub(super) async fn store_info(State(svc): Svc) -> Result<Json<crate::types::Sto
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", responses((status = 200, description = "Jobs, oldest first", body = [JobInfo]), crate::error::Errors), security(("bearer" = [])))]
-pub(super) async fn jobs(State(svc): Svc) -> Result<Json<Vec<JobInfo>>, ApiError> {
-    blocking(&svc, |s| Ok(s.jobs())).await.map(Json)
+pub(super) async fn jobs(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<JobInfo>>, ApiError> {
+    let mut list = blocking(&svc, |s| Ok(s.jobs())).await?;
+    list.retain(|j| caller.may_see_job(&j.disks));
+    Ok(Json(list))
 }
 
 /// The longest `wait_ms` a client may ask for; a longer one is cut to it
@@ -197,20 +236,32 @@ pub(super) struct JobQuery {
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "Job id"), ("wait_ms" = Option<u64>, Query, description = "Long poll: answer when the job ends or after this many milliseconds (at most 30000), whichever comes first")), responses((status = 200, description = "The job", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn job(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     q: Result<Query<JobQuery>, QueryRejection>,
 ) -> Result<Json<JobInfo>, ApiError> {
     let q = query_params(q)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_JOB_WAIT_MS));
-    blocking(&svc, move |s| s.wait_job(&id, wait))
-        .await
-        .map(Json)
+    let c = caller.clone();
+    blocking(&svc, move |s| {
+        // Checked before waiting, so a long poll reveals nothing either.
+        check_job(&c, &s.job(&id)?)?;
+        s.wait_job(&id, wait)
+    })
+    .await
+    .map(Json)
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, description = "Cancel asked for", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn cancel(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<JobInfo>, ApiError> {
-    blocking(&svc, move |s| s.cancel(&id)).await.map(Json)
+    blocking(&svc, move |s| {
+        check_job(&caller, &s.job(&id)?)?;
+        s.cancel(&id)
+    })
+    .await
+    .map(Json)
 }

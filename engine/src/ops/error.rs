@@ -29,6 +29,9 @@ pub enum ErrorKind {
     Invalid,
     /// Stored data failed its checks (a manifest, a page, a chunk).
     Damaged,
+    /// The caller may not do this (a restore target outside the restore
+    /// folders, another tenant's snapshot).
+    Forbidden,
     /// Anything else: I/O errors, a store server that failed.
     Internal,
 }
@@ -98,6 +101,11 @@ impl OpError {
         OpError::new(ErrorKind::Busy, message)
     }
 
+    /// Shorthand for [`ErrorKind::Forbidden`].
+    pub fn forbidden(message: impl Into<String>) -> OpError {
+        OpError::new(ErrorKind::Forbidden, message)
+    }
+
     /// Shorthand for [`ErrorKind::Internal`].
     pub fn internal(message: impl Into<String>) -> OpError {
         OpError::new(ErrorKind::Internal, message)
@@ -154,7 +162,7 @@ impl From<RestoreError> for OpError {
     fn from(e: RestoreError) -> Self {
         let kind = match &e {
             RestoreError::Exists(_) => ErrorKind::Conflict,
-            RestoreError::TooSmall { .. } => ErrorKind::Invalid,
+            RestoreError::TooSmall { .. } | RestoreError::NotATarget { .. } => ErrorKind::Invalid,
             RestoreError::Index(_) | RestoreError::BadChunk { .. } => ErrorKind::Damaged,
             RestoreError::Write { .. } | RestoreError::Cancelled => ErrorKind::Internal,
         };

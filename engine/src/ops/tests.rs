@@ -416,36 +416,112 @@ fn restore_checks_its_target_first_and_brings_back_the_bytes() {
         force: false,
         workers: 1,
         in_use: vec![],
+        confine: None,
     };
     assert_eq!(
-        restore_op::check(&store, &o).unwrap_err().kind(),
+        restore_op::check(&store, &mut o.clone())
+            .unwrap_err()
+            .kind(),
         ErrorKind::Invalid
     );
     std::fs::write(&target, b"precious").unwrap();
     o.target = target.clone();
-    let e = restore_op::check(&store, &o).unwrap_err();
+    let e = restore_op::check(&store, &mut o.clone()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
     assert!(e.to_string().contains("--force"), "{e}");
     let mut busy = o.clone();
     busy.force = true;
     busy.in_use = vec![("vm".into(), target.clone())];
-    let e = restore_op::check(&store, &busy).unwrap_err();
+    let e = restore_op::check(&store, &mut busy).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert!(e.to_string().contains("image of attached disk vm"), "{e}");
     let mut gone = o.clone();
     gone.snapshot = "vm@20200101T000000Z".parse().unwrap();
     assert_eq!(
-        restore_op::check(&store, &gone).unwrap_err().kind(),
+        restore_op::check(&store, &mut gone).unwrap_err().kind(),
         ErrorKind::NotFound
     );
 
     o.force = true;
-    restore_op::check(&store, &o).unwrap();
+    restore_op::check(&store, &mut o.clone()).unwrap();
     let r = restore_op::restore(&store, &o, &Progress::default()).unwrap();
     assert_eq!(r.stats.bytes, SIZE);
     let mut want = vec![0u8; SIZE as usize];
     disk.file.read_exact_at(&mut want, 0).unwrap();
     assert!(std::fs::read(&target).unwrap() == want);
+}
+
+#[test]
+fn a_confined_restore_writes_only_below_its_folders_and_never_through_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let (disk, store) = (FakeDisk::new(), MemoryStore::new());
+    let s = run(&disk, &store, &opts(Mode::Auto));
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("restores");
+    let outside = dir.path().join("etc");
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let confine = restore_op::Confinement {
+        dirs: vec![allowed.clone()],
+        devices: vec![],
+    };
+    let mut o = RestoreOptions {
+        snapshot: s.snapshot.clone(),
+        target: outside.join("passwd"),
+        force: true,
+        workers: 1,
+        in_use: vec![],
+        confine: Some(confine),
+    };
+    let e = restore_op::check(&store, &mut o.clone()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Forbidden, "{e}");
+    assert!(e.to_string().contains("restore_dirs"), "{e}");
+    // A way out through `..` or a linked folder is resolved first.
+    o.target = allowed.join("../etc/passwd");
+    assert_eq!(
+        restore_op::check(&store, &mut o.clone())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Forbidden
+    );
+    std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+    o.target = allowed.join("link/passwd");
+    assert_eq!(
+        restore_op::check(&store, &mut o.clone())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Forbidden
+    );
+    // A link planted at the target or at TARGET.partial is never followed.
+    let victim = outside.join("victim");
+    std::fs::write(&victim, b"root's file").unwrap();
+    std::os::unix::fs::symlink(&victim, allowed.join("out.img.partial")).unwrap();
+    o.target = allowed.join("out.img");
+    o.force = false;
+    let mut ok = o.clone();
+    restore_op::check(&store, &mut ok).unwrap();
+    restore_op::restore(&store, &ok, &Progress::default()).unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root's file");
+    let md = std::fs::symlink_metadata(allowed.join("out.img")).unwrap();
+    assert!(md.is_file());
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    assert!(!allowed.join("out.img.partial").exists());
+    std::os::unix::fs::symlink(&victim, allowed.join("l.img")).unwrap();
+    o.target = allowed.join("l.img");
+    o.force = true;
+    let mut l = o.clone();
+    restore_op::check(&store, &mut l).unwrap();
+    let e = restore_op::restore(&store, &l, &Progress::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root's file");
+    // A folder as the target fails before anything is written.
+    std::fs::create_dir(allowed.join("d")).unwrap();
+    o.target = allowed.join("d");
+    let mut d = o.clone();
+    restore_op::check(&store, &mut d).unwrap();
+    restore_op::restore(&store, &d, &Progress::default()).unwrap_err();
+    assert!(!allowed.join("d.partial").exists());
 }
 
 #[test]
@@ -462,6 +538,7 @@ fn restore_of_a_snapshot_with_a_lost_chunk_fails_as_damaged() {
         force: false,
         workers: 1,
         in_use: vec![],
+        confine: None,
     };
     let e = restore_op::restore(&store, &o, &Progress::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Damaged, "{e}");

@@ -33,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -222,7 +222,8 @@ impl LocalStore {
     /// tables of contents of its packs.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
         let io = |p: &Path, e| StoreError::io(p, e);
-        fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        // Private even where it existed wider: packs hold guests' data.
+        fsutil::create_private_dir(root).map_err(|e| io(root, e))?;
         let marker = root.join("store.json");
         if marker.exists() {
             check_format(&marker)?;
@@ -238,7 +239,7 @@ impl LocalStore {
             fsutil::write_atomic(
                 &marker,
                 format!("{{\"format\": {FORMAT}}}\n").as_bytes(),
-                0o644,
+                0o600,
             )
             .map_err(|e| io(&marker, e))?;
         }
@@ -382,6 +383,7 @@ impl LocalStore {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)
             {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -655,7 +657,7 @@ impl Store for LocalStore {
         let mut m = self.manifest(id)?;
         m.annotate(a);
         let path = self.manifest_path(id);
-        fsutil::write_atomic(&path, &m.encode(), 0o644).map_err(|e| StoreError::io(&path, e))?;
+        fsutil::write_atomic(&path, &m.encode(), 0o600).map_err(|e| StoreError::io(&path, e))?;
         Ok(m)
     }
 
@@ -678,7 +680,7 @@ impl Store for LocalStore {
             fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
             fsutil::sync_dir(&self.root.join("snapshots")).map_err(|e| StoreError::io(dir, e))?;
         }
-        fsutil::write_atomic(&path, &m.encode(), 0o644).map_err(|e| StoreError::io(&path, e))
+        fsutil::write_atomic(&path, &m.encode(), 0o600).map_err(|e| StoreError::io(&path, e))
     }
 
     fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
@@ -739,6 +741,7 @@ impl Store for LocalStore {
         let f = File::options()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| StoreError::io(&path, e))?;
         match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
