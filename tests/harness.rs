@@ -103,6 +103,7 @@ impl Agent {
                 "agent",
                 "--nbd-listen",
                 "127.0.0.1:0",
+                "--nbd-insecure-tcp",
                 "--api-listen",
                 "127.0.0.1:0",
                 "--io-engine",

@@ -6,7 +6,8 @@
 //! ```toml
 //! data_dir = "/var/lib/novabackup"
 //! api_listen = "127.0.0.1:7810"
-//! nbd_listen = "127.0.0.1:10809"      # "none" to disable
+//! nbd_listen = "none"                 # TCP: loopback only, with
+//! nbd_insecure_tcp = false            #   this set to true (no TLS yet)
 //! store = "/srv/backup/store"         # or "http://store-host:7820"
 //! store_token_file = "/etc/novabackup/store.token"
 //! chunk_size = "64K"
@@ -38,6 +39,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// NBD over TCP.
     pub nbd_listen: Option<String>,
+    /// Allow NBD over TCP without TLS (loopback only).
+    pub nbd_insecure_tcp: Option<bool>,
     /// NBD unix socket.
     pub nbd_socket: Option<String>,
     /// The REST API address.

@@ -40,9 +40,13 @@ pub struct AgentArgs {
     /// TOML configuration (default /etc/novabackup/agent.toml when it exists).
     #[arg(long, env = "NOVABACKUP_CONFIG")]
     pub config: Option<PathBuf>,
-    /// NBD over TCP ("none" to disable) [default: 127.0.0.1:10809].
+    /// NBD over TCP [default: none]. NBD over TCP has no TLS yet, so a TCP
+    /// listener also needs --nbd-insecure-tcp and must be a loopback address.
     #[arg(long)]
     pub nbd_listen: Option<String>,
+    /// Allow NBD over TCP without TLS or authentication (loopback only).
+    #[arg(long)]
+    pub nbd_insecure_tcp: bool,
     /// NBD unix socket ("none" to disable) [default: DATA_DIR/nbd.sock].
     #[arg(long)]
     pub nbd_socket: Option<String>,
@@ -92,6 +96,8 @@ pub struct AgentOptions {
     pub config: Option<PathBuf>,
     /// NBD over TCP ("none" to disable).
     pub nbd_listen: String,
+    /// The operator's opt-in to NBD over TCP without TLS (loopback only).
+    pub nbd_insecure_tcp: bool,
     /// NBD unix socket.
     pub nbd_socket: Option<String>,
     /// The REST API.
@@ -136,7 +142,8 @@ impl AgentArgs {
             nbd_listen: self
                 .nbd_listen
                 .or(c.nbd_listen)
-                .unwrap_or_else(|| "127.0.0.1:10809".into()),
+                .unwrap_or_else(|| "none".into()),
+            nbd_insecure_tcp: self.nbd_insecure_tcp || c.nbd_insecure_tcp.unwrap_or(false),
             nbd_socket: self.nbd_socket.or(c.nbd_socket),
             api_listen: self
                 .api_listen
@@ -289,6 +296,7 @@ async fn serve(
     let mut tasks = Vec::new();
     let mut nbd_tcp = None;
     if opts.nbd_listen != "none" {
+        check_nbd_tcp(&opts.nbd_listen, opts.nbd_insecure_tcp)?;
         let l = tokio::net::TcpListener::bind(&opts.nbd_listen)
             .await
             .with_context(|| format!("cannot listen for NBD on {}", opts.nbd_listen))?;
@@ -304,6 +312,10 @@ async fn serve(
         let _ = std::fs::remove_file(p);
         let l = tokio::net::UnixListener::bind(p)
             .with_context(|| format!("cannot listen for NBD on {}", p.display()))?;
+        // Connecting needs write permission on the socket: root only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", p.display()))?;
         tasks.push(tokio::spawn(listen::unix(l, server.clone(), stop.clone())));
     }
     let tls = api_tls(dir, opts)?;
@@ -369,6 +381,31 @@ async fn serve(
     }
     // In-flight API calls finish; a hung client cannot hold the agent.
     let _ = tokio::time::timeout(Duration::from_secs(10), http).await;
+    Ok(())
+}
+
+/// NBD over TCP has neither TLS nor client authentication: anyone who can
+/// reach the port reads and writes every disk. Only an explicit opt-in on
+/// a loopback address is accepted.
+fn check_nbd_tcp(addr: &str, insecure: bool) -> anyhow::Result<()> {
+    let loopback = addr
+        .parse::<SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or_else(|_| addr.starts_with("localhost:"));
+    if !loopback {
+        anyhow::bail!(
+            "--nbd-listen {addr}: NBD over TCP has no TLS or authentication, so it may only \
+             listen on a loopback address; guests on this host use the unix socket"
+        );
+    }
+    if !insecure {
+        anyhow::bail!(
+            "--nbd-listen {addr}: NBD over TCP has no TLS or authentication, and every local \
+             user could read and write the disks; use the unix socket (DATA_DIR/nbd.sock, \
+             root only), or pass --nbd-insecure-tcp (nbd_insecure_tcp = true) to accept that"
+        );
+    }
+    tracing::warn!(nbd_tcp = %addr, "NBD over TCP without TLS: every local user can open every disk");
     Ok(())
 }
 

@@ -58,6 +58,8 @@ pub mod rep {
     pub const ERR_UNSUP: u32 = (1 << 31) + 1;
     /// NBD_REP_ERR_INVALID.
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
+    /// NBD_REP_ERR_TLS_REQD.
+    pub const ERR_TLS_REQD: u32 = (1 << 31) + 5;
     /// NBD_REP_ERR_UNKNOWN.
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     /// NBD_REP_ERR_TOO_BIG.

@@ -40,6 +40,14 @@ pub fn ok(out: &mut Vec<u8>, cookie: u64) {
     out.extend_from_slice(&h);
 }
 
+/// Appends a structured NBD_REPLY_TYPE_NONE chunk with the done flag: the
+/// whole reply to a read of no bytes, which no data chunk may carry.
+pub fn none_done(out: &mut Vec<u8>, cookie: u64) {
+    let mut h = [0u8; 20];
+    chunk_header_into(&mut h, chunk::FLAG_DONE, chunk::NONE, cookie, 0);
+    out.extend_from_slice(&h);
+}
+
 /// Appends an error reply: a structured ERROR chunk with a message when
 /// structured replies are on, else a simple reply with the error number.
 pub fn error(out: &mut Vec<u8>, structured: bool, cookie: u64, err: NbdError, msg: &str) {

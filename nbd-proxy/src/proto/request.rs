@@ -144,12 +144,15 @@ pub fn decode(buf: &[u8], lim: &Limits) -> Result<Decoded, ProtoError> {
         })
     };
 
+    // The spec: a server that advertises FUA accepts it on every command
+    // (it means nothing for those that write nothing); a DISC ends the
+    // connection whatever its flags.
     let allowed = match kind {
-        cmd::READ => cflag::DF,
-        cmd::WRITE | cmd::TRIM => cflag::FUA,
+        cmd::READ => cflag::DF | cflag::FUA,
+        cmd::WRITE | cmd::TRIM | cmd::FLUSH | cmd::CACHE => cflag::FUA,
         cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
-        cmd::BLOCK_STATUS => cflag::REQ_ONE,
-        cmd::DISC | cmd::FLUSH | cmd::CACHE => 0,
+        cmd::BLOCK_STATUS => cflag::REQ_ONE | cflag::FUA,
+        cmd::DISC => u16::MAX,
         _ => return reject(NbdError::Inval, "unknown command"),
     };
     if flags & !allowed != 0 {
@@ -199,7 +202,9 @@ pub fn decode(buf: &[u8], lim: &Limits) -> Result<Decoded, ProtoError> {
                 .checked_add(len as u64)
                 .is_some_and(|end| end <= lim.size);
             if !in_range {
-                let e = if modifies {
+                // ENOSPC for writes past the end, EINVAL for the rest (a
+                // trim too), as the spec says.
+                let e = if matches!(command, Command::Write { .. } | Command::WriteZeroes { .. }) {
                     NbdError::NoSpc
                 } else {
                     NbdError::Inval

@@ -150,10 +150,16 @@ impl Session {
         }
         match req.command {
             Command::Disc => Next::Disconnect,
+            // No data chunk for an empty read: the spec forbids an
+            // OFFSET_DATA chunk of no data, so the reply is a plain done.
             Command::Read if len == 0 => {
-                let mut buf = vec![0u8; self.read_header_len()];
-                reply::write_read_header(&mut buf, self.structured, cookie, offset, 0);
-                Next::Reply(buf)
+                let mut v = Vec::with_capacity(20);
+                if self.structured {
+                    reply::none_done(&mut v, cookie);
+                } else {
+                    reply::ok(&mut v, cookie);
+                }
+                Next::Reply(v)
             }
             Command::Read => Next::Work(Work::Read {
                 cookie,
