@@ -44,7 +44,9 @@ fn api(a: &Agent, token: &str, method: &str, path: &str, body: &str) -> (u16, se
 }
 
 fn token(a: &Agent, disk: &str) -> String {
-    let out = a.ok(&["token", "create", "t", "--role", "backup", "--disk", disk, "--json"]);
+    let out = a.ok(&[
+        "token", "create", "t", "--role", "backup", "--disk", disk, "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["token"].as_str().unwrap().to_string()
 }
@@ -73,7 +75,10 @@ fn nobody_reaches_no_disk_and_reads_no_backup_data() {
 
     // The NBD socket: nobody can neither list nor read nor write.
     let sock = a.socket.display().to_string();
-    let o = as_nobody("nbdinfo", &["--list", &format!("nbd+unix:///?socket={sock}")]);
+    let o = as_nobody(
+        "nbdinfo",
+        &["--list", &format!("nbd+unix:///?socket={sock}")],
+    );
     assert!(!o.status.success(), "nobody listed the exports");
     let o = as_nobody("qemu-io", &["-f", "raw", "-c", "write 0 4k", &a.uri("vm")]);
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
@@ -90,7 +95,10 @@ fn nobody_reaches_no_disk_and_reads_no_backup_data() {
         String::from_utf8_lossy(&o.stdout)
     );
     for p in ["", "store", "restores"] {
-        let mode = std::fs::metadata(a.state().join(p)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(a.state().join(p))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "{p} is {mode:o}");
     }
     let md = std::fs::metadata(a.state().join("agent.json")).unwrap();
@@ -119,9 +127,13 @@ fn nbd_over_tcp_needs_an_opt_in_and_loopback() {
         ("0.0.0.0:0", Some("--nbd-insecure-tcp"), "loopback"),
     ] {
         let mut c = Command::new(BIN);
-        c.arg("--data-dir")
-            .arg(t.path().join("s"))
-            .args(["agent", "--nbd-listen", listen, "--api-listen", "127.0.0.1:0"]);
+        c.arg("--data-dir").arg(t.path().join("s")).args([
+            "agent",
+            "--nbd-listen",
+            listen,
+            "--api-listen",
+            "127.0.0.1:0",
+        ]);
         if let Some(e) = extra {
             c.arg(e);
         }
@@ -158,11 +170,15 @@ fn a_token_for_one_disk_cannot_write_as_root_or_reach_other_disks() {
         ("/etc/novabackup-test-planted", false),
         ("/dev/loop0", true),
     ] {
-        let body = serde_json::json!({"snapshot": id, "target": target, "force": force}).to_string();
+        let body =
+            serde_json::json!({"snapshot": id, "target": target, "force": force}).to_string();
         let (s, v) = api(&a, &tok, "POST", "/api/v1/restores", &body);
         assert_eq!(s, 403, "{target}: {v}");
     }
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "#!/bin/sh\necho safe\n");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "#!/bin/sh\necho safe\n"
+    );
     assert!(!Path::new("/etc/novabackup-test-planted").exists());
 
     // Inside them it works, and a link planted at TARGET.partial is not
@@ -174,10 +190,19 @@ fn a_token_for_one_disk_cannot_write_as_root_or_reach_other_disks() {
     let (s, v) = api(&a, &tok, "POST", "/api/v1/restores", &body);
     assert_eq!(s, 202, "{v}");
     let job = v["id"].as_str().unwrap().to_string();
-    let (_, v) = api(&a, &tok, "GET", &format!("/api/v1/jobs/{job}?wait_ms=30000"), "");
+    let (_, v) = api(
+        &a,
+        &tok,
+        "GET",
+        &format!("/api/v1/jobs/{job}?wait_ms=30000"),
+        "",
+    );
     assert_eq!(v["state"], "succeeded", "{v}");
     compare_images(&target, &img);
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "#!/bin/sh\necho safe\n");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "#!/bin/sh\necho safe\n"
+    );
     // Overwriting it needs an admin.
     let body = serde_json::json!({"snapshot": id, "target": target, "force": true}).to_string();
     assert_eq!(api(&a, &tok, "POST", "/api/v1/restores", &body).0, 403);
@@ -185,11 +210,20 @@ fn a_token_for_one_disk_cannot_write_as_root_or_reach_other_disks() {
     // An admin's backup of another disk: invisible, not cancellable.
     let o = a.ok(&["backup", "db", "--full", "--no-wait"]);
     let other = o.trim().to_string();
-    let (s, _) = api(&a, &tok, "POST", &format!("/api/v1/jobs/{other}/cancel"), "");
+    let (s, _) = api(
+        &a,
+        &tok,
+        "POST",
+        &format!("/api/v1/jobs/{other}/cancel"),
+        "",
+    );
     assert_eq!(s, 403);
     let (_, jobs) = api(&a, &tok, "GET", "/api/v1/jobs", "");
     assert!(
-        jobs.as_array().unwrap().iter().all(|j| j["id"] != other.as_str()),
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["id"] != other.as_str()),
         "{jobs}"
     );
     // Verify of "no snapshots" is not "every snapshot"; tokens stay secret.

@@ -308,7 +308,7 @@ mod tests {
         );
         assert_eq!(
             err(dec(encode_header(0, cmd::TRIM, 1, u64::MAX, 2), &[], &LIM)),
-            NbdError::NoSpc
+            NbdError::Inval
         );
         assert_eq!(
             err(dec(encode_header(0, 42, 1, 0, 0), &[], &LIM)),
