@@ -51,7 +51,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: the NBD proxy with change tracking, and the API.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Attach, list, inspect and detach disks.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
