@@ -149,7 +149,8 @@ fn roles_limit_what_a_token_may_do() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let target = t.path().join("restored.img");
+    // API restores go below the agent's restore folders.
+    let target = t.path().join("a/state/restores/restored.img");
     let body = format!(
         r#"{{"snapshot": "{snap}", "target": "{}"}}"#,
         target.display()
