@@ -103,6 +103,30 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
+/// Creates the temporary file `path` afresh: whatever was there (a
+/// leftover of a crash, or a symbolic link someone planted) is unlinked,
+/// never followed, and the new file is created exclusively, private to its
+/// owner.
+pub fn create_fresh(path: &Path) -> io::Result<File> {
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a folder is in the way of the temporary file; remove it",
+            ))
+        }
+        Ok(_) => fs::remove_file(path)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Fsyncs a folder so that renames and unlinks inside it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -106,30 +106,6 @@ fn target_kind(target: &Path) -> Result<Option<bool>, RestoreError> {
     }
 }
 
-/// Creates `partial` afresh: whatever was there (a leftover of a crash, or
-/// a symbolic link someone planted) is unlinked, never followed, and the
-/// new file is created exclusively, private to its owner.
-fn create_partial(partial: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::symlink_metadata(partial) {
-        Ok(md) if md.is_dir() => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a folder is in the way of the temporary file; remove it",
-            ))
-        }
-        Ok(_) => std::fs::remove_file(partial)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(partial)
-}
-
 /// What a restore did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RestoreStats {
@@ -191,7 +167,7 @@ pub fn restore(
         (f, None)
     } else {
         let partial = PathBuf::from(format!("{}.partial", target.display()));
-        let f = create_partial(&partial).map_err(|e| werr(&partial, e))?;
+        let f = crate::fsutil::create_fresh(&partial).map_err(|e| werr(&partial, e))?;
         let sized = f
             .set_len(m.image_size)
             .and_then(|()| preallocate(&f, &digests, m.chunk_size, m.image_size));

@@ -248,10 +248,7 @@ pub fn restore(client: &Client, a: RestoreArgs, data_dir: &Path) -> anyhow::Resu
     let staging = data_dir.join(crate::daemon::RESTORES_DIR);
     let (j, staged) = match direct {
         Err(novabackup_api::ClientError::Api { error, .. })
-            if error.code == ErrorCode::Forbidden
-                && error.message.contains("outside the restore folders")
-                && !a.no_wait
-                && staging.is_dir() =>
+            if error.code == ErrorCode::Forbidden && !a.no_wait && staging.is_dir() =>
         {
             check_target(&target, a.force)?;
             let staged = staging.join(format!(
@@ -330,13 +327,7 @@ impl Staged {
             (f, None)
         } else {
             let p = PathBuf::from(format!("{}.partial", target.display()));
-            let _ = std::fs::remove_file(&p);
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&p)?;
-            (f, Some(p))
+            (novabackup_engine::fsutil::create_fresh(&p)?, Some(p))
         };
         let copied = std::io::copy(&mut src, &mut out).and_then(|_| out.sync_all());
         match (copied, &partial) {
