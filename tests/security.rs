@@ -234,3 +234,70 @@ fn a_token_for_one_disk_cannot_write_as_root_or_reach_other_disks() {
     let (s, _) = api(&a, &tok, "GET", "/api/v1/tokens", "");
     assert_eq!(s, 403);
 }
+
+#[test]
+fn the_socket_group_reaches_only_the_disks_that_allow_it() {
+    let t = open_tempdir();
+    let (a_img, b_img) = (t.path().join("a.img"), t.path().join("b.img"));
+    sparse_file(&a_img, 1 << 20);
+    sparse_file(&b_img, 1 << 20);
+    let a = Agent::start_with(
+        &t.path().join("a"),
+        "pread",
+        &["--nbd-socket-group", "nogroup"],
+    );
+    std::fs::set_permissions(t.path().join("a"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    a.attach("shared", &a_img, &["--allow", "gid:65534"]);
+    a.attach("private", &b_img, &["--allow", "uid:0"]);
+    let sock = a.socket.display().to_string();
+    let md = std::fs::metadata(&a.socket).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o660);
+    // The state folder lets the group through, not list or read.
+    let o = as_nobody("ls", &[a.state().to_str().unwrap()]);
+    assert!(!o.status.success(), "the group listed the state folder");
+
+    let o = as_nobody(
+        "nbdinfo",
+        &["--list", &format!("nbd+unix:///?socket={sock}")],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("shared"), "{out}");
+    assert!(
+        !out.contains("private"),
+        "the group saw a disk that does not allow it: {out}"
+    );
+    let o = as_nobody(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 7 0 4k", &a.uri("shared")],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("wrote"),
+        "{o:?}"
+    );
+    let o = as_nobody(
+        "qemu-io",
+        &["-f", "raw", "-c", "read 0 4k", &a.uri("private")],
+    );
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("read 4096"),
+        "{o:?}"
+    );
+    // Outside the group: not even the socket.
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=1",
+            "--clear-groups",
+            "--",
+            "/usr/bin/nbdinfo",
+            "--list",
+        ])
+        .arg(format!("nbd+unix:///?socket={sock}"))
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "a user outside the group reached the socket"
+    );
+}

@@ -6,8 +6,12 @@
 //! ```toml
 //! data_dir = "/var/lib/novabackup"
 //! api_listen = "127.0.0.1:7810"
-//! nbd_listen = "none"                 # TCP: loopback only, with
-//! nbd_insecure_tcp = false            #   this set to true (no TLS yet)
+//! nbd_listen = "none"                 # NBD over TCP: needs nbd_tls_dir, or loopback
+//! nbd_insecure_tcp = false            #   with this set to true (no authentication)
+//! nbd_tls_dir = "/etc/novabackup/nbd-tls" # ca-cert.pem, server-cert.pem, server-key.pem
+//! nbd_socket_group = "novabackup"     # may connect to nbd.sock (default: root only)
+//! nbd_max_connections = 256
+//! nbd_handshake_timeout = 10          # seconds for a whole handshake
 //! store = "/srv/backup/store"         # or "http://store-host:7820"
 //! store_token_file = "/etc/novabackup/store.token"
 //! chunk_size = "64K"
@@ -21,6 +25,7 @@
 //! image = "/var/lib/libvirt/images/web.img"
 //! granularity = "64K"                 # optional
 //! read_only = false                   # optional
+//! allow = ["CN=hv1,O=Example", "uid:107"] # NBD clients that may open it (optional)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -41,8 +46,16 @@ pub struct FileConfig {
     pub nbd_listen: Option<String>,
     /// Allow NBD over TCP without TLS (loopback only).
     pub nbd_insecure_tcp: Option<bool>,
+    /// NBD TLS credentials folder.
+    pub nbd_tls_dir: Option<PathBuf>,
     /// NBD unix socket.
     pub nbd_socket: Option<String>,
+    /// The group that may connect to the NBD socket.
+    pub nbd_socket_group: Option<String>,
+    /// Open NBD connections at most.
+    pub nbd_max_connections: Option<usize>,
+    /// Seconds for a whole NBD handshake.
+    pub nbd_handshake_timeout: Option<u64>,
     /// The REST API address.
     pub api_listen: Option<std::net::SocketAddr>,
     /// NBD data engine.
@@ -91,6 +104,9 @@ pub struct DiskConfig {
     /// Serve read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// NBD clients that may open it (uid:N, gid:N, certificate subjects).
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 impl FileConfig {

@@ -40,16 +40,30 @@ pub struct AgentArgs {
     /// TOML configuration (default /etc/novabackup/agent.toml when it exists).
     #[arg(long, env = "NOVABACKUP_CONFIG")]
     pub config: Option<PathBuf>,
-    /// NBD over TCP [default: none]. NBD over TCP has no TLS yet, so a TCP
-    /// listener also needs --nbd-insecure-tcp and must be a loopback address.
+    /// NBD over TCP [default: none]. TCP requires TLS (--nbd-tls-dir);
+    /// without it only a loopback address with --nbd-insecure-tcp.
     #[arg(long)]
     pub nbd_listen: Option<String>,
     /// Allow NBD over TCP without TLS or authentication (loopback only).
     #[arg(long)]
     pub nbd_insecure_tcp: bool,
+    /// TLS credentials for NBD over TCP: a folder with ca-cert.pem (signs
+    /// client certificates), server-cert.pem and server-key.pem, as for
+    /// QEMU's tls-creds-x509.
+    #[arg(long)]
+    pub nbd_tls_dir: Option<PathBuf>,
     /// NBD unix socket ("none" to disable) [default: DATA_DIR/nbd.sock].
     #[arg(long)]
     pub nbd_socket: Option<String>,
+    /// A group whose members may connect to the NBD socket [default: root only].
+    #[arg(long)]
+    pub nbd_socket_group: Option<String>,
+    /// Open NBD connections at most [default: 256].
+    #[arg(long)]
+    pub nbd_max_connections: Option<usize>,
+    /// Seconds an NBD client has for its whole handshake [default: 10].
+    #[arg(long)]
+    pub nbd_handshake_timeout: Option<u64>,
     /// The REST API [default: 127.0.0.1:7810].
     #[arg(long)]
     pub api_listen: Option<SocketAddr>,
@@ -98,8 +112,14 @@ pub struct AgentOptions {
     pub nbd_listen: String,
     /// The operator's opt-in to NBD over TCP without TLS (loopback only).
     pub nbd_insecure_tcp: bool,
+    /// NBD TLS credentials folder.
+    pub nbd_tls_dir: Option<PathBuf>,
     /// NBD unix socket.
     pub nbd_socket: Option<String>,
+    /// The group that may connect to the NBD socket.
+    pub nbd_socket_group: Option<String>,
+    /// Bounds on NBD connections.
+    pub nbd_limits: nbd_proxy::server::Limits,
     /// The REST API.
     pub api_listen: SocketAddr,
     /// NBD data engine.
@@ -144,7 +164,26 @@ impl AgentArgs {
                 .or(c.nbd_listen)
                 .unwrap_or_else(|| "none".into()),
             nbd_insecure_tcp: self.nbd_insecure_tcp || c.nbd_insecure_tcp.unwrap_or(false),
+            nbd_tls_dir: self.nbd_tls_dir.or(c.nbd_tls_dir),
             nbd_socket: self.nbd_socket.or(c.nbd_socket),
+            nbd_socket_group: self.nbd_socket_group.or(c.nbd_socket_group),
+            nbd_limits: {
+                let d = nbd_proxy::server::Limits::default();
+                let max = self
+                    .nbd_max_connections
+                    .or(c.nbd_max_connections)
+                    .unwrap_or(d.max_connections)
+                    .max(1);
+                nbd_proxy::server::Limits {
+                    handshake: self
+                        .nbd_handshake_timeout
+                        .or(c.nbd_handshake_timeout)
+                        .map(Duration::from_secs)
+                        .unwrap_or(d.handshake),
+                    max_connections: max,
+                    max_handshakes: d.max_handshakes.min(max),
+                }
+            },
             api_listen: self
                 .api_listen
                 .or(c.api_listen)
@@ -230,7 +269,11 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         })?
         .trim()
         .to_string();
-    let server = Server::new(engine);
+    let server = Server::with_limits(engine, opts.nbd_limits);
+    if let Some(d) = &opts.nbd_tls_dir {
+        let cfg = nbd_proxy::TlsConfig::from_dir(d)?;
+        server.set_tls(Some(cfg));
+    }
     let store = open_store(&dir, &opts)?;
     let chunk = novabackup_engine::cbt::Granularity::new(opts.chunk_size).map_err(|_| {
         anyhow::anyhow!(
@@ -296,7 +339,9 @@ async fn serve(
     let mut tasks = Vec::new();
     let mut nbd_tcp = None;
     if opts.nbd_listen != "none" {
-        check_nbd_tcp(&opts.nbd_listen, opts.nbd_insecure_tcp)?;
+        if opts.nbd_tls_dir.is_none() {
+            check_nbd_tcp(&opts.nbd_listen, opts.nbd_insecure_tcp)?;
+        }
         let l = tokio::net::TcpListener::bind(&opts.nbd_listen)
             .await
             .with_context(|| format!("cannot listen for NBD on {}", opts.nbd_listen))?;
@@ -312,10 +357,9 @@ async fn serve(
         let _ = std::fs::remove_file(p);
         let l = tokio::net::UnixListener::bind(p)
             .with_context(|| format!("cannot listen for NBD on {}", p.display()))?;
-        // Connecting needs write permission on the socket: root only.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot make {} private", p.display()))?;
+        // Connecting needs write permission on the socket: root only,
+        // or the configured group.
+        socket_access(p, opts.nbd_socket_group.as_deref())?;
         tasks.push(tokio::spawn(listen::unix(l, server.clone(), stop.clone())));
     }
     let tls = api_tls(dir, opts)?;
@@ -384,6 +428,37 @@ async fn serve(
     Ok(())
 }
 
+/// The NBD socket is 0600 root, or 0660 root:GROUP with its folder
+/// 0710 root:GROUP so members reach it without listing the folder.
+fn socket_access(p: &Path, group: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, m: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+            .with_context(|| format!("cannot set the permissions of {}", path.display()))
+    };
+    let Some(group) = group else {
+        return mode(p, 0o600);
+    };
+    let gid = match group.parse::<u32>() {
+        Ok(n) => nix::unistd::Gid::from_raw(n),
+        Err(_) => nix::unistd::Group::from_name(group)
+            .with_context(|| format!("cannot look up the group {group:?}"))?
+            .with_context(|| format!("--nbd-socket-group {group}: no such group; create it (groupadd --system {group}) or pick another"))?
+            .gid,
+    };
+    let chown = |path: &Path| {
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to the group {group}", path.display()))
+    };
+    chown(p)?;
+    mode(p, 0o660)?;
+    if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        chown(parent)?;
+        mode(parent, 0o710)?;
+    }
+    Ok(())
+}
+
 /// NBD over TCP has neither TLS nor client authentication: anyone who can
 /// reach the port reads and writes every disk. Only an explicit opt-in on
 /// a loopback address is accepted.
@@ -394,15 +469,17 @@ fn check_nbd_tcp(addr: &str, insecure: bool) -> anyhow::Result<()> {
         .unwrap_or_else(|_| addr.starts_with("localhost:"));
     if !loopback {
         anyhow::bail!(
-            "--nbd-listen {addr}: NBD over TCP has no TLS or authentication, so it may only \
-             listen on a loopback address; guests on this host use the unix socket"
+            "--nbd-listen {addr}: NBD over TCP without TLS has no authentication, so it may only \
+             listen on a loopback address; give --nbd-tls-dir (see docs/SECURITY.md), or let \
+             guests on this host use the unix socket"
         );
     }
     if !insecure {
         anyhow::bail!(
-            "--nbd-listen {addr}: NBD over TCP has no TLS or authentication, and every local \
-             user could read and write the disks; use the unix socket (DATA_DIR/nbd.sock, \
-             root only), or pass --nbd-insecure-tcp (nbd_insecure_tcp = true) to accept that"
+            "--nbd-listen {addr}: NBD over TCP without TLS has no authentication, and every \
+             local user could read and write the disks; give --nbd-tls-dir, use the unix socket \
+             (DATA_DIR/nbd.sock, root only), or pass --nbd-insecure-tcp (nbd_insecure_tcp = \
+             true) to accept that"
         );
     }
     tracing::warn!(nbd_tcp = %addr, "NBD over TCP without TLS: every local user can open every disk");
@@ -503,6 +580,7 @@ fn attach_declared(agent: &Agent, disks: &[crate::config::DiskConfig]) {
                 .as_deref()
                 .and_then(|g| novabackup_engine::size::parse_size(g).ok()),
             read_only: d.read_only,
+            allow: d.allow.clone(),
         };
         match agent.attach(req) {
             Ok(_) => tracing::info!(disk = %d.name, "declared disk attached"),

@@ -177,11 +177,12 @@ impl Client {
         self.json("POST", "/api/v1/disks", Some(req))
     }
 
-    /// `DELETE /api/v1/disks/{name}`.
-    pub fn detach(&self, name: &str) -> Result<(), ClientError> {
+    /// `DELETE /api/v1/disks/{name}`; `force` disconnects its NBD clients.
+    pub fn detach(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let q = if force { "?force=true" } else { "" };
         self.send(
             "DELETE",
-            &format!("/api/v1/disks/{}", enc(name)),
+            &format!("/api/v1/disks/{}{q}", enc(name)),
             None::<&()>,
         )
         .map(drop)

@@ -30,8 +30,8 @@ pub trait DiskService: Send + Sync + 'static {
     fn get(&self, name: &str) -> Result<DiskInfo, ApiError>;
     /// Attaches a disk.
     fn attach(&self, req: AttachRequest) -> Result<DiskInfo, ApiError>;
-    /// Detaches a disk.
-    fn detach(&self, name: &str) -> Result<(), ApiError>;
+    /// Detaches a disk; with `force`, its NBD clients are disconnected.
+    fn detach(&self, name: &str, force: bool) -> Result<(), ApiError>;
     /// CBT state of a disk.
     fn cbt(&self, name: &str) -> Result<CbtInfo, ApiError>;
     /// Clears a disk's bitmap.

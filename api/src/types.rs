@@ -28,6 +28,11 @@ pub struct AttachRequest {
     /// Serve the disk read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// NBD clients that may open the disk: `uid:N`, `gid:N` (unix-socket
+    /// peers) or certificate subjects such as `CN=host,O=org` (TLS
+    /// clients). Empty: any client the listener admits.
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 /// CBT state of a disk.
@@ -64,6 +69,9 @@ pub struct DiskInfo {
     pub read_only: bool,
     /// Connected NBD clients.
     pub connections: usize,
+    /// NBD clients that may open the disk (empty: any the listener admits).
+    #[serde(default)]
+    pub allow: Vec<String>,
     /// NBD URIs a client can use.
     pub uris: Vec<String>,
     /// Change tracking.

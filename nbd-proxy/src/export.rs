@@ -235,6 +235,8 @@ pub struct Export {
     pub tracker: Arc<Tracker>,
     /// Request counters.
     pub stats: crate::stats::ExportStats,
+    /// Client identities that may open it (see [`crate::access`]).
+    pub allow: Vec<String>,
 }
 
 impl Export {
@@ -272,6 +274,7 @@ impl Export {
                 MetaContext::BaseAllocation,
                 MetaContext::DirtyBitmap(crate::CBT_BITMAP_NAME.into()),
             ],
+            allow: self.allow.clone(),
         }
     }
 }

@@ -6,9 +6,11 @@
 //! - [`server`]: listeners' connections, the handshake driver and the two
 //!   data engines (io_uring, positional I/O);
 //! - [`export`]: image files and block devices;
+//! - [`access`]: client identities and per-export allow lists;
 //! - [`tracking`], [`checkpoint`], [`cbw`]: CBT, checkpoints and
 //!   copy-before-write.
 
+pub mod access;
 pub mod cbw;
 pub mod checkpoint;
 pub mod client;
@@ -24,5 +26,5 @@ pub const CBT_BITMAP_NAME: &str = "cbt";
 
 pub use checkpoint::Checkpoint;
 pub use export::{BackingKind, Export, ExportError, Image};
-pub use server::{IoEngine, Server};
+pub use server::{IoEngine, Server, TlsConfig};
 pub use tracking::{CbtStatus, TrackError, Tracker};

@@ -8,19 +8,27 @@
 //! all go through the ring, so requests are answered out of order as they
 //! complete) or [`IoEngine::Pread`] (a reader thread and a small pool of
 //! workers doing positional I/O), for kernels where io_uring is unavailable.
+//!
+//! Connections are bounded ([`Limits`]): a total, a share of it for clients
+//! still negotiating, and one deadline for the whole handshake, TLS
+//! included, so neither many idle sockets nor one slow one holds a thread
+//! for long. A TCP listener with [`TlsConfig`] set requires TLS.
 
 mod conn;
 mod connection;
+pub mod loglimit;
 mod pread;
 mod session;
+pub mod tls;
 mod uring;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use conn::Conn;
+pub use tls::{TlsConfig, TlsSetupError};
 
 use crate::export::Export;
 use crate::proto::handshake::{ExportCatalog, ExportInfo};
@@ -84,25 +92,70 @@ struct ConnEntry {
     conn: Conn,
 }
 
+/// Bounds on connections (module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The whole handshake, TLS included, must end within this.
+    pub handshake: Duration,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Of those, connections still in the handshake at most.
+    pub max_handshakes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake: Duration::from_secs(10),
+            max_connections: 256,
+            max_handshakes: 32,
+        }
+    }
+}
+
 /// The export registry and connection bookkeeping.
 pub struct Server {
     engine: IoEngine,
+    limits: Limits,
+    tls: RwLock<Option<TlsConfig>>,
     exports: RwLock<BTreeMap<String, Arc<Export>>>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_conn: AtomicU64,
+    live: AtomicUsize,
+    negotiating: AtomicUsize,
     stopping: AtomicBool,
+    log: loglimit::LogLimiter,
 }
 
 impl Server {
-    /// A server with no exports.
+    /// A server with no exports and the default [`Limits`].
     pub fn new(engine: IoEngine) -> Arc<Server> {
+        Self::with_limits(engine, Limits::default())
+    }
+
+    /// A server with no exports.
+    pub fn with_limits(engine: IoEngine, limits: Limits) -> Arc<Server> {
         Arc::new(Server {
             engine,
+            limits,
+            tls: RwLock::new(None),
             exports: RwLock::new(BTreeMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            live: AtomicUsize::new(0),
+            negotiating: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            log: Default::default(),
         })
+    }
+
+    /// Requires TLS with these credentials on every TCP connection.
+    pub fn set_tls(&self, cfg: Option<TlsConfig>) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+    }
+
+    fn tls(&self) -> Option<TlsConfig> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The data engine in use.
@@ -154,19 +207,54 @@ impl Server {
         c.values().filter(|e| e.export == name).count()
     }
 
-    /// Serves an accepted stream on a new thread.
+    /// Disconnects every client of `name` (requests in flight are answered
+    /// or dropped with the socket) and waits up to `timeout` for them to
+    /// go. Returns how many were connected.
+    pub fn disconnect(&self, name: &str, timeout: Duration) -> usize {
+        let n = {
+            let c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let mine: Vec<_> = c.values().filter(|e| e.export == name).collect();
+            for e in &mine {
+                e.conn.shutdown_both();
+            }
+            mine.len()
+        };
+        let deadline = Instant::now() + timeout;
+        while self.connections(name) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        n
+    }
+
+    /// Serves an accepted stream on a new thread, unless the connection
+    /// limits are reached (then the stream is closed at once).
     pub fn handle(self: &Arc<Self>, conn: Conn) {
         if self.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let me = self.clone();
+        let live = self.live.fetch_add(1, Ordering::SeqCst);
+        let negotiating = self.negotiating.fetch_add(1, Ordering::SeqCst);
+        let guard = Slot(self.clone(), true);
+        if live >= self.limits.max_connections || negotiating >= self.limits.max_handshakes {
+            self.log.warn(format_args!(
+                "refused an NBD connection from {}: {} open, {} negotiating (limits {} and {})",
+                conn.peer(),
+                live,
+                negotiating,
+                self.limits.max_connections,
+                self.limits.max_handshakes
+            ));
+            return;
+        }
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
+                let mut guard = guard;
+                let me = guard.0.clone();
                 let span = tracing::info_span!("nbd", conn = id, peer = %conn.peer());
                 let _g = span.enter();
-                if let Err(e) = connection::serve(&me, id, conn) {
+                if let Err(e) = connection::serve(&me, id, conn, &mut guard) {
                     tracing::debug!("connection ended with an error: {e}");
                 }
                 me.conns
@@ -220,6 +308,26 @@ impl Server {
             std::thread::sleep(Duration::from_millis(10));
         }
         tracing::warn!("some NBD connections did not finish within {timeout:?}");
+    }
+}
+
+/// A connection's place in the counts; given back when it ends.
+pub(crate) struct Slot(Arc<Server>, bool);
+
+impl Slot {
+    /// The handshake is over: the connection no longer counts as
+    /// negotiating.
+    pub(crate) fn negotiated(&mut self) {
+        if std::mem::replace(&mut self.1, false) {
+            self.0.negotiating.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.negotiated();
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

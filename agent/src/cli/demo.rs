@@ -100,6 +100,7 @@ fn demo(root: &Path, size: u64) -> anyhow::Result<()> {
         image: image.display().to_string(),
         granularity: None,
         read_only: false,
+        allow: Vec::new(),
     })?;
     eprintln!("    attached as {}", d.uris.join(" "));
 

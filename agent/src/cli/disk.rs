@@ -23,6 +23,12 @@ pub enum DiskCommand {
         /// Serve the disk read-only.
         #[arg(long)]
         read_only: bool,
+        /// An NBD client that may open the disk (repeatable): uid:N or gid:N
+        /// for unix-socket peers, a certificate subject such as
+        /// "CN=host,O=org" for TLS clients. Default: any client the
+        /// listener admits.
+        #[arg(long = "allow", value_name = "IDENTITY")]
+        allow: Vec<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -37,6 +43,9 @@ pub enum DiskCommand {
     Detach {
         /// Disk name.
         name: String,
+        /// Disconnect its NBD clients first (a running VM sees I/O errors).
+        #[arg(long)]
+        force: bool,
     },
     /// Show the change-tracking state of a disk.
     Cbt {
@@ -58,6 +67,7 @@ pub fn run(client: &Client, cmd: DiskCommand) -> anyhow::Result<()> {
             image,
             granularity,
             read_only,
+            allow,
             json,
         } => {
             let image = std::path::absolute(&image)
@@ -67,6 +77,7 @@ pub fn run(client: &Client, cmd: DiskCommand) -> anyhow::Result<()> {
                 image: image.to_string_lossy().into_owned(),
                 granularity: Some(granularity),
                 read_only,
+                allow,
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
@@ -89,8 +100,8 @@ pub fn run(client: &Client, cmd: DiskCommand) -> anyhow::Result<()> {
                 print_table(&disks);
             }
         }
-        DiskCommand::Detach { name } => {
-            client.detach(&name)?;
+        DiskCommand::Detach { name, force } => {
+            client.detach(&name, force)?;
             println!("detached {name}");
         }
         DiskCommand::Cbt { name, reset, json } => {

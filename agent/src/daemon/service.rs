@@ -110,8 +110,8 @@ impl DiskService for Agent {
         Ok(Agent::attach(self, req)?)
     }
 
-    fn detach(&self, name: &str) -> Result<(), ApiError> {
-        Ok(Agent::detach(self, name)?)
+    fn detach(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        Ok(Agent::detach(self, name, force)?)
     }
 
     fn cbt(&self, name: &str) -> Result<CbtInfo, ApiError> {

@@ -43,6 +43,8 @@ struct DiskRecord {
     image: PathBuf,
     granularity: Granularity,
     read_only: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allow: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -287,6 +289,7 @@ impl Agent {
             image,
             tracker: Arc::new(tracker),
             stats: Default::default(),
+            allow: r.allow.clone(),
         }))
     }
 
@@ -332,6 +335,7 @@ impl Agent {
             size: e.image.size,
             read_only: e.image.read_only,
             connections: self.server.connections(&e.name),
+            allow: e.allow.clone(),
             uris,
             cbt: cbt_info(&e.tracker),
         }
@@ -356,6 +360,10 @@ impl Agent {
                 })?;
         let granularity = Granularity::new(req.granularity.unwrap_or(Granularity::DEFAULT.bytes()))
             .map_err(|e| err(ErrorKind::Invalid, e.to_string()))?;
+        for a in &req.allow {
+            nbd_proxy::access::check_entry(a)
+                .map_err(|e| err(ErrorKind::Invalid, e.to_string()))?;
+        }
         let image = PathBuf::from(&req.image);
         if !image.is_absolute() {
             return Err(err(
@@ -387,6 +395,7 @@ impl Agent {
             image: canonical,
             granularity,
             read_only: req.read_only,
+            allow: req.allow.clone(),
         };
         // A bitmap left from an earlier attachment says nothing about the
         // writes made while the disk was not tracked.
@@ -404,14 +413,27 @@ impl Agent {
         Ok(self.info(&export))
     }
 
-    /// Detaches a disk (refused while NBD clients are connected).
-    pub fn detach(&self, name: &str) -> Result<(), OpError> {
+    /// Detaches a disk. Refused while NBD clients are connected, unless
+    /// `force`: then they are disconnected first.
+    pub fn detach(&self, name: &str, force: bool) -> Result<(), OpError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if force {
+            let n = self
+                .server
+                .disconnect(name, std::time::Duration::from_secs(10));
+            if n > 0 {
+                tracing::warn!(
+                    disk = name,
+                    clients = n,
+                    "NBD clients disconnected by a forced detach"
+                );
+            }
+        }
         let export = match self.server.remove(name) {
             Ok(e) => Some(e),
             Err(ServerError::Busy { .. }) => {
                 let n = self.server.connections(name);
-                return Err(err(ErrorKind::Conflict, format!("disk {name} has {n} connected NBD client(s); disconnect them (shut the VM down) first")));
+                return Err(err(ErrorKind::Conflict, format!("disk {name} has {n} connected NBD client(s); disconnect them (shut the VM down) first, or detach with --force")));
             }
             // Known but not served (its image was missing at start-up).
             Err(_) if records.iter().any(|r| r.name.as_str() == name) => None,

@@ -42,12 +42,30 @@ pub(super) async fn get(
     blocking(&svc, move |s| s.get(&name)).await.map(Json)
 }
 
-#[utoipa::path(delete, path = "/api/v1/disks/{name}", tag = "disks", params(("name" = String, Path, description = "Disk name")), responses((status = 204, description = "Detached"), crate::error::Errors), security(("bearer" = [])))]
+/// `DELETE /api/v1/disks/{name}` options.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DetachQuery {
+    /// Disconnect the disk's NBD clients instead of refusing.
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(delete, path = "/api/v1/disks/{name}", tag = "disks", params(("name" = String, Path, description = "Disk name"), DetachQuery), responses((status = 204, description = "Detached"), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn detach(
     State(svc): Svc,
     Path(name): Path<String>,
+    query: Result<axum::extract::Query<DetachQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&svc, move |s| s.detach(&name)).await?;
+    let force = query
+        .map_err(|e| {
+            ApiError::new(
+                crate::error::ErrorCode::BadRequest,
+                format!("bad query: {e}"),
+            )
+        })?
+        .force;
+    blocking(&svc, move |s| s.detach(&name, force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

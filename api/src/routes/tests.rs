@@ -56,13 +56,14 @@ impl DiskService for Mem {
             size: 1 << 20,
             read_only: r.read_only,
             connections: 0,
+            allow: r.allow,
             uris: vec![],
             cbt: cbt(),
         };
         m.insert(r.name, d.clone());
         Ok(d)
     }
-    fn detach(&self, name: &str) -> Result<(), ApiError> {
+    fn detach(&self, name: &str, _force: bool) -> Result<(), ApiError> {
         self.0
             .lock()
             .unwrap()

@@ -56,6 +56,8 @@ pub mod rep {
     pub const META_CONTEXT: u32 = 4;
     /// NBD_REP_ERR_UNSUP.
     pub const ERR_UNSUP: u32 = (1 << 31) + 1;
+    /// NBD_REP_ERR_POLICY.
+    pub const ERR_POLICY: u32 = (1 << 31) + 2;
     /// NBD_REP_ERR_INVALID.
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
     /// NBD_REP_ERR_TLS_REQD.

@@ -5,9 +5,17 @@
 //! whatever must be sent to `out`, and says what happened. Errors in an
 //! option's contents get an `NBD_REP_ERR_*` reply and the connection stays
 //! usable; only a broken frame (bad magic, unknown client flags) ends it.
+//!
+//! On a listener that requires TLS, every option but `NBD_OPT_STARTTLS` and
+//! `NBD_OPT_ABORT` is answered `NBD_REP_ERR_TLS_REQD` until the client
+//! starts TLS ([`Step::StartTls`]; the caller runs the TLS handshake and
+//! calls [`Handshake::tls_started`] with the client's identity). Every
+//! option that names or lists exports sees only those the client may open
+//! ([`crate::access::permits`]): the others answer as if they did not exist.
 
 use super::consts::*;
 use super::ProtoError;
+use crate::access::{self, Peer};
 
 /// Options longer than this are answered with NBD_REP_ERR_TOO_BIG and
 /// skipped; no legitimate option comes close (strings are ≤ 4 KiB).
@@ -62,6 +70,9 @@ pub struct ExportInfo {
     pub block_size: (u32, u32, u32),
     /// Metadata contexts this export serves.
     pub contexts: Vec<MetaContext>,
+    /// Client identities that may open it (empty: any client the
+    /// listener admits); see [`crate::access`].
+    pub allow: Vec<String>,
 }
 
 /// Where the handshake looks exports up. Implementations only read a map.
@@ -94,6 +105,20 @@ pub enum Step {
     Done(Negotiated),
     /// Send `out`, then close the connection.
     Close,
+    /// Send `out`, then run the TLS handshake on the connection and call
+    /// [`Handshake::tls_started`]; every later byte travels inside TLS.
+    StartTls,
+}
+
+/// Whether this listener offers TLS, and whether it has begun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// Not offered (the unix socket, or the plain-TCP opt-in).
+    Off,
+    /// Required and not started yet.
+    Required,
+    /// Running.
+    Active,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +137,8 @@ pub struct Handshake {
     structured: bool,
     /// Export name the selected contexts were negotiated for, and them.
     selected: Option<(String, Vec<MetaContext>)>,
+    tls: Tls,
+    peer: Peer,
 }
 
 impl Default for Handshake {
@@ -121,14 +148,47 @@ impl Default for Handshake {
 }
 
 impl Handshake {
-    /// A handshake waiting for the client's flags; send [`Self::greeting`] first.
+    /// A handshake without TLS for a root unix-socket peer (tests and
+    /// tools); servers use [`Self::for_peer`].
     pub fn new() -> Self {
+        Self::for_peer(Peer::Unix { uid: 0, gid: 0 }, Tls::Off)
+    }
+
+    /// A handshake waiting for the client's flags; send [`Self::greeting`]
+    /// first.
+    pub fn for_peer(peer: Peer, tls: Tls) -> Self {
         Handshake {
             state: State::ClientFlags,
             no_zeroes: false,
             structured: false,
             selected: None,
+            tls,
+            peer,
         }
+    }
+
+    /// TLS is up and the client proved `peer`. As the spec asks, anything
+    /// negotiated before STARTTLS is forgotten.
+    pub fn tls_started(&mut self, peer: Peer) {
+        self.tls = Tls::Active;
+        self.peer = peer;
+        self.structured = false;
+        self.selected = None;
+        if self.state == State::Finished {
+            self.state = State::Options;
+        }
+    }
+
+    /// The client as known so far.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// The export `name` if it exists and this client may open it.
+    fn find(&self, catalog: &dyn ExportCatalog, name: &str) -> Option<ExportInfo> {
+        catalog
+            .lookup(name)
+            .filter(|e| access::permits(&e.allow, &self.peer))
     }
 
     /// The server's first 18 bytes.
@@ -202,7 +262,7 @@ impl Handshake {
                     return Ok((0, Step::NeedMore));
                 };
                 let step = self.option(option, data, catalog, out);
-                if !matches!(step, Step::Continue) {
+                if !matches!(step, Step::Continue | Step::StartTls) {
                     self.state = State::Finished;
                 }
                 Ok((total, step))
@@ -217,10 +277,40 @@ impl Handshake {
         catalog: &dyn ExportCatalog,
         out: &mut Vec<u8>,
     ) -> Step {
+        if self.tls == Tls::Required && !matches!(option, opt::STARTTLS | opt::ABORT) {
+            if option == opt::EXPORT_NAME {
+                // No way to say why: the spec's answer is to hang up.
+                return Step::Close;
+            }
+            option_reply(
+                out,
+                option,
+                rep::ERR_TLS_REQD,
+                b"this server requires TLS: start it first (nbds:// URIs, QEMU tls-creds)",
+            );
+            return Step::Continue;
+        }
         match option {
+            opt::STARTTLS => {
+                let (kind, msg): (u32, &[u8]) = if !data.is_empty() {
+                    (rep::ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+                } else {
+                    match self.tls {
+                        Tls::Required => (rep::ACK, b""),
+                        Tls::Active => (rep::ERR_INVALID, b"TLS is already active"),
+                        Tls::Off => (rep::ERR_POLICY, b"this listener does not offer TLS"),
+                    }
+                };
+                option_reply(out, option, kind, msg);
+                if kind == rep::ACK {
+                    Step::StartTls
+                } else {
+                    Step::Continue
+                }
+            }
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data);
-                let Some(export) = catalog.lookup(&name) else {
+                let Some(export) = self.find(catalog, &name) else {
                     // The spec leaves no way to report an error here.
                     return Step::Close;
                 };
@@ -240,7 +330,11 @@ impl Handshake {
                     option_reply(out, option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data");
                     return Step::Continue;
                 }
-                for e in catalog.list() {
+                for e in catalog
+                    .list()
+                    .into_iter()
+                    .filter(|e| access::permits(&e.allow, &self.peer))
+                {
                     let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
                     d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     d.extend_from_slice(e.name.as_bytes());
@@ -307,7 +401,7 @@ impl Handshake {
             );
             return Step::Continue;
         };
-        let Some(export) = catalog.lookup(&name) else {
+        let Some(export) = self.find(catalog, &name) else {
             let msg = format!("no export named {name:?}; `nbdinfo --list` shows them");
             option_reply(out, option, rep::ERR_UNKNOWN, msg.as_bytes());
             return Step::Continue;
@@ -376,7 +470,7 @@ impl Handshake {
             );
             return;
         };
-        let Some(export) = catalog.lookup(&name) else {
+        let Some(export) = self.find(catalog, &name) else {
             let msg = format!("no export named {name:?}");
             option_reply(out, option, rep::ERR_UNKNOWN, msg.as_bytes());
             return;
@@ -477,6 +571,7 @@ mod tests {
                     MetaContext::BaseAllocation,
                     MetaContext::DirtyBitmap("cbt".into()),
                 ],
+                allow: Vec::new(),
             })
         }
         fn list(&self) -> Vec<ExportInfo> {
@@ -686,6 +781,101 @@ mod tests {
         let mut input = 1u32.to_be_bytes().to_vec();
         input.extend([0u8; 16]);
         assert!(matches!(run(&input).1, Err(ProtoError::BadMagic { .. })));
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_but_starttls() {
+        let mut h = Handshake::for_peer(Peer::PlainTcp, Tls::Required);
+        let mut out = Vec::new();
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt_bytes(opt::LIST, b""));
+        input.extend(opt_bytes(opt::STRUCTURED_REPLY, b""));
+        input.extend(opt_bytes(opt::STARTTLS, b""));
+        let mut buf = &input[..];
+        let mut steps = Vec::new();
+        while !buf.is_empty() {
+            let (n, st) = h.step(buf, &One, &mut out).unwrap();
+            buf = &buf[n..];
+            steps.push(st);
+        }
+        assert_eq!(steps.last(), Some(&Step::StartTls));
+        let r = replies(&out);
+        assert_eq!(r[0].1, rep::ERR_TLS_REQD);
+        assert_eq!(r[1].1, rep::ERR_TLS_REQD);
+        assert_eq!(r[2].1, rep::ACK);
+        // EXPORT_NAME before TLS hangs up; after TLS it works, but only
+        // for a client the export admits.
+        let mut h2 = Handshake::for_peer(Peer::PlainTcp, Tls::Required);
+        let mut o2 = Vec::new();
+        let mut i2 = 1u32.to_be_bytes().to_vec();
+        i2.extend(opt_bytes(opt::EXPORT_NAME, b"vm"));
+        let (n, _) = h2.step(&i2, &One, &mut o2).unwrap();
+        assert_eq!(h2.step(&i2[n..], &One, &mut o2).unwrap().1, Step::Close);
+        h.tls_started(Peer::Tls {
+            subject: vec![("CN".into(), "x".into())],
+        });
+        let mut o3 = Vec::new();
+        let st = h
+            .step(&opt_bytes(opt::STARTTLS, b""), &One, &mut o3)
+            .unwrap()
+            .1;
+        assert_eq!(st, Step::Continue);
+        assert_eq!(replies(&o3)[0].1, rep::ERR_INVALID);
+    }
+
+    /// A catalog whose one export admits only uid 1000.
+    struct Guarded;
+    impl ExportCatalog for Guarded {
+        fn lookup(&self, name: &str) -> Option<ExportInfo> {
+            One.lookup(name).map(|mut e| {
+                e.allow = vec!["uid:1000".into()];
+                e
+            })
+        }
+        fn list(&self) -> Vec<ExportInfo> {
+            vec![self.lookup("vm").unwrap()]
+        }
+    }
+
+    #[test]
+    fn a_client_never_learns_an_export_it_may_not_open() {
+        let mut go = 2u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"vm");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        for (uid, allowed) in [(1000, true), (1001, false)] {
+            let mut h = Handshake::for_peer(Peer::Unix { uid, gid: 1 }, Tls::Off);
+            let mut out = Vec::new();
+            let mut input = 1u32.to_be_bytes().to_vec();
+            input.extend(opt_bytes(opt::LIST, b""));
+            input.extend(opt_bytes(opt::INFO, &go));
+            input.extend(opt_bytes(opt::LIST_META_CONTEXT, &meta_data("vm", &[])));
+            input.extend(opt_bytes(opt::GO, &go));
+            let mut buf = &input[..];
+            let mut last = Step::NeedMore;
+            while !buf.is_empty() {
+                let (n, st) = h.step(buf, &Guarded, &mut out).unwrap();
+                buf = &buf[n..];
+                last = st;
+            }
+            let r = replies(&out);
+            let kinds: Vec<u32> = r.iter().map(|x| x.1).collect();
+            if allowed {
+                assert_eq!(kinds[0], rep::SERVER);
+                assert!(matches!(last, Step::Done(_)));
+            } else {
+                // LIST: only the ACK; INFO, meta contexts and GO: unknown.
+                assert_eq!(
+                    kinds,
+                    [
+                        rep::ACK,
+                        rep::ERR_UNKNOWN,
+                        rep::ERR_UNKNOWN,
+                        rep::ERR_UNKNOWN
+                    ]
+                );
+                assert_eq!(last, Step::Continue);
+            }
+        }
     }
 
     proptest! {

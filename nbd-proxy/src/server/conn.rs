@@ -32,6 +32,15 @@ impl Conn {
         };
     }
 
+    /// Ends the connection both ways: the engine's reads and writes fail
+    /// and it closes (`disk detach --force`).
+    pub fn shutdown_both(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
     /// Applies a read timeout (used during the handshake only).
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         match self {
