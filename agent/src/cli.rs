@@ -5,6 +5,7 @@ mod backup;
 mod demo;
 mod disk;
 mod job;
+mod repair;
 mod retention;
 mod status;
 mod store;
@@ -72,6 +73,13 @@ enum Command {
     Restore(backup::RestoreArgs),
     /// Re-read and re-hash every chunk of snapshots.
     Verify(backup::VerifyArgs),
+    /// Verify every snapshot, store again what damaged ones lost from the
+    /// attached disks that still hold it, and say what stays damaged.
+    Repair {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the whole product on a temporary folder: agent, disk, NBD writes,
     /// full and incremental backups, restores checked byte for byte.
     Demo(demo::DemoArgs),
@@ -175,6 +183,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or(Path::new(DEFAULT_DATA_DIR)),
                 ),
                 Command::Verify(a) => backup::verify(&client, a),
+                Command::Repair { json } => repair::run(&client, json),
                 Command::Jobs { json } => backup::jobs(&client, json),
                 Command::Status { json } => status::status(&client, json),
                 Command::Token(c) => token::run(&client, c),

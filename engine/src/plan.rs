@@ -90,6 +90,10 @@ pub fn full_reason(
     match (mode, base, trust) {
         (Mode::Full, _, _) => Some("full backup requested".to_string()),
         (_, None, _) => Some(no_base_reason.to_string()),
+        (_, Some(b), _) if b.verified.as_ref().is_some_and(|v| !v.ok) => Some(format!(
+            "the base snapshot {} failed verification: everything is read so that damaged chunks are stored again",
+            b.id
+        )),
         (_, _, Trust::Untrusted(r)) => Some(format!("change tracking is not trusted: {r}")),
         (_, Some(b), _) if b.image_size != size => Some(format!(
             "the image size changed from {} to {} bytes",

@@ -79,6 +79,9 @@ pub enum StoreError {
     /// Only annotations of a snapshot may change.
     #[error("snapshot {0}: only its protection and verification may change")]
     Immutable(SnapshotId),
+    /// A snapshot names a page or chunk the store does not hold.
+    #[error("{0}")]
+    Incomplete(String),
     /// Any other I/O error.
     #[error("store I/O error on {path}: {source}")]
     Io {
@@ -193,6 +196,18 @@ pub trait Store: Send + Sync {
     /// Distinct chunks stored, when that is cheap to know.
     fn chunk_count(&self) -> Option<u64> {
         None
+    }
+    /// Forgets those of `digests` whose stored copy is damaged or
+    /// unreadable (the store checks each itself), so that [`Store::missing`]
+    /// reports them and the next put stores a good copy. Returns how many
+    /// were forgotten. Stores that cannot check their copies forget none.
+    fn forget_damaged(&self, _digests: &[ChunkDigest]) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    /// Parts of the store found unreadable (a pack whose table of contents
+    /// is damaged), with why; verify reports them.
+    fn damaged_parts(&self) -> Vec<String> {
+        Vec::new()
     }
     /// The store's own [`FastPaths`], if it has any; callers reach them
     /// (or the plain behaviour) through [`dyn Store::fast`].

@@ -385,6 +385,15 @@ pub fn verify(client: &Client, a: VerifyArgs) -> anyhow::Result<()> {
         for d in r["damaged_manifests"].as_array().into_iter().flatten() {
             println!("{}", d.as_str().unwrap_or(""));
         }
+        for d in r["damaged_store"].as_array().into_iter().flatten() {
+            println!("store damaged: {}", d.as_str().unwrap_or(""));
+        }
+        if let Some(n) = r["chunks_forgotten"].as_u64().filter(|n| *n > 0) {
+            println!(
+                "{n} damaged chunk(s) set aside: the next backup of each affected disk reads it whole \
+                 and stores them again (`novabackup repair` does it now)"
+            );
+        }
         let skipped = r["skipped_recently_verified"]
             .as_array()
             .map_or(0, |v| v.len());

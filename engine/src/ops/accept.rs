@@ -55,6 +55,18 @@ impl Acceptor {
         m: &Manifest,
         given: &HashMap<ChunkDigest, Vec<u8>>,
     ) -> Result<(), OpError> {
+        self.accept_with(store, m, given, || store.publish_manifest(m))
+    }
+
+    /// [`Acceptor::accept`], with `publish` making the manifest visible
+    /// once the check passed.
+    pub(crate) fn accept_with(
+        &self,
+        store: &LocalStore,
+        m: &Manifest,
+        given: &HashMap<ChunkDigest, Vec<u8>>,
+        publish: impl FnOnce() -> Result<(), crate::store::StoreError>,
+    ) -> Result<(), OpError> {
         let started = Instant::now();
         let collections = store.collections();
         // Taken out while this commit checks: a concurrent commit of the
@@ -62,8 +74,8 @@ impl Acceptor {
         let prior = self.checked().remove(&m.disk);
         let digests = complete(store, m, prior.as_ref(), given)?;
         let checked = started.elapsed();
-        // Commit syncs the chunks first (the `Store` contract).
-        store.commit(m)?;
+        // Publishing syncs the chunks first (the `Store` contract).
+        publish()?;
         tracing::debug!(snapshot = %m.id, incremental = prior.is_some(), pages_given = given.len(), ?checked, total = ?started.elapsed(), "commit");
         if m.chunks() <= CHECKED_MAX && store.collections() == collections {
             let mut c = self.checked();

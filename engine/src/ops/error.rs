@@ -124,7 +124,7 @@ pub fn store_kind(e: &StoreError) -> ErrorKind {
         StoreError::Exists(_) => ErrorKind::Conflict,
         StoreError::Locked(_) | StoreError::Gc(_) => ErrorKind::Busy,
         StoreError::Full { .. } => ErrorKind::StoreFull,
-        StoreError::BadManifest { .. } => ErrorKind::Damaged,
+        StoreError::BadManifest { .. } | StoreError::Incomplete(_) => ErrorKind::Damaged,
         StoreError::Immutable(_) => ErrorKind::Invalid,
         StoreError::Unsupported { .. } | StoreError::Remote { .. } | StoreError::Io { .. } => {
             ErrorKind::Internal

@@ -59,6 +59,14 @@ pub struct VerifyJobReport {
     pub damaged_manifests: Vec<String>,
     /// Snapshots skipped because they were verified recently.
     pub skipped_recently_verified: Vec<String>,
+    /// Parts of the store found unreadable (a pack's damaged table of
+    /// contents), whatever the snapshots verified.
+    #[serde(default)]
+    pub damaged_store: Vec<String>,
+    /// Damaged chunks the store forgot, so that the next backup reading
+    /// their data stores them again.
+    #[serde(default)]
+    pub chunks_forgotten: u64,
 }
 
 /// Verifies the snapshots of `scope`; records each verdict in its
@@ -93,6 +101,7 @@ pub fn verify(
         by_disk.entry(m.disk.clone()).or_default().push(m);
     }
     let mut report = VerifyReport::default();
+    let mut forgotten = 0;
     for (disk, ms) in by_disk {
         let _claim = claims
             .claim(disk.as_str(), progress)
@@ -119,15 +128,31 @@ pub fn verify(
                 tracing::warn!(snapshot = %id, "cannot record the verification in the manifest: {e}");
             }
         }
+        let bad: Vec<_> = part
+            .snapshots
+            .iter()
+            .flat_map(|v| v.bad_chunks.iter().map(|b| b.digest))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !bad.is_empty() {
+            match store.forget_damaged(&bad) {
+                Ok(n) => forgotten += n,
+                Err(e) => tracing::warn!(disk = %disk, "cannot forget the damaged chunks: {e}"),
+            }
+        }
         report.snapshots.extend(part.snapshots);
         report.chunks_checked += part.chunks_checked;
         report.bytes_checked += part.bytes_checked;
     }
     let damaged: Vec<String> = damaged.iter().map(|e| e.to_string()).collect();
+    let damaged_store = store.damaged_parts();
     Ok(VerifyJobReport {
-        ok: report.ok() && damaged.is_empty(),
+        ok: report.ok() && damaged.is_empty() && damaged_store.is_empty(),
         report,
         damaged_manifests: damaged,
         skipped_recently_verified: skipped.iter().map(|m| m.id.to_string()).collect(),
+        damaged_store,
+        chunks_forgotten: forgotten,
     })
 }

@@ -56,6 +56,23 @@ const MAX_OPEN_PACKS: usize = 256;
 /// (reading a little unneeded data beats another request).
 const PREFETCH_GAP: u64 = 256 << 10;
 const FORMAT: u32 = 2;
+/// The chunks forgotten as damaged, hex digests in a JSON list.
+const FORGOTTEN: &str = "damaged.json";
+
+fn read_forgotten(path: &Path) -> Result<DigestSet, StoreError> {
+    match fs::read(path) {
+        Ok(b) => {
+            let v: Vec<String> =
+                serde_json::from_slice(&b).map_err(|e| StoreError::Unsupported {
+                    path: path.display().to_string(),
+                    why: format!("it is damaged ({e}); remove it and run verify again"),
+                })?;
+            Ok(v.iter().filter_map(|h| h.parse().ok()).collect())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(DigestSet::default()),
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
 
 /// Digests are SHA-256 output: their first bytes are already a good hash.
 #[derive(Default)]
@@ -136,6 +153,11 @@ pub struct LocalStore {
     annotating: Mutex<()>,
     /// Chunk files read ahead by [`FastPaths::prefetch`](super::FastPaths::prefetch), until taken.
     prefetched: prefetch::Prefetcher,
+    /// Chunks whose stored copy was found damaged and forgotten, until a
+    /// good copy is published (kept in `damaged.json` across restarts).
+    forgotten: RwLock<DigestSet>,
+    /// Checks that a commit names only what the store holds.
+    acceptor: crate::ops::accept::Acceptor,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -263,6 +285,8 @@ impl LocalStore {
             collections: AtomicU64::new(0),
             annotating: Mutex::new(()),
             prefetched: Default::default(),
+            forgotten: RwLock::new(read_forgotten(&root.join(FORGOTTEN))?),
+            acceptor: Default::default(),
         };
         store.load()?;
         Ok(store)
@@ -272,6 +296,7 @@ impl LocalStore {
         let top = self.root.join("packs");
         let mut index = DigestMap::default();
         let mut packs = Vec::new();
+        let mut paths: Vec<PathBuf> = Vec::new();
         for shard in fs::read_dir(&top)
             .map_err(|e| StoreError::io(&top, e))?
             .flatten()
@@ -298,15 +323,27 @@ impl LocalStore {
                             removed: false,
                             file: None,
                         });
+                        paths.push(path.clone());
+                        let forgotten = self.forgotten.get_mut().unwrap_or_else(|p| p.into_inner());
                         for en in entries {
-                            index.insert(
-                                en.digest,
-                                Loc {
-                                    pack: n,
-                                    offset: en.offset,
-                                    len: en.len,
-                                },
-                            );
+                            if forgotten.contains(&en.digest) {
+                                continue;
+                            }
+                            let loc = Loc {
+                                pack: n,
+                                offset: en.offset,
+                                len: en.len,
+                            };
+                            // Two copies (a damaged one and the good copy
+                            // stored after it): keep one that reads back.
+                            if let Some(old) = index.insert(en.digest, loc) {
+                                if !chunk_reads(&paths[old.pack as usize], old)
+                                    || chunk_reads(&path, loc)
+                                {
+                                    continue;
+                                }
+                                index.insert(en.digest, old);
+                            }
                         }
                     }
                     Err(why) => {
@@ -456,6 +493,29 @@ impl LocalStore {
         Ok(buf)
     }
 
+    fn save_forgotten(&self, f: &DigestSet) -> Result<(), StoreError> {
+        let path = self.root.join(FORGOTTEN);
+        let list: Vec<String> = f.iter().map(|d| d.hex()).collect();
+        let bytes = serde_json::to_vec(&list).expect("strings serialize");
+        fsutil::write_atomic(&path, &bytes, 0o600).map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// Syncs the chunks, then writes the manifest (no presence check: the
+    /// [`crate::ops::accept::Acceptor`] calls this once it checked).
+    pub(crate) fn publish_manifest(&self, m: &Manifest) -> Result<(), StoreError> {
+        let path = self.manifest_path(&m.id);
+        if path.exists() {
+            return Err(StoreError::Exists(m.id.clone()));
+        }
+        self.sync_packs()?;
+        let dir = path.parent().expect("manifest has a folder");
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+            fsutil::sync_dir(&self.root.join("snapshots")).map_err(|e| StoreError::io(dir, e))?;
+        }
+        fsutil::write_atomic(&path, &m.encode(), 0o600).map_err(|e| StoreError::io(&path, e))
+    }
+
     fn sync_packs(&self) -> Result<(), StoreError> {
         // Success means every chunk indexed so far is durable: a backup may
         // have skipped a chunk because another one had just staged it.
@@ -488,6 +548,30 @@ impl LocalStore {
         let mut packs = lock(&self.packs);
         for n in batch {
             packs[n as usize].published = true;
+        }
+        drop(packs);
+        self.heal_forgotten()
+    }
+
+    /// Every chunk indexed now is durable: a forgotten chunk stored again
+    /// is healed and need not be skipped at the next start.
+    fn heal_forgotten(&self) -> Result<(), StoreError> {
+        if self
+            .forgotten
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Ok(());
+        }
+        let mut f = self.forgotten.write().unwrap_or_else(|p| p.into_inner());
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let before = f.len();
+        f.retain(|d| !index.contains_key(d));
+        drop(index);
+        if f.len() != before {
+            tracing::info!(chunks = before - f.len(), "damaged chunks stored again");
+            self.save_forgotten(&f)?;
         }
         Ok(())
     }
@@ -540,6 +624,16 @@ fn check_format(marker: &Path) -> Result<(), StoreError> {
             why: format!("format {other:?} is not one this version reads ({FORMAT})"),
         }),
     }
+}
+
+/// Whether the chunk file at `loc` of the pack at `path` passes its
+/// checksum.
+fn chunk_reads(path: &Path, loc: Loc) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut buf = vec![0u8; loc.len as usize];
+    f.read_exact_at(&mut buf, loc.offset).is_ok() && crate::format::chunk::decode(&buf).is_ok()
 }
 
 fn read_toc(path: &Path) -> Result<Vec<pack::Entry>, String> {
@@ -670,17 +764,55 @@ impl Store for LocalStore {
     }
 
     fn commit(&self, m: &Manifest) -> Result<(), StoreError> {
-        let path = self.manifest_path(&m.id);
-        if path.exists() {
-            return Err(StoreError::Exists(m.id.clone()));
+        // Checked like a store server's commit: a snapshot never names a
+        // chunk the store lacks (one forgotten as damaged meanwhile, a
+        // pack lost to a damaged table of contents).
+        let mut failed = None;
+        let r = self.acceptor.accept_with(self, m, &HashMap::new(), || {
+            self.publish_manifest(m).map_err(|e| {
+                let msg = StoreError::Incomplete(e.to_string());
+                failed = Some(e);
+                msg
+            })
+        });
+        match (r, failed) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(StoreError::Incomplete(e.to_string())),
         }
-        self.sync_packs()?;
-        let dir = path.parent().expect("manifest has a folder");
-        if !dir.exists() {
-            fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-            fsutil::sync_dir(&self.root.join("snapshots")).map_err(|e| StoreError::io(dir, e))?;
+    }
+
+    fn forget_damaged(&self, digests: &[ChunkDigest]) -> Result<u64, StoreError> {
+        let mut bad = Vec::new();
+        for d in digests {
+            let damaged = match self.read_chunk(d) {
+                Ok(file) => crate::format::chunk::decode_verified(&file, d).is_err(),
+                Err(StoreError::MissingChunk(_)) => false,
+                Err(_) => true,
+            };
+            if damaged {
+                bad.push(*d);
+            }
         }
-        fsutil::write_atomic(&path, &m.encode(), 0o600).map_err(|e| StoreError::io(&path, e))
+        if bad.is_empty() {
+            return Ok(0);
+        }
+        let mut f = self.forgotten.write().unwrap_or_else(|p| p.into_inner());
+        f.extend(bad.iter().copied());
+        self.save_forgotten(&f)?;
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for d in &bad {
+            index.remove(d);
+        }
+        tracing::warn!(
+            chunks = bad.len(),
+            "damaged chunks forgotten: the next backup that reads their data stores them again"
+        );
+        Ok(bad.len() as u64)
+    }
+
+    fn damaged_parts(&self) -> Vec<String> {
+        self.damaged.clone()
     }
 
     fn manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
@@ -929,15 +1061,18 @@ mod tests {
     fn a_commit_makes_the_chunks_put_before_it_durable() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
-        let d = ChunkDigest::of(b"page");
-        s.put_chunk(&d, b"page file").unwrap();
+        let page = crate::format::index::encode_page(&[ChunkDigest::ZERO]);
+        let d = ChunkDigest::of(&page);
+        let mut z = crate::format::chunk::compressor(1).unwrap();
+        let (file, _) = crate::format::chunk::encode(&page, &mut z);
+        s.put_chunk(&d, &file).unwrap();
         // No sync: commit's own must publish the staged pack.
         s.commit(&super::super::conformance::manifest("vm", 1, vec![d]))
             .unwrap();
         assert_eq!(count(&dir.path().join("tmp")), 0);
         drop(s);
         let s = LocalStore::open(dir.path()).unwrap();
-        assert_eq!(s.get_chunk(&d).unwrap(), b"page file");
+        assert_eq!(s.get_chunk(&d).unwrap(), file);
     }
 
     #[test]
