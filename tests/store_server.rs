@@ -89,8 +89,27 @@ impl StoreServer {
 
     /// An agent in `dir` whose store is this server.
     fn agent(&self, dir: &Path) -> Agent {
+        self.agent_as(dir, &self.token_file())
+    }
+
+    /// A tenant token file for `tenant`, made with `store token create`.
+    fn tenant_token(&self, tenant: &str, extra: &[&str]) -> PathBuf {
+        let mut args = vec!["store", "token", "create", tenant, "--json", "--dir"];
+        let dir = self.dir.to_str().unwrap().to_string();
+        args.push(&dir);
+        args.extend_from_slice(extra);
+        let o = Command::new(BIN).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let f = self.dir.with_extension(format!("{tenant}.token"));
+        std::fs::write(&f, v["token"].as_str().unwrap()).unwrap();
+        f
+    }
+
+    /// An agent in `dir` using the store token in `token`.
+    fn agent_as(&self, dir: &Path, token: &Path) -> Agent {
         let url = self.url();
-        let token = self.token_file();
+        let token = token.to_path_buf();
         let fp = if self.tls {
             self.fingerprint()
         } else {
@@ -295,4 +314,216 @@ fn agents_reach_a_tls_store_server_by_its_pinned_fingerprint_only() {
             .call()
             .is_err()
     );
+}
+
+/// A raw store request with `token`: (status, body).
+fn store_req(
+    s: &StoreServer,
+    token: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let tok = std::fs::read_to_string(token).unwrap();
+    let r = ureq::request(method, &format!("{}{path}", s.url()))
+        .set("Authorization", &format!("Bearer {}", tok.trim()))
+        .send_bytes(body);
+    match r {
+        Ok(r) => {
+            let st = r.status();
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
+            (st, v)
+        }
+        Err(ureq::Error::Status(st, r)) => {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
+            (st, v)
+        }
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn tenants_of_a_store_server_never_meet() {
+    let t = tempdir();
+    let server = StoreServer::start(&t.path().join("store"));
+    // Before tenants: the original shared token's agent keeps its backups.
+    let img_old = t.path().join("old.img");
+    random_file(&img_old, 4 << 20, 40);
+    let old = server.agent(&t.path().join("old"));
+    old.attach("legacy", &img_old, &[]);
+    let legacy = backup(&old, "legacy");
+
+    let h1_tok = server.tenant_token("host1", &[]);
+    let h2_tok = server.tenant_token("host2", &["--quota", "6M"]);
+    let h1 = server.agent_as(&t.path().join("h1"), &h1_tok);
+    let h2 = server.agent_as(&t.path().join("h2"), &h2_tok);
+    let (i1, i2) = (t.path().join("1.img"), t.path().join("2.img"));
+    random_file(&i1, 4 << 20, 41);
+    random_file(&i2, 4 << 20, 42);
+    // The same disk name on both hosts.
+    h1.attach("vm", &i1, &[]);
+    h2.attach("vm", &i2, &[]);
+    let s1 = backup(&h1, "vm");
+    let s2 = backup(&h2, "vm");
+    let id1 = s1["snapshot"].as_str().unwrap().to_string();
+
+    // host2's quota: 6 MiB of which about 4 are used.
+    let big = t.path().join("big.img");
+    random_file(&big, 4 << 20, 43);
+    run(
+        "nbdcopy",
+        &[big.to_str().unwrap(), &h2.uri("vm"), "--flush"],
+    );
+    let o = h2.cli(&["backup", "vm"]);
+    assert!(!o.status.success(), "host2 passed its quota");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("quota"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Each lists only its own.
+    let l1: serde_json::Value = serde_json::from_str(&h1.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(l1.as_array().unwrap().len(), 1, "{l1}");
+    assert_eq!(l1[0]["id"], s1["snapshot"]);
+    let l2 = h2.ok(&["snapshots"]);
+    assert!(!l2.contains("legacy"), "{l2}");
+
+    // host2's retention and prune never touch host1's disk vm.
+    h2.ok(&["retention", "set", "all", "--keep-last", "1"]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 3 0 64k", &h2.uri("vm")],
+    );
+    backup(&h2, "vm");
+    h2.ok(&["prune"]);
+    h1.restore_and_compare(&id1, &t.path().join("r1.img"), &i1);
+
+    // host2 cannot read, delete or lock host1's snapshot, nor learn its chunks.
+    let m = std::fs::read_to_string(h1.state().join("agent.json")).unwrap();
+    let _ = m;
+    let (st, _) = store_req(
+        &server,
+        &h2_tok,
+        "GET",
+        &format!("/store/v1/snapshots/{id1}"),
+        b"",
+    );
+    assert!(st == 404, "host2 read host1's manifest: {st}");
+    let (st, _) = store_req(
+        &server,
+        &h2_tok,
+        "DELETE",
+        &format!("/store/v1/snapshots/{id1}"),
+        b"",
+    );
+    assert!(st == 404, "host2 deleted host1's snapshot: {st}");
+    let (st, body) = store_req(
+        &server,
+        &h1_tok,
+        "GET",
+        &format!("/store/v1/snapshots/{id1}"),
+        b"",
+    );
+    assert_eq!(st, 200);
+    let man: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let page = man["pages"][0].as_str().unwrap();
+    let (st, _) = store_req(
+        &server,
+        &h2_tok,
+        "GET",
+        &format!("/store/v1/chunks/{page}"),
+        b"",
+    );
+    assert_eq!(st, 404, "host2 read host1's index page");
+    let (st, _) = store_req(
+        &server,
+        &h1_tok,
+        "GET",
+        &format!("/store/v1/chunks/{page}"),
+        b"",
+    );
+    assert_eq!(st, 200);
+    let (st, ans) = store_req(&server, &h2_tok, "POST", "/store/v1/missing", &hex(page));
+    assert_eq!(
+        (st, ans),
+        (200, vec![1]),
+        "missing told host2 of host1's data"
+    );
+    let (st, ans) = store_req(&server, &h1_tok, "POST", "/store/v1/missing", &hex(page));
+    assert_eq!((st, ans), (200, vec![0]));
+
+    // Protection holds on the server; gc is for admins.
+    h1.ok(&["snapshot", "protect", &id1]);
+    let (st, _) = store_req(
+        &server,
+        &h1_tok,
+        "DELETE",
+        &format!("/store/v1/snapshots/{id1}"),
+        b"",
+    );
+    assert_eq!(
+        st, 409,
+        "a protected snapshot was deleted through the server"
+    );
+    let (st, _) = store_req(&server, &h1_tok, "POST", "/store/v1/gc", b"");
+    assert_eq!(st, 403);
+    let (st, _) = store_req(&server, &server.token_file(), "POST", "/store/v1/gc", b"");
+    assert_eq!(st, 200);
+
+    // A revoked token stops at once.
+    let list = run(
+        BIN,
+        &[
+            "store",
+            "token",
+            "list",
+            "--dir",
+            server.dir.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let id2 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["tenant"] == "host2")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run(
+        BIN,
+        &[
+            "store",
+            "token",
+            "revoke",
+            &id2,
+            "--dir",
+            server.dir.to_str().unwrap(),
+        ],
+    );
+    let (st, _) = store_req(&server, &h2_tok, "GET", "/store/v1/snapshots", b"");
+    assert_eq!(st, 401);
+
+    // The store from before tenants: its snapshots are the default
+    // tenant's, whole.
+    old.restore_and_compare(
+        legacy["snapshot"].as_str().unwrap(),
+        &t.path().join("rl.img"),
+        &img_old,
+    );
+    let ol = old.ok(&["snapshots"]);
+    assert!(ol.contains("legacy@") && !ol.contains("_host1_"), "{ol}");
+    let _ = s2;
 }

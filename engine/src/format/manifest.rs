@@ -146,7 +146,8 @@ impl Manifest {
         self.image_size.div_ceil(self.chunk_size)
     }
 
-    fn sum(&self) -> String {
+    /// The checksum of the canonical form (what [`Manifest::encode`] writes).
+    pub fn sum(&self) -> String {
         let mut m = self.clone();
         m.checksum = String::new();
         let bytes = serde_json::to_vec(&m).expect("manifest serializes");

@@ -55,7 +55,20 @@ impl Acceptor {
         m: &Manifest,
         given: &HashMap<ChunkDigest, Vec<u8>>,
     ) -> Result<(), OpError> {
-        self.accept_with(store, m, given, || store.publish_manifest(m))
+        self.accept_with(store, m, given, &|_| true, || store.publish_manifest(m))
+    }
+
+    /// [`Acceptor::accept`] for a client that may name only the chunks
+    /// `known` admits (a store server's tenant and its trust group): any
+    /// other counts as missing.
+    pub fn accept_known(
+        &self,
+        store: &LocalStore,
+        m: &Manifest,
+        given: &HashMap<ChunkDigest, Vec<u8>>,
+        known: &dyn Fn(&ChunkDigest) -> bool,
+    ) -> Result<(), OpError> {
+        self.accept_with(store, m, given, known, || store.publish_manifest(m))
     }
 
     /// [`Acceptor::accept`], with `publish` making the manifest visible
@@ -65,6 +78,7 @@ impl Acceptor {
         store: &LocalStore,
         m: &Manifest,
         given: &HashMap<ChunkDigest, Vec<u8>>,
+        known: &dyn Fn(&ChunkDigest) -> bool,
         publish: impl FnOnce() -> Result<(), crate::store::StoreError>,
     ) -> Result<(), OpError> {
         let started = Instant::now();
@@ -72,7 +86,7 @@ impl Acceptor {
         // Taken out while this commit checks: a concurrent commit of the
         // same disk (which its lock forbids) would only check in full.
         let prior = self.checked().remove(&m.disk);
-        let digests = complete(store, m, prior.as_ref(), given)?;
+        let digests = complete(store, m, prior.as_ref(), given, known)?;
         let checked = started.elapsed();
         // Publishing syncs the chunks first (the `Store` contract).
         publish()?;
@@ -107,6 +121,7 @@ fn complete(
     m: &Manifest,
     prior: Option<&Checked>,
     given: &HashMap<ChunkDigest, Vec<u8>>,
+    known: &dyn Fn(&ChunkDigest) -> bool,
 ) -> Result<Vec<Vec<ChunkDigest>>, OpError> {
     let incomplete = |msg: String| OpError::new(ErrorKind::Damaged, msg);
     if m.pages.len() as u64 != index::page_count(m.chunks()) {
@@ -124,7 +139,7 @@ fn complete(
             && c.collections == store.collections()
     });
     let lacks = store.missing(&m.pages)?;
-    if let Some(i) = lacks.iter().position(|l| *l) {
+    if let Some(i) = (0..lacks.len()).find(|&i| lacks[i] || !known(&m.pages[i])) {
         return Err(incomplete(format!(
             "snapshot {} refused: index page {} is not in the store; upload it first",
             m.id, m.pages[i]
@@ -168,7 +183,7 @@ fn complete(
             _ => digests.iter().filter(|d| !d.is_zero()).copied().collect(),
         };
         let lacks = store.missing(&wanted)?;
-        if let Some(i) = lacks.iter().position(|l| *l) {
+        if let Some(i) = (0..lacks.len()).find(|&i| lacks[i] || !known(&wanted[i])) {
             return Err(incomplete(format!(
                 "snapshot {} refused: chunk {} is not in the store; upload it first",
                 m.id, wanted[i]

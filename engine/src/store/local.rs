@@ -768,13 +768,15 @@ impl Store for LocalStore {
         // chunk the store lacks (one forgotten as damaged meanwhile, a
         // pack lost to a damaged table of contents).
         let mut failed = None;
-        let r = self.acceptor.accept_with(self, m, &HashMap::new(), || {
-            self.publish_manifest(m).map_err(|e| {
-                let msg = StoreError::Incomplete(e.to_string());
-                failed = Some(e);
-                msg
-            })
-        });
+        let r = self
+            .acceptor
+            .accept_with(self, m, &HashMap::new(), &|_| true, || {
+                self.publish_manifest(m).map_err(|e| {
+                    let msg = StoreError::Incomplete(e.to_string());
+                    failed = Some(e);
+                    msg
+                })
+            });
         match (r, failed) {
             (Ok(()), _) => Ok(()),
             (Err(_), Some(e)) => Err(e),
