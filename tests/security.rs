@@ -301,3 +301,76 @@ fn the_socket_group_reaches_only_the_disks_that_allow_it() {
         "a user outside the group reached the socket"
     );
 }
+
+#[test]
+fn half_sent_requests_time_out_and_every_error_is_json() {
+    use std::io::{Read, Write};
+    let t = tempdir();
+    let a = Agent::start_with(&t.path().join("a"), "pread", &["--api-timeout", "2"]);
+    let tok = std::fs::read_to_string(a.state().join("api.token")).unwrap();
+    // Headers that never end, then a body that stops half-way: both
+    // connections are closed by the agent.
+    for req in [
+        "POST /api/v1/gc HTTP/1.1\r\nHost: x\r\n".to_string(),
+        format!(
+            "POST /api/v1/gc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"min",
+            tok.trim()
+        ),
+    ] {
+        let mut s = std::net::TcpStream::connect(&a.api).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "a half-sent request held its connection for {:?}",
+            start.elapsed()
+        );
+    }
+    // An oversized body: 413 with the JSON error body.
+    let big = format!(
+        "{{\"min_garbage_percent\": 1, \"x\": \"{}\"}}",
+        "a".repeat(3 << 20)
+    );
+    let (st, body) = api(&a, tok.trim(), "POST", "/api/v1/gc", &big);
+    assert_eq!(st, 413);
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    let (st, body) = api(&a, tok.trim(), "PATCH", "/api/v1/gc", "{}");
+    assert_eq!(st, 405);
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let t = tempdir();
+    let a = Agent::start(&t.path().join("a"), "pread");
+    let img = t.path().join("vm.img");
+    sparse_file(&img, 1 << 20);
+    for i in 0..30 {
+        a.attach(
+            &format!("d{i}"),
+            &{
+                let p = t.path().join(format!("{i}.img"));
+                sparse_file(&p, 1 << 20);
+                p
+            },
+            &[],
+        );
+    }
+    for cmd in ["disk list", "completions bash", "man", "status"] {
+        let line = format!(
+            "{BIN} --data-dir {} {cmd} | head -c 1 > /dev/null",
+            a.state().display()
+        );
+        let o = Command::new("sh").args(["-c", &line]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{cmd}: {err}"
+        );
+    }
+    let _ = img;
+}

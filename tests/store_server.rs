@@ -527,3 +527,41 @@ fn tenants_of_a_store_server_never_meet() {
     assert!(ol.contains("legacy@") && !ol.contains("_host1_"), "{ol}");
     let _ = s2;
 }
+
+#[test]
+fn a_damaged_chunk_on_a_store_server_is_stored_again() {
+    let t = tempdir();
+    let server = StoreServer::start(&t.path().join("store"));
+    let tok = server.tenant_token("host1", &[]);
+    let a = server.agent_as(&t.path().join("h1"), &tok);
+    let img = t.path().join("vm.img");
+    random_file(&img, 8 << 20, 50);
+    a.attach("vm", &img, &[]);
+    let first = backup(&a, "vm");
+    let id = first["snapshot"].as_str().unwrap().to_string();
+    let mut packs: Vec<PathBuf> = run(
+        "find",
+        &[
+            server.dir.join("packs").to_str().unwrap(),
+            "-name",
+            "*.pack",
+        ],
+    )
+    .lines()
+    .map(PathBuf::from)
+    .collect();
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let victim = packs.last().unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(victim, bytes).unwrap();
+    let o = a.cli(&["verify", &id]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("set aside"), "{out}");
+    let next = backup(&a, "vm");
+    assert_eq!(next["kind"], "full", "{next}");
+    let v = a.ok(&["verify", "--all"]);
+    assert!(!v.contains("DAMAGED"), "{v}");
+    a.restore_and_compare(&id, &t.path().join("r.img"), &img);
+}

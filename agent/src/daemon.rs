@@ -98,6 +98,10 @@ pub struct AgentArgs {
     /// A block device restores may overwrite (repeatable).
     #[arg(long = "restore-device")]
     pub restore_devices: Vec<PathBuf>,
+    /// Seconds an API client has for a request's headers, and may pause
+    /// within its body [default: 30].
+    #[arg(long, hide = true)]
+    pub api_timeout: Option<u64>,
     /// Where the boot id is read (tests point it at a file to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     pub boot_id_file: PathBuf,
@@ -134,6 +138,8 @@ pub struct AgentOptions {
     pub zstd_level: i32,
     /// Where the boot id is read.
     pub boot_id_file: PathBuf,
+    /// API header and body-pause timeout.
+    pub api_timeout: Duration,
     /// Disks the configuration declares.
     pub disks: Vec<crate::config::DiskConfig>,
     /// TLS on the API.
@@ -205,6 +211,7 @@ impl AgentArgs {
                 .or(c.zstd_level)
                 .unwrap_or(novabackup_engine::backup::DEFAULT_ZSTD_LEVEL),
             boot_id_file: self.boot_id_file,
+            api_timeout: Duration::from_secs(self.api_timeout.unwrap_or(30)),
             disks: c.disks,
             tls: self
                 .tls
@@ -386,10 +393,11 @@ async fn serve(
         .context("cannot load the API tokens")?;
     let app = novabackup_api::router(agent.clone(), Arc::new(tokens));
     let stop2 = stop.clone();
-    let http = tokio::spawn(novabackup_api::tls::serve(
+    let http = tokio::spawn(novabackup_api::tls::serve_with(
         api,
         app,
         tls.map(|(_, c)| c),
+        (opts.api_timeout, opts.api_timeout),
         async move { stop2.notified().await },
     ));
     notify::notify("READY=1");

@@ -4,6 +4,7 @@
 mod cli;
 mod config;
 mod daemon;
+mod sigpipe;
 mod tlsopts;
 
 use clap::Parser;
@@ -13,6 +14,9 @@ fn main() -> std::process::ExitCode {
     // state) is its owner's alone unless a mode says otherwise.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = cli::Cli::parse();
+    if !args.is_agent() {
+        sigpipe::default_action();
+    }
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("NOVABACKUP_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(if args.is_agent() { "info" } else { "warn" })

@@ -24,6 +24,10 @@ pub enum ErrorCode {
     Unprocessable,
     /// The store is out of space.
     InsufficientStorage,
+    /// The request body is larger than the endpoint accepts.
+    PayloadTooLarge,
+    /// The endpoint does not take this method.
+    MethodNotAllowed,
     /// Something failed inside the agent.
     Internal,
 }
@@ -38,6 +42,8 @@ impl ErrorCode {
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -177,4 +183,40 @@ mod tests {
         );
         assert_eq!(ApiError::from(full).code, ErrorCode::InsufficientStorage);
     }
+}
+
+/// Turns an error answer that is not our JSON body (axum's plain-text 413
+/// for an oversized body, 405 for a wrong method, ...) into one, so that
+/// every error a client sees has the same shape.
+pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            ErrorCode::PayloadTooLarge,
+            "the request body is too large for this endpoint",
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            ErrorCode::MethodNotAllowed,
+            "this endpoint does not take that method; see /api/v1/openapi.json",
+        ),
+        StatusCode::NOT_FOUND => (ErrorCode::NotFound, "not found"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::UNPROCESSABLE_ENTITY => (
+            ErrorCode::BadRequest,
+            "the request body is not the JSON this endpoint takes",
+        ),
+        s if s.is_server_error() => (ErrorCode::Internal, "the server failed"),
+        _ => (ErrorCode::BadRequest, "bad request"),
+    };
+    let mut out = ApiError::new(code, message).into_response();
+    *out.status_mut() = status;
+    out
 }

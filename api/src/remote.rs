@@ -814,6 +814,21 @@ impl Store for RemoteStore {
         Some(self)
     }
 
+    fn forget_damaged(&self, digests: &[ChunkDigest]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for batch in digests.chunks(crate::store_wire::MAX_QUERY) {
+            let body = crate::store_wire::encode_digests(batch);
+            let f: crate::store_wire::Forgotten = self
+                .inner
+                .send("POST", "/store/v1/damaged", Some(&body))
+                .map_err(|e| self.inner.error(e))?
+                .into_json()
+                .map_err(|e| self.inner.remote(e.to_string()))?;
+            n += f.forgotten;
+        }
+        Ok(n)
+    }
+
     fn usage(&self) -> Result<u64, StoreError> {
         let u: crate::store_wire::Usage = self
             .inner

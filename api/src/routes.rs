@@ -168,6 +168,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         .fallback(|| async {
             ApiError::new(ErrorCode::NotFound, "no such endpoint; see /api/v1/health")
         })
+        .layer(middleware::from_fn(crate::error::json_errors))
 }
 
 #[utoipa::path(get, path = "/api/v1/health", tag = "agent", responses((status = 200, description = "The agent answers", body = Health)))]

@@ -112,6 +112,7 @@ pub fn router(store: LocalStore, token: String) -> Router {
         .route("/store/v1/locks/{disk}", post(lock))
         .route("/store/v1/locks/{disk}/{lease}", post(renew).delete(unlock))
         .route("/store/v1/usage", get(usage))
+        .route("/store/v1/damaged", post(damaged))
         .route_layer(middleware::from_fn_with_state(tenants, require_tenant))
         .with_state(state);
     Router::new()
@@ -121,6 +122,7 @@ pub fn router(store: LocalStore, token: String) -> Router {
         )
         .merge(protected)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(crate::error::json_errors))
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -797,4 +799,27 @@ async fn usage(
     })
     .await?;
     Ok(Json(Usage { bytes: n }))
+}
+
+/// Chunks a client's verify found damaged: the server checks each copy
+/// itself (a client cannot make it drop a good chunk) and sets aside the
+/// damaged ones, so that the next upload stores a good copy.
+async fn damaged(
+    State(s): State<Shared>,
+    Extension(t): Extension<Tenant>,
+    body: Bytes,
+) -> Result<Json<crate::store_wire::Forgotten>, ApiError> {
+    let digests = decode_digests(&body, 0, MAX_QUERY).map_err(bad)?;
+    blocking(move || {
+        let known = s.knows(&t, &digests)?;
+        let mine: Vec<ChunkDigest> = digests
+            .iter()
+            .zip(known)
+            .filter(|(_, k)| *k)
+            .map(|(d, _)| *d)
+            .collect();
+        let n = s.store.forget_damaged(&mine).map_err(ApiError::from)?;
+        Ok(Json(crate::store_wire::Forgotten { forgotten: n }))
+    })
+    .await
 }

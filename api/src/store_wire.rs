@@ -29,6 +29,8 @@
 //! POST   /store/v1/locks/{disk}/{lease}        renew it
 //! DELETE /store/v1/locks/{disk}/{lease}        release it
 //! GET    /store/v1/usage                       {"bytes": n}
+//! POST   /store/v1/damaged                     N x 32-byte digests a verify found damaged
+//!                                              -> {"forgotten": n} (the server checks each)
 //! ```
 //!
 //! Binary bodies (digests, chunk files) travel as `application/octet-stream`;
@@ -49,6 +51,13 @@ pub const MAX_QUERY: usize = 1 << 16;
 
 /// Most digests one fetch may ask for (about 16 MiB of 64 KiB chunks).
 pub const MAX_FETCH: usize = 256;
+
+/// Answer of `POST /store/v1/damaged`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// Chunks the server found damaged and set aside.
+    pub forgotten: u64,
+}
 
 /// Answer of `POST /store/v1/locks/{disk}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -228,31 +228,50 @@ impl ServerCertVerifier for Pinned {
 
 /// Bytes read from a TLS connection's socket at once.
 const READ_BUFFER: usize = 256 << 10;
+/// A request's headers (and a TLS handshake) must arrive within this.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A request body may pause no longer than this between pieces.
+pub const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves `app` on `listener`, over TLS when `tls` is given, until
-/// `shutdown` completes.
+/// `shutdown` completes, with the default [`HEADER_TIMEOUT`] and
+/// [`BODY_IDLE`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Without NODELAY a response's last small segment waits for the
-    // peer's delayed ACK.
-    let Some(tls) = tls else {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        return axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_with(listener, app, tls, (HEADER_TIMEOUT, BODY_IDLE), shutdown).await
+}
+
+/// [`serve`] with `(header, body_idle)` timeouts of its own.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    (header_timeout, body_idle): (std::time::Duration, std::time::Duration),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // A client that sends half a request must not hold a connection (and
+    // its task) forever: headers must arrive within HEADER_TIMEOUT, and a
+    // body may pause no longer than BODY_IDLE between pieces.
+    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                // In-flight calls get a moment to finish; long polls and
+                // event streams do not hold the stop.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                    while conns.join_next().await.is_some() {}
+                })
+                .await;
+                return Ok(());
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -261,24 +280,40 @@ pub async fn serve(
                 }
             },
         };
+        // Without NODELAY a response's last small segment waits for the
+        // peer's delayed ACK.
         let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
+        conns.spawn(async move {
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let mut b =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            b.http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let Some(acceptor) = acceptor else {
+                let _ = b
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                return;
+            };
             // rustls reads the socket 4 KiB at a time: a buffer under it
             // turns the ~5,000 reads of a 40 MB upload into a few hundred.
             let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
+            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, "TLS handshake failed: {e}");
                     return;
                 }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
             };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+            let _ = b
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
