@@ -149,42 +149,6 @@ impl ErrorCode {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use novabackup_engine::ops::{ErrorKind, OpError};
-
-    #[test]
-    fn each_operation_error_kind_has_one_status_and_exit_code() {
-        let cases = [
-            (ErrorKind::NotFound, StatusCode::NOT_FOUND, 4),
-            (ErrorKind::Conflict, StatusCode::CONFLICT, 1),
-            (ErrorKind::Busy, StatusCode::CONFLICT, 1),
-            (ErrorKind::Quota, StatusCode::INSUFFICIENT_STORAGE, 1),
-            (ErrorKind::StoreFull, StatusCode::INSUFFICIENT_STORAGE, 1),
-            (ErrorKind::Invalid, StatusCode::BAD_REQUEST, 1),
-            (ErrorKind::Damaged, StatusCode::UNPROCESSABLE_ENTITY, 1),
-            (ErrorKind::Internal, StatusCode::INTERNAL_SERVER_ERROR, 1),
-        ];
-        for (kind, status, exit) in cases {
-            let e = ApiError::from(OpError::new(kind, "what to do"));
-            assert_eq!(e.code.status(), status, "{kind:?}");
-            assert_eq!(e.code.exit_code(), exit, "{kind:?}");
-            assert_eq!(e.message, "what to do");
-        }
-    }
-
-    #[test]
-    fn a_full_store_is_507_wherever_it_is_reported() {
-        let full = novabackup_engine::store::StoreError::io(
-            "/store",
-            // ENOSPC on Linux.
-            std::io::Error::from_raw_os_error(28),
-        );
-        assert_eq!(ApiError::from(full).code, ErrorCode::InsufficientStorage);
-    }
-}
-
 /// Turns an error answer that is not our JSON body (axum's plain-text 413
 /// for an oversized body, 405 for a wrong method, ...) into one, so that
 /// every error a client sees has the same shape.
@@ -219,4 +183,40 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
     let mut out = ApiError::new(code, message).into_response();
     *out.status_mut() = status;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novabackup_engine::ops::{ErrorKind, OpError};
+
+    #[test]
+    fn each_operation_error_kind_has_one_status_and_exit_code() {
+        let cases = [
+            (ErrorKind::NotFound, StatusCode::NOT_FOUND, 4),
+            (ErrorKind::Conflict, StatusCode::CONFLICT, 1),
+            (ErrorKind::Busy, StatusCode::CONFLICT, 1),
+            (ErrorKind::Quota, StatusCode::INSUFFICIENT_STORAGE, 1),
+            (ErrorKind::StoreFull, StatusCode::INSUFFICIENT_STORAGE, 1),
+            (ErrorKind::Invalid, StatusCode::BAD_REQUEST, 1),
+            (ErrorKind::Damaged, StatusCode::UNPROCESSABLE_ENTITY, 1),
+            (ErrorKind::Internal, StatusCode::INTERNAL_SERVER_ERROR, 1),
+        ];
+        for (kind, status, exit) in cases {
+            let e = ApiError::from(OpError::new(kind, "what to do"));
+            assert_eq!(e.code.status(), status, "{kind:?}");
+            assert_eq!(e.code.exit_code(), exit, "{kind:?}");
+            assert_eq!(e.message, "what to do");
+        }
+    }
+
+    #[test]
+    fn a_full_store_is_507_wherever_it_is_reported() {
+        let full = novabackup_engine::store::StoreError::io(
+            "/store",
+            // ENOSPC on Linux.
+            std::io::Error::from_raw_os_error(28),
+        );
+        assert_eq!(ApiError::from(full).code, ErrorCode::InsufficientStorage);
+    }
 }
