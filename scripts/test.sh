@@ -2,8 +2,9 @@
 # Runs every test of novabackup: formatting, clippy, unit and property
 # tests, integration tests against real NBD clients (qemu-io, qemu-img,
 # nbdinfo, nbdcopy, nbdsh, fio, loop devices), and a smoke run of each
-# benchmark. Installs the peer tools with apt-get when they are missing and
-# we are root, and schemathesis with pip.
+# benchmark and of each fuzz target. Installs the peer tools with apt-get
+# when they are missing and we are root, schemathesis with pip, and
+# cargo-fuzz with cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,4 +50,11 @@ SMOKE=1 bash benches/backup.sh
 SMOKE=1 bash benches/pipeline.sh
 SMOKE=1 bash benches/remote.sh
 SMOKE=1 TLS=1 bash benches/remote.sh
+echo "== fuzz smoke runs"
+if rustup toolchain list | grep -q nightly; then
+  SECONDS_PER_TARGET="${FUZZ_SECONDS:-8}" bash scripts/fuzz.sh
+else
+  echo "no nightly toolchain: fuzz targets skipped (rustup toolchain install nightly)" >&2
+  exit 1
+fi
 echo "== all tests passed"

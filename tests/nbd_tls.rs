@@ -229,6 +229,23 @@ fn tls_clients_see_and_open_only_what_they_may() {
         );
         assert_eq!(a.cbt("a")["dirty_blocks"], 1);
 
+        // qemu-img sees the disk's size through TLS.
+        let (host, port) = a.tcp.rsplit_once(':').unwrap();
+        let o = peer("qemu-img")
+            .args([
+                "info",
+                "--object",
+                &format!(
+                    "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                    p.alice.display()
+                ),
+                "--image-opts",
+                &format!("driver=nbd,host={host},port={port},export=a,tls-creds=tls0"),
+            ])
+            .output()
+            .unwrap();
+        assert!(text(&o).contains("virtual size: 4 MiB"), "{}", text(&o));
+
         // Bob's disk: not for alice, by either client.
         let o = qemu_io_tls(&a, "b", &p.alice, "read 0 4k");
         assert!(

@@ -374,3 +374,65 @@ fn output_into_a_closed_pipe_ends_quietly() {
     }
     let _ = img;
 }
+
+/// The chain the review used to run code as root: as `nobody`, write a
+/// script into a guest's disk over NBD, have it backed up, then restore
+/// it over a file root runs, with a backup token for that one disk.
+#[test]
+fn the_root_chain_is_broken_at_every_link() {
+    let t = open_tempdir();
+    let img = t.path().join("vm.img");
+    random_file(&img, 2 << 20, 9);
+    let a = Agent::start(&t.path().join("a"), "pread");
+    std::fs::set_permissions(t.path().join("a"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    a.attach("vm", &img, &[]);
+    let victim = t.path().join("cron-job.sh");
+    std::fs::write(&victim, "#!/bin/sh\necho safe\n").unwrap();
+    let payload = t.path().join("payload");
+    std::fs::write(&payload, "#!/bin/sh\nid > /tmp/owned\n").unwrap();
+    std::fs::set_permissions(&payload, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Link 1: nobody writes the payload into the disk.
+    let o = as_nobody(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -s {} 0 512", payload.display()),
+            &a.uri("vm"),
+        ],
+    );
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("wrote"),
+        "{o:?}"
+    );
+    let before = std::fs::read(&img).unwrap();
+    assert!(
+        !before.starts_with(b"#!/bin/sh\nid"),
+        "the payload reached the disk"
+    );
+
+    // Link 2: even a backup token handed to nobody cannot restore over
+    // a file outside the restore folders.
+    a.ok(&["backup", "vm"]);
+    let snaps: serde_json::Value =
+        serde_json::from_str(&a.ok(&["snapshots", "vm", "--json"])).unwrap();
+    let id = snaps[0]["id"].as_str().unwrap().to_string();
+    let tok = token(&a, "vm");
+    let script = format!(
+        "import urllib.request as u, json\n\
+         r = u.Request('http://{}/api/v1/restores', method='POST', \
+         data=json.dumps({{'snapshot': '{id}', 'target': '{}', 'force': True}}).encode(), \
+         headers={{'Authorization': 'Bearer {tok}', 'Content-Type': 'application/json'}})\n\
+         try:\n  print(u.urlopen(r).status)\nexcept Exception as e:\n  print(e.code)\n",
+        a.api,
+        victim.display()
+    );
+    let o = as_nobody("/usr/bin/python3", &["-c", &script]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "403", "{o:?}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "#!/bin/sh\necho safe\n"
+    );
+}
