@@ -330,14 +330,9 @@ fn half_sent_requests_time_out_and_every_error_is_json() {
             start.elapsed()
         );
     }
-    // An oversized body: 413 with the JSON error body.
-    let big = format!(
-        "{{\"min_garbage_percent\": 1, \"x\": \"{}\"}}",
-        "a".repeat(3 << 20)
-    );
-    let (st, body) = api(&a, tok.trim(), "POST", "/api/v1/gc", &big);
-    assert_eq!(st, 413);
-    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    // The oversized body's 413 is checked without a socket
+    // (`routes::tests::an_oversized_body_and_a_wrong_method_answer_json`):
+    // over TCP the agent may close before a 3 MiB body is sent.
     let (st, body) = api(&a, tok.trim(), "PATCH", "/api/v1/gc", "{}");
     assert_eq!(st, 405);
     assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");

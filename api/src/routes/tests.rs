@@ -463,3 +463,15 @@ async fn every_route_role_and_scope() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_oversized_body_and_a_wrong_method_answer_json() {
+    let a = app();
+    let big = format!("{{\"x\": \"{}\"}}", "a".repeat(3 << 20));
+    let (s, v) = call(&a, "POST", "/api/v1/gc", Some("secret"), &big).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(v["error"]["code"], "payload_too_large", "{v}");
+    let (s, v) = call(&a, "PATCH", "/api/v1/gc", Some("secret"), "{}").await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+}
