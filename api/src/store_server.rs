@@ -190,9 +190,10 @@ impl Served {
     fn group_chunks(&self, group: &str) -> Result<HashSet<ChunkDigest>, ApiError> {
         let (all, _) = self.store.list(None).map_err(ApiError::from)?;
         let mut out = HashSet::new();
+        let group_of = self.tenants.groups();
         for m in all
             .iter()
-            .filter(|m| self.tenants.group_of(&tenants::owner_of(&m.disk)) == group)
+            .filter(|m| group_of(&tenants::owner_of(&m.disk)) == group)
         {
             out.extend(m.pages.iter().copied());
             for (p, d) in m.pages.iter().enumerate() {

@@ -17,7 +17,7 @@
 //! sends, so agents never see another tenant's names.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use novabackup_engine::ids::{DiskName, SnapshotId};
@@ -202,7 +202,7 @@ pub fn revoke(dir: &Path, id: &str) -> Result<bool, TenantError> {
 pub struct Tenants {
     path: PathBuf,
     legacy: String,
-    cache: RwLock<(Option<SystemTime>, Vec<TenantToken>)>,
+    cache: RwLock<(Option<SystemTime>, Arc<Vec<TenantToken>>)>,
 }
 
 impl Tenants {
@@ -214,11 +214,13 @@ impl Tenants {
         Ok(Tenants {
             path,
             legacy,
-            cache: RwLock::new((mtime, list)),
+            cache: RwLock::new((mtime, Arc::new(list))),
         })
     }
 
-    fn current(&self) -> Vec<TenantToken> {
+    /// The tokens as the file holds them now; shared, not copied, since
+    /// every request of a store server asks.
+    fn current(&self) -> Arc<Vec<TenantToken>> {
         let mtime = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
@@ -230,6 +232,7 @@ impl Tenants {
         }
         match load(&self.path) {
             Ok(list) => {
+                let list = Arc::new(list);
                 let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
                 *c = (mtime, list.clone());
                 list
@@ -256,25 +259,29 @@ impl Tenants {
         }
         let h = sha256_hex(secret);
         self.current()
-            .into_iter()
+            .iter()
             .find(|t| crate::auth::constant_time_eq(t.hash.as_bytes(), h.as_bytes()))
             .map(|t| Tenant {
-                name: t.tenant,
+                name: t.tenant.clone(),
                 role: t.role,
-                group: t.group,
+                group: t.group.clone(),
                 quota: t.quota,
             })
     }
 
-    /// The trust group of `tenant` (its own name when no token says).
-    pub fn group_of(&self, tenant: &str) -> String {
-        if tenant == DEFAULT_TENANT {
-            return DEFAULT_TENANT.into();
+    /// The trust group of each tenant, as `group(tenant)` (a tenant no
+    /// token names is a group of its own); read once for many questions.
+    pub fn groups(&self) -> impl Fn(&str) -> String {
+        let tokens = self.current();
+        move |tenant: &str| {
+            if tenant == DEFAULT_TENANT {
+                return DEFAULT_TENANT.into();
+            }
+            tokens
+                .iter()
+                .find(|t| t.tenant == tenant)
+                .map_or_else(|| tenant.to_string(), |t| t.group.clone())
         }
-        self.current()
-            .into_iter()
-            .find(|t| t.tenant == tenant)
-            .map_or_else(|| tenant.to_string(), |t| t.group)
     }
 
     /// Whether every tenant with a token shares one trust group: then
