@@ -2,6 +2,7 @@
 //! group; each talks to the agent through `novabackup_api::Client`.
 
 mod backup;
+mod config;
 mod demo;
 mod disk;
 mod job;
@@ -95,7 +96,16 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff), e.g. `novabackup man > novabackup.1`.
-    Man,
+    Man {
+        /// Write a page for every subcommand (novabackup.1,
+        /// novabackup-agent.1, ...) into this folder instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Check the agent's configuration, print a setting, or list the
+    /// folders the agent writes to.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Create, list and revoke API tokens (roles: admin, backup, read-only).
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -156,7 +166,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             status::completions(shell);
             Ok(())
         }
-        Command::Man => status::man(),
+        Command::Man { dir } => status::man(dir.as_deref()),
+        Command::Config(c) => config::run(c),
         other => {
             let client = client(
                 cli.data_dir.as_deref(),
@@ -168,7 +179,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 | Command::Demo(_)
                 | Command::Store(_)
                 | Command::Completions { .. }
-                | Command::Man => {
+                | Command::Config(_)
+                | Command::Man { .. } => {
                     unreachable!("handled above")
                 }
                 Command::Disk(c) => disk::run(&client, c),

@@ -19,6 +19,8 @@
 //! audit_every = 14                    # CBT audit every 14th backup of a disk
 //! restore_dirs = ["/srv/restores"]    # besides DATA_DIR/restores
 //! restore_devices = ["/dev/vg0/restore"]
+//! image_dirs = ["/var/lib/libvirt/images"] # run-time attaches (writable under systemd)
+//! start_on_install = false            # the package starts the agent at once
 //!
 //! [[disk]]
 //! name = "web"
@@ -86,6 +88,14 @@ pub struct FileConfig {
     /// Block devices API restores may overwrite.
     #[serde(default)]
     pub restore_devices: Vec<PathBuf>,
+    /// Folders of disk images attached at run time (`disk attach`); under
+    /// systemd only these, the declared disks' folders and the agent's own
+    /// are writable.
+    #[serde(default)]
+    pub image_dirs: Vec<PathBuf>,
+    /// Read by the package's install script only: start the agent right
+    /// after installing (it is enabled either way, so it starts at boot).
+    pub start_on_install: Option<bool>,
     /// Disks to attach.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
@@ -170,5 +180,61 @@ mod tests {
         std::fs::write(&p, "chunk_size = \"lots\"\n").unwrap();
         let e = FileConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("chunk_size"), "{e}");
+    }
+
+    /// The `pub NAME:` fields of `struct NAME` in this file.
+    fn fields(strukt: &str) -> Vec<String> {
+        let src = include_str!("config.rs");
+        let start = src.find(&format!("pub struct {strukt} {{")).unwrap();
+        let body = &src[start..start + src[start..].find("\n}").unwrap()];
+        body.lines()
+            .filter_map(|l| l.trim().strip_prefix("pub "))
+            .filter_map(|l| l.split_once(':').map(|(n, _)| n.to_string()))
+            .filter(|n| !n.contains(' '))
+            .collect()
+    }
+
+    #[test]
+    fn the_packaged_file_documents_every_option_and_parses_uncommented() {
+        let shipped = include_str!("../../packaging/agent.toml");
+        // As shipped: valid, with the socket in /run and the group set.
+        let c: FileConfig = toml::from_str(shipped).unwrap();
+        assert_eq!(c.nbd_socket.as_deref(), Some("/run/novabackup/nbd.sock"));
+        assert_eq!(c.nbd_socket_group.as_deref(), Some("novabackup"));
+        assert!(c.disks.is_empty() && c.start_on_install.is_none());
+        // Every commented setting, uncommented: still valid, and every
+        // field of the configuration appears.
+        let example: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.starts_with("[[")
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all: toml::Table = toml::from_str(&example).unwrap();
+        let _: FileConfig = toml::from_str(&example).unwrap();
+        assert!(fields("FileConfig").len() > 20 && fields("DiskConfig").len() == 5);
+        for f in fields("FileConfig") {
+            let key = if f == "disks" { "disk".to_string() } else { f };
+            assert!(
+                all.contains_key(&key),
+                "packaging/agent.toml does not describe {key}"
+            );
+        }
+        let disk = all["disk"].as_array().unwrap()[0].as_table().unwrap();
+        for f in fields("DiskConfig") {
+            assert!(
+                disk.contains_key(&f),
+                "packaging/agent.toml does not describe disk.{f}"
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! listeners close, every NBD connection answers what is in flight, and
 //! every bitmap is saved with the clean-shutdown mark.
 
+mod fault;
 mod jobs;
 mod listen;
 mod metrics;
@@ -407,7 +408,12 @@ async fn serve(
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => notify::notify("WATCHDOG=1"),
+                    _ = tick.tick() => {
+                        if fault::take("watchdog-hang") {
+                            fault::hang("watchdog-hang");
+                        }
+                        notify::notify("WATCHDOG=1")
+                    }
                     _ = stop3.notified() => return,
                 }
             }

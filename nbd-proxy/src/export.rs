@@ -32,6 +32,14 @@ pub enum ExportError {
         /// The OS error.
         source: io::Error,
     },
+    /// The image's file system is read-only to this process.
+    #[error(
+        "cannot open image {0} for writing: its file system is read-only to the agent (a \
+         read-only mount, or the agent's systemd sandbox, which leaves writable only the folders \
+         /etc/novabackup/agent.toml names: add the folder to image_dirs there, then run \
+         `systemctl daemon-reload && systemctl restart novabackup`), or attach it read-only"
+    )]
+    ReadOnlyFs(PathBuf),
     /// The path is neither a regular file nor a block device.
     #[error("{0} is neither a regular file nor a block device")]
     NotAnImage(PathBuf),
@@ -73,7 +81,10 @@ impl Image {
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(err)?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EROFS) => ExportError::ReadOnlyFs(path.to_path_buf()),
+                _ => err(e),
+            })?;
         let ft = file.metadata().map_err(err)?.file_type();
         let kind = if ft.is_file() {
             BackingKind::File

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use anyhow::Context;
 use clap::CommandFactory;
 use novabackup_api::Client;
 use novabackup_engine::size::format_size;
@@ -126,8 +127,15 @@ pub fn completions(shell: clap_complete::Shell) {
 }
 
 /// Prints the man page (roff) built from the command-line definitions.
-pub fn man() -> anyhow::Result<()> {
+pub fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     let cmd = super::Cli::command();
-    clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+    match dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            clap_mangen::generate_to(cmd, d)
+                .with_context(|| format!("cannot write the man pages into {}", d.display()))?;
+        }
+    }
     Ok(())
 }
