@@ -2,7 +2,9 @@
 # Runs every test of novabackup: formatting, clippy, unit and property
 # tests, integration tests against real NBD clients (qemu-io, qemu-img,
 # nbdinfo, nbdcopy, nbdsh, fio, loop devices), and a smoke run of each
-# benchmark and of each fuzz target. Installs the peer tools with apt-get
+# benchmark and of each fuzz target, then the package test (the .deb and
+# .rpm built, the .deb installed, upgraded and removed under systemd in a
+# Debian 12 guest booted with QEMU: tests/package/run.sh). Installs the peer tools with apt-get
 # when they are missing and we are root, schemathesis with pip, and
 # cargo-fuzz with cargo.
 set -euo pipefail
@@ -55,6 +57,13 @@ if rustup toolchain list | grep -q nightly; then
   SECONDS_PER_TARGET="${FUZZ_SECONDS:-8}" bash scripts/fuzz.sh
 else
   echo "no nightly toolchain: fuzz targets skipped (rustup toolchain install nightly)" >&2
+  exit 1
+fi
+echo "== package test (Debian 12 guest under QEMU; caches in ${NOVABACKUP_CI_CACHE:-/var/cache/novabackup-ci})"
+if [ "$(id -u)" = 0 ]; then
+  bash tests/package/run.sh
+else
+  echo "the package test needs root (debootstrap, dpkg-deb -x of QEMU): run as root" >&2
   exit 1
 fi
 echo "== all tests passed"

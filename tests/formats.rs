@@ -79,7 +79,15 @@ fn write_fixture() {
     let r = json(&a.ok(&["backup", "vm", "--json"]));
     assert_eq!(r["kind"], "full");
     a.ok(&[
-        "schedule", "add", "backup", "--cron", "0 3 * * *", "--disk", "vm", "--id", "nightly",
+        "schedule",
+        "add",
+        "backup",
+        "--cron",
+        "0 3 * * *",
+        "--disk",
+        "vm",
+        "--id",
+        "nightly",
     ]);
     qemu_write(&a, 0x43, 5 * MIB, 128 * 1024);
     a.stop();
@@ -179,7 +187,10 @@ fn reads_fixture(fixture: &Path) {
     std::fs::write(&img, image_bytes(true)).unwrap();
     let disks = state.join("disks.json");
     let text = std::fs::read_to_string(&disks).unwrap();
-    assert!(text.contains(IMAGE_MARK), "{name}: disks.json has no image mark");
+    assert!(
+        text.contains(IMAGE_MARK),
+        "{name}: disks.json has no image mark"
+    );
     std::fs::write(&disks, text.replace(IMAGE_MARK, img.to_str().unwrap())).unwrap();
     // Another boot than the fixture's: the bitmap is trusted only because
     // the old agent stopped cleanly, as after a package upgrade.

@@ -41,7 +41,10 @@ ensure_qemu
 ensure_root
 
 log "building the packages"
-scripts/package.sh >"$VM_WORK/package.log" 2>&1 || { tail -30 "$VM_WORK/package.log"; die "scripts/package.sh"; }
+# The release build is kept outside the clone, so CI recompiles only the
+# workspace's own crates.
+CARGO_TARGET_DIR=${NOVABACKUP_PACKAGE_TARGET:-$CACHE/package-target} \
+    scripts/package.sh >"$VM_WORK/package.log" 2>&1 || { tail -30 "$VM_WORK/package.log"; die "scripts/package.sh"; }
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 DEB=target/packages/novabackup_${VERSION}-1_amd64.deb
 RPM=target/packages/novabackup-${VERSION}-1.x86_64.rpm
@@ -65,14 +68,18 @@ rpmf() { rpm -qp --qf "%{$1}" "$RPM"; }
 [[ "$(rpmf VERSION)-$(rpmf RELEASE)" == "$(debf Version)" ]] || die "versions differ: $(rpmf VERSION) vs $(debf Version)"
 [[ $(rpmf ARCH) == x86_64 && $(debf Architecture) == amd64 ]] || die "architectures"
 [[ $(rpmf LICENSE) == Apache-2.0 ]] || die "rpm licence $(rpmf LICENSE)"
-dpkg-deb --fsys-tarfile "$DEB" | tar -xO ./usr/share/doc/novabackup/copyright | grep -q 'License: Apache-2.0' \
-    || die "deb licence"
+[[ $(rpmf SUMMARY) == "$(debf Description | head -1)" ]] || die "summaries differ: $(rpmf SUMMARY)"
+# (grep -q on a pipe would end the writer with SIGPIPE, which pipefail
+# reports; the listings are read whole first.)
+copyright=$(dpkg-deb --fsys-tarfile "$DEB" | tar -xO ./usr/share/doc/novabackup/copyright)
+grep -q 'License: Apache-2.0' <<<"$copyright" || die "deb licence"
 [[ $(rpm -qpc "$RPM") == /etc/novabackup/agent.toml ]] || die "rpm config files: $(rpm -qpc "$RPM")"
 dpkg-deb -e "$DEB" "$VM_WORK/control"
 [[ $(cat "$VM_WORK/control/conffiles") == /etc/novabackup/agent.toml ]] || die "deb conffiles"
-rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$RPM" | grep -qx -- '-rw-r----- /etc/novabackup/agent.toml' \
-    || die "rpm: agent.toml is not 0640"
-dpkg-deb -c "$DEB" | grep -q -- '^-rw-r----- root/root .* ./etc/novabackup/agent.toml$' || die "deb: agent.toml is not 0640"
+modes=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$RPM")
+grep -qx -- '-rw-r----- /etc/novabackup/agent.toml' <<<"$modes" || die "rpm: agent.toml is not 0640"
+listing=$(dpkg-deb -c "$DEB")
+grep -q -- '^-rw-r----- 0/0 .* ./etc/novabackup/agent.toml$' <<<"$listing" || die "deb: agent.toml is not 0640"
 for s in POSTIN PREUN POSTUN; do
     body=$(rpmf "$s")
     [[ -n $body && $body != "(none)" ]] || die "rpm has no $s scriptlet"

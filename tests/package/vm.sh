@@ -11,6 +11,10 @@
 #   root-v1.img   that root as an ext4 image; each boot writes to a
 #                 throwaway qcow2 overlay on top of it
 #   id_ed25519    the key the test logs in with
+#   tools/        cargo-deb and cargo-generate-rpm (scripts/package.sh)
+#   package-target/  the release build of this checkout's package
+#   packages/COMMIT/ the .deb of the previous release tag, and
+#   old-target/      the build it came from
 
 CACHE=${NOVABACKUP_CI_CACHE:-/var/cache/novabackup-ci}
 ROOT_VERSION=v2
