@@ -21,6 +21,8 @@ have losetup || need+=(mount)
 have openssl || need+=(openssl)
 have mke2fs || need+=(e2fsprogs)
 have bc || need+=(bc)
+have sfdisk || need+=(fdisk)
+have mkfs.vfat || need+=(dosfstools)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "== installing ${need[*]}"

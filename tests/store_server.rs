@@ -565,3 +565,54 @@ fn a_damaged_chunk_on_a_store_server_is_stored_again() {
     assert!(!v.contains("DAMAGED"), "{v}");
     a.restore_and_compare(&id, &t.path().join("r.img"), &img);
 }
+
+/// The snapshot reader works over a store server: the partition table of
+/// a disk backed up there is read back without a restore.
+#[test]
+fn a_snapshot_on_a_store_server_is_read_without_a_restore() {
+    let t = tempdir();
+    let server = StoreServer::start(&t.path().join("store"));
+    let a = server.agent(&t.path().join("host"));
+    let img = t.path().join("d.img");
+    sparse_file(&img, 64 << 20);
+    let mut c = std::process::Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt-get install fdisk)");
+    std::io::Write::write_all(
+        &mut c.stdin.take().unwrap(),
+        b"label: gpt\nstart=2048, size=32768, name=\"data\"\n",
+    )
+    .unwrap();
+    assert!(c.wait().unwrap().success());
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-E",
+            "offset=1048576",
+            img.to_str().unwrap(),
+            "4096",
+        ],
+    );
+    a.attach("vm", &img, &[]);
+    let id = backup(&a, "vm")["snapshot"].as_str().unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["partitions", &id, "--json"])).unwrap();
+    assert_eq!(v["scheme"], "gpt", "{v}");
+    let p = &v["partitions"][0];
+    assert_eq!(
+        (p["start"].as_u64(), p["size"].as_u64()),
+        (Some(1 << 20), Some(16 << 20)),
+        "{v}"
+    );
+    assert_eq!(p["name"], "data");
+    assert_eq!(p["filesystem"], "ext4");
+}

@@ -2,6 +2,7 @@
 //! group; each talks to the agent through `novabackup_api::Client`.
 
 mod backup;
+mod browse;
 mod config;
 mod demo;
 mod disk;
@@ -72,6 +73,15 @@ enum Command {
     Snapshot(backup::SnapshotCommand),
     /// Restore a snapshot to a file or block device.
     Restore(backup::RestoreArgs),
+    /// The partition table of a snapshot's disk and the file system in
+    /// each partition, read from the store without a restore.
+    Partitions {
+        /// Snapshot id (see `novabackup snapshots`).
+        snapshot: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read and re-hash every chunk of snapshots.
     Verify(backup::VerifyArgs),
     /// Verify every snapshot, store again what damaged ones lost from the
@@ -195,6 +205,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or(Path::new(DEFAULT_DATA_DIR)),
                 ),
                 Command::Verify(a) => backup::verify(&client, a),
+                Command::Partitions { snapshot, json } => {
+                    browse::partitions(&client, &snapshot, json)
+                }
                 Command::Repair { json } => repair::run(&client, json),
                 Command::Jobs { json } => backup::jobs(&client, json),
                 Command::Status { json } => status::status(&client, json),

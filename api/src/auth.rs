@@ -363,6 +363,12 @@ pub const ROUTES: &[(&str, &str, Access, Scope)] = {
         ("POST", "/api/v1/verify", Operate, Handler),
         ("GET", "/api/v1/snapshots", Read, Filtered),
         ("GET", "/api/v1/snapshots/{id}", Read, SnapshotParam),
+        (
+            "GET",
+            "/api/v1/snapshots/{id}/partitions",
+            Read,
+            SnapshotParam,
+        ),
         ("DELETE", "/api/v1/snapshots/{id}", Admin, Host),
         (
             "POST",

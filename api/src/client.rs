@@ -240,6 +240,15 @@ impl Client {
         )
     }
 
+    /// `GET /api/v1/snapshots/{id}/partitions`.
+    pub fn partitions(&self, id: &str) -> Result<crate::types::PartitionTable, ClientError> {
+        self.json(
+            "GET",
+            &format!("/api/v1/snapshots/{}/partitions", enc(id)),
+            None::<&()>,
+        )
+    }
+
     /// `DELETE /api/v1/snapshots/{id}`.
     pub fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
         self.send(

@@ -42,6 +42,13 @@ pub trait DiskService: Send + Sync + 'static {
     fn snapshots(&self, disk: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError>;
     /// One snapshot.
     fn snapshot(&self, id: &str) -> Result<SnapshotInfo, ApiError>;
+    /// The partition table of a snapshot's disk, read from the store.
+    fn partitions(&self, id: &str) -> Result<crate::types::PartitionTable, ApiError> {
+        Err(ApiError::new(
+            crate::error::ErrorCode::NotFound,
+            format!("no partition table for {id}: this service does not read snapshots"),
+        ))
+    }
     /// Deletes a snapshot.
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError>;
     /// Starts a verify job.
@@ -117,6 +124,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
             get(jobs::snapshot).delete(jobs::delete_snapshot),
         )
         .route("/api/v1/snapshots/{id}/verify", post(jobs::verify_one))
+        .route("/api/v1/snapshots/{id}/partitions", get(jobs::partitions))
         .route("/api/v1/jobs", get(jobs::jobs))
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))

@@ -723,7 +723,7 @@ fn store_pages(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cbt::persist::Trust;
     use crate::cbt::{DirtyBitmap, Granularity};
@@ -765,8 +765,9 @@ mod tests {
         backup_with(store, img, size, frozen, base, t, Mode::Auto, None, None).unwrap()
     }
 
+    /// One backup of `img` into `store` (other modules' tests use it too).
     #[allow(clippy::too_many_arguments)]
-    fn backup_with(
+    pub(crate) fn backup_with(
         store: &dyn Store,
         img: &File,
         size: u64,

@@ -89,11 +89,11 @@ EOF
 
     # ----------------------------------------------------- sandbox ---
     pid=$(main_pid)
-    grep -q '^CapEff:[[:space:]]*000000000000000f$' /proc/"$pid"/status ||
+    grep -q '^CapEff:[[:space:]]*000000000000000b$' /proc/"$pid"/status ||
         fail "capabilities: $(grep Cap /proc/"$pid"/status)"
     grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/"$pid"/status || fail "NoNewPrivs"
     grep -q '^Seccomp:[[:space:]]*2$' /proc/"$pid"/status || fail "no seccomp filter"
-    ok "agent runs with CAP_CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER only, no new privileges, seccomp"
+    ok "agent runs with CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER only, no new privileges, seccomp"
     [ "$(stat -c '%a %U %G' $SOCK)" = "660 root novabackup" ] || fail "socket: $(stat -c '%a %U %G' $SOCK)"
     [ "$(stat -c '%a %U %G' /run/novabackup)" = "710 root novabackup" ] || fail "socket folder"
     if err=$(setpriv --reuid=nobody --regid=nogroup --clear-groups qemu-io -f raw "$(nbd vm1)" -c 'read 0 4k' 2>&1); then

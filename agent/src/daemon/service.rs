@@ -137,6 +137,27 @@ impl DiskService for Agent {
         Ok(snapshot_info(self.store.manifest(&snapshot_id(id)?)?))
     }
 
+    fn partitions(&self, id: &str) -> Result<novabackup_api::types::PartitionTable, ApiError> {
+        use novabackup_engine::snapshot_reader::{ReaderOptions, SnapshotReader};
+        let m = self.store.manifest(&snapshot_id(id)?)?;
+        // A table and a few superblocks: a small cache and no read-ahead.
+        let opts = ReaderOptions {
+            cache_bytes: 4 << 20,
+            readahead_chunks: 0,
+        };
+        let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
+        let reader = SnapshotReader::new(self.store.clone(), m, opts)
+            .map_err(|e| internal(e.to_string()))?;
+        let table = novabackup_engine::partitions::read(&mut reader.cursor(), reader.size())
+            .map_err(|e| match e {
+                novabackup_engine::partitions::PartitionError::Damaged { .. } => {
+                    ApiError::new(ErrorCode::Unprocessable, e.to_string())
+                }
+                other => internal(other.to_string()),
+            })?;
+        Ok(table)
+    }
+
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
         Ok(ops::snapshots::delete(&*self.store, &snapshot_id(id)?)?)
     }

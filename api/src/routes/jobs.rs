@@ -11,7 +11,9 @@ use serde::Deserialize;
 use super::{blocking, json_body, query_params, DiskService};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::types::{BackupRequest, JobInfo, RestoreRequest, SnapshotInfo, VerifyRequest};
+use crate::types::{
+    BackupRequest, JobInfo, PartitionTable, RestoreRequest, SnapshotInfo, VerifyRequest,
+};
 
 type Svc = State<Arc<dyn DiskService>>;
 type Started = Result<(StatusCode, Json<JobInfo>), ApiError>;
@@ -137,6 +139,14 @@ pub(super) async fn snapshot(
     Path(id): Path<String>,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
     blocking(&svc, move |s| s.snapshot(&id)).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/api/v1/snapshots/{id}/partitions", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 200, description = "The partition table of the snapshot's disk and the file system of each partition", body = PartitionTable), crate::error::Errors), security(("bearer" = [])))]
+pub(super) async fn partitions(
+    State(svc): Svc,
+    Path(id): Path<String>,
+) -> Result<Json<PartitionTable>, ApiError> {
+    blocking(&svc, move |s| s.partitions(&id)).await.map(Json)
 }
 
 #[utoipa::path(delete, path = "/api/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 204, description = "Deleted (its chunks stay until garbage collection)"), crate::error::Errors), security(("bearer" = [])))]

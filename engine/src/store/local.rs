@@ -247,16 +247,20 @@ impl LocalStore {
         // Private even where it existed wider: packs hold guests' data.
         fsutil::create_private_dir(root).map_err(|e| io(root, e))?;
         let marker = root.join("store.json");
-        if marker.exists() {
+        let existing = marker.exists();
+        if existing {
             check_format(&marker)?;
-        } else {
-            for i in 0..=255u8 {
-                let d = root.join("packs").join(format!("{i:02x}"));
-                fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
-            }
-            for d in ["snapshots", "tmp", "locks"] {
-                fs::create_dir_all(root.join(d)).map_err(|e| io(root, e))?;
-            }
+        }
+        // Also in an existing store: a copy made with a tool that skips
+        // empty folders (git, some rsync filters) lacks the empty shards.
+        for i in 0..=255u8 {
+            let d = root.join("packs").join(format!("{i:02x}"));
+            fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
+        }
+        for d in ["snapshots", "tmp", "locks"] {
+            fs::create_dir_all(root.join(d)).map_err(|e| io(root, e))?;
+        }
+        if !existing {
             fsutil::sync_dir(&root.join("packs")).map_err(|e| io(root, e))?;
             fsutil::write_atomic(
                 &marker,
