@@ -23,6 +23,7 @@ have mke2fs || need+=(e2fsprogs)
 have bc || need+=(bc)
 have sfdisk || need+=(fdisk)
 have mkfs.vfat || need+=(dosfstools)
+have mdir || need+=(mtools)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "== installing ${need[*]}"

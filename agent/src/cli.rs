@@ -82,6 +82,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List a folder of a snapshot's file system (ext2/3/4, FAT), read
+    /// from the store without a restore.
+    Files {
+        /// Snapshot id (see `novabackup snapshots`).
+        snapshot: String,
+        /// The folder.
+        #[arg(default_value = "/")]
+        path: String,
+        /// The partition (see `novabackup partitions`); default: the only
+        /// file system on the disk.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read and re-hash every chunk of snapshots.
     Verify(backup::VerifyArgs),
     /// Verify every snapshot, store again what damaged ones lost from the
@@ -208,6 +224,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Partitions { snapshot, json } => {
                     browse::partitions(&client, &snapshot, json)
                 }
+                Command::Files {
+                    snapshot,
+                    path,
+                    partition,
+                    json,
+                } => browse::files(&client, &snapshot, &path, partition, json),
                 Command::Repair { json } => repair::run(&client, json),
                 Command::Jobs { json } => backup::jobs(&client, json),
                 Command::Status { json } => status::status(&client, json),

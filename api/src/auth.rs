@@ -369,6 +369,7 @@ pub const ROUTES: &[(&str, &str, Access, Scope)] = {
             Read,
             SnapshotParam,
         ),
+        ("GET", "/api/v1/snapshots/{id}/files", Read, SnapshotParam),
         ("DELETE", "/api/v1/snapshots/{id}", Admin, Host),
         (
             "POST",

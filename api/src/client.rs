@@ -249,6 +249,23 @@ impl Client {
         )
     }
 
+    /// `GET /api/v1/snapshots/{id}/files?path=&partition=`.
+    pub fn files(
+        &self,
+        id: &str,
+        path: &str,
+        partition: Option<u32>,
+    ) -> Result<Vec<crate::types::FileEntry>, ClientError> {
+        let p = partition
+            .map(|n| format!("&partition={n}"))
+            .unwrap_or_default();
+        self.json(
+            "GET",
+            &format!("/api/v1/snapshots/{}/files?path={}{p}", enc(id), enc(path)),
+            None::<&()>,
+        )
+    }
+
     /// `DELETE /api/v1/snapshots/{id}`.
     pub fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
         self.send(

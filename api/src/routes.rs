@@ -49,6 +49,19 @@ pub trait DiskService: Send + Sync + 'static {
             format!("no partition table for {id}: this service does not read snapshots"),
         ))
     }
+    /// The entries of folder `path` of the file system on `partition` of a
+    /// snapshot's disk, read from the store.
+    fn files(
+        &self,
+        id: &str,
+        _partition: Option<u32>,
+        _path: &str,
+    ) -> Result<Vec<crate::types::FileEntry>, ApiError> {
+        Err(ApiError::new(
+            crate::error::ErrorCode::NotFound,
+            format!("no files for {id}: this service does not read snapshots"),
+        ))
+    }
     /// Deletes a snapshot.
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError>;
     /// Starts a verify job.
@@ -125,6 +138,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         )
         .route("/api/v1/snapshots/{id}/verify", post(jobs::verify_one))
         .route("/api/v1/snapshots/{id}/partitions", get(jobs::partitions))
+        .route("/api/v1/snapshots/{id}/files", get(jobs::files))
         .route("/api/v1/jobs", get(jobs::jobs))
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))

@@ -379,3 +379,6 @@ impl From<novabackup_engine::ops::quota::DiskUsage> for DiskUsage {
 
 /// A snapshot's partition table (`GET /api/v1/snapshots/{id}/partitions`).
 pub use novabackup_engine::partitions::{Partition as PartitionInfo, PartitionTable};
+
+/// An entry of a folder in a snapshot (`GET /api/v1/snapshots/{id}/files`).
+pub use novabackup_engine::files::FileEntry;

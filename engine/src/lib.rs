@@ -8,6 +8,7 @@ pub mod bufpool;
 pub mod cbt;
 pub mod digest;
 pub mod fault;
+pub mod files;
 pub mod format;
 pub mod fsutil;
 pub mod ids;

@@ -86,6 +86,25 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// A reader of snapshot `id` straight from the store.
+    fn reader(
+        &self,
+        id: &str,
+        cache_bytes: usize,
+        readahead_chunks: usize,
+    ) -> Result<novabackup_engine::snapshot_reader::SnapshotReader, ApiError> {
+        use novabackup_engine::snapshot_reader::{ReaderOptions, SnapshotReader};
+        let m = self.store.manifest(&snapshot_id(id)?)?;
+        let opts = ReaderOptions {
+            cache_bytes,
+            readahead_chunks,
+        };
+        SnapshotReader::new(self.store.clone(), m, opts)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+    }
+}
+
 impl DiskService for Agent {
     fn health(&self) -> Health {
         Health {
@@ -138,24 +157,35 @@ impl DiskService for Agent {
     }
 
     fn partitions(&self, id: &str) -> Result<novabackup_api::types::PartitionTable, ApiError> {
-        use novabackup_engine::snapshot_reader::{ReaderOptions, SnapshotReader};
-        let m = self.store.manifest(&snapshot_id(id)?)?;
         // A table and a few superblocks: a small cache and no read-ahead.
-        let opts = ReaderOptions {
-            cache_bytes: 4 << 20,
-            readahead_chunks: 0,
-        };
-        let internal = |e: String| ApiError::new(ErrorCode::Internal, e);
-        let reader = SnapshotReader::new(self.store.clone(), m, opts)
-            .map_err(|e| internal(e.to_string()))?;
-        let table = novabackup_engine::partitions::read(&mut reader.cursor(), reader.size())
-            .map_err(|e| match e {
+        let reader = self.reader(id, 4 << 20, 0)?;
+        novabackup_engine::partitions::read(&mut reader.cursor(), reader.size()).map_err(
+            |e| match e {
                 novabackup_engine::partitions::PartitionError::Damaged { .. } => {
                     ApiError::new(ErrorCode::Unprocessable, e.to_string())
                 }
-                other => internal(other.to_string()),
-            })?;
-        Ok(table)
+                other => ApiError::new(ErrorCode::Internal, other.to_string()),
+            },
+        )
+    }
+
+    fn files(
+        &self,
+        id: &str,
+        partition: Option<u32>,
+        path: &str,
+    ) -> Result<Vec<novabackup_api::types::FileEntry>, ApiError> {
+        use novabackup_engine::files::FilesError as E;
+        let reader = self.reader(id, 32 << 20, 8)?;
+        novabackup_engine::files::list(&reader, partition, path).map_err(|e| {
+            let code = match &e {
+                E::NotFound(_) | E::NoPartition(_) => ErrorCode::NotFound,
+                E::ChoosePartition(_) | E::NotADirectory(_) => ErrorCode::BadRequest,
+                E::Unsupported(_) => ErrorCode::Unprocessable,
+                E::Table(_) | E::Read(_) => ErrorCode::Internal,
+            };
+            ApiError::new(code, e.to_string())
+        })
     }
 
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {

@@ -12,7 +12,7 @@ use super::{blocking, json_body, query_params, DiskService};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::types::{
-    BackupRequest, JobInfo, PartitionTable, RestoreRequest, SnapshotInfo, VerifyRequest,
+    BackupRequest, FileEntry, JobInfo, PartitionTable, RestoreRequest, SnapshotInfo, VerifyRequest,
 };
 
 type Svc = State<Arc<dyn DiskService>>;
@@ -147,6 +147,26 @@ pub(super) async fn partitions(
     Path(id): Path<String>,
 ) -> Result<Json<PartitionTable>, ApiError> {
     blocking(&svc, move |s| s.partitions(&id)).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FilesQuery {
+    path: Option<String>,
+    partition: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/v1/snapshots/{id}/files", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)"), ("path" = Option<String>, Query, description = "The folder (default /)"), ("partition" = Option<u32>, Query, description = "The partition's number (default: the only file system)")), responses((status = 200, description = "The folder's entries, by name", body = [FileEntry]), crate::error::Errors), security(("bearer" = [])))]
+pub(super) async fn files(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    q: Result<Query<FilesQuery>, QueryRejection>,
+) -> Result<Json<Vec<FileEntry>>, ApiError> {
+    let q = query_params(q)?;
+    let path = q.path.unwrap_or_else(|| "/".into());
+    blocking(&svc, move |s| s.files(&id, q.partition, &path))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(delete, path = "/api/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 204, description = "Deleted (its chunks stay until garbage collection)"), crate::error::Errors), security(("bearer" = [])))]

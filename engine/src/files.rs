@@ -1,0 +1,416 @@
+//! Listing the files of a snapshot's file systems, read in userspace
+//! straight from the store: ext2/3/4 through the `ext4` crate, FAT12/16/32
+//! (EFI system partitions) through `fatfs`. Each reads a partition as a
+//! window onto a [`SnapshotReader`], so a listing costs the few chunks
+//! holding the superblock, the inode tables and the directory's blocks.
+//! Other file systems get an error that says so.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use crate::partitions::{self, PartitionTable};
+use crate::snapshot_reader::SnapshotReader;
+
+/// One entry of a directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FileEntry {
+    /// The name within its directory.
+    pub name: String,
+    /// "file", "dir", "symlink", "char", "block", "fifo" or "socket".
+    pub kind: String,
+    /// Permission bits (with set-id and sticky bits), e.g. 0o644. FAT has
+    /// none: 0o755 for folders, 0o644 for files, as Linux mounts it.
+    pub mode: u32,
+    /// Owner (0 on FAT).
+    pub uid: u32,
+    /// Group (0 on FAT).
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds since 1970 (FAT: local time taken as UTC).
+    pub mtime: i64,
+    /// Where a symbolic link points.
+    pub target: Option<String>,
+}
+
+/// Errors listing files.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The partition table could not be read.
+    #[error(transparent)]
+    Table(#[from] partitions::PartitionError),
+    /// The disk has several partitions and none was chosen.
+    #[error("the disk has {0}; pick one with --partition N")]
+    ChoosePartition(String),
+    /// No such partition.
+    #[error("there is no partition {0}; `novabackup partitions` lists them")]
+    NoPartition(u32),
+    /// No file system this reader knows.
+    #[error("{0}; single files can be read from ext2/3/4 and FAT: restore the whole snapshot (`novabackup restore ID --to PATH`) and mount it to reach others")]
+    Unsupported(String),
+    /// No such file or folder.
+    #[error("{0} does not exist in the snapshot")]
+    NotFound(String),
+    /// The path names a file where a folder is needed.
+    #[error("{0} is not a folder")]
+    NotADirectory(String),
+    /// The file system is damaged, or a chunk under it is.
+    #[error("cannot read the file system: {0}")]
+    Read(String),
+}
+
+/// A partition (or the whole disk) as a device of its own.
+#[derive(Clone)]
+struct Volume<'a> {
+    reader: &'a SnapshotReader,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Volume<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if pos >= self.len {
+            return Ok(0);
+        }
+        let n = buf.len().min((self.len - pos) as usize);
+        Ok(self.reader.read_at(&mut buf[..n], self.start + pos)?)
+    }
+}
+
+impl positioned_io::ReadAt for Volume<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        Volume::read_at(self, pos, buf)
+    }
+}
+
+impl Read for Volume<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = Volume::read_at(self, self.pos, buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Volume<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let p = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = p.ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Ok(self.pos)
+    }
+}
+
+/// A snapshot is never written: fatfs asks for a writer, and gets one that
+/// refuses.
+impl Write for Volume<'_> {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a snapshot is read-only",
+        ))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The volume `partition` names (None: the only file system there is) and
+/// the file system found on it.
+fn volume(
+    reader: &SnapshotReader,
+    partition: Option<u32>,
+) -> Result<(Volume<'_>, String), FilesError> {
+    let table: PartitionTable = partitions::read(&mut reader.cursor(), reader.size())?;
+    let whole = |fs: Option<String>| {
+        let v = Volume {
+            reader,
+            start: 0,
+            len: reader.size(),
+            pos: 0,
+        };
+        (v, fs)
+    };
+    let (vol, fs) = match partition {
+        Some(0) if table.scheme == "none" => whole(table.filesystem.clone()),
+        Some(n) => {
+            let p = table
+                .partitions
+                .iter()
+                .find(|p| p.number == n)
+                .ok_or(FilesError::NoPartition(n))?;
+            let v = Volume {
+                reader,
+                start: p.start,
+                len: p.size,
+                pos: 0,
+            };
+            (v, p.filesystem.clone())
+        }
+        None if table.scheme == "none" => whole(table.filesystem.clone()),
+        None => {
+            let with_fs: Vec<_> = table
+                .partitions
+                .iter()
+                .filter(|p| p.filesystem.is_some())
+                .collect();
+            match with_fs.as_slice() {
+                [only] => {
+                    let v = Volume {
+                        reader,
+                        start: only.start,
+                        len: only.size,
+                        pos: 0,
+                    };
+                    (v, only.filesystem.clone())
+                }
+                _ => {
+                    let list: Vec<String> = table
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} ({})",
+                                p.number,
+                                p.filesystem.as_deref().unwrap_or("no file system")
+                            )
+                        })
+                        .collect();
+                    return Err(FilesError::ChoosePartition(format!(
+                        "partitions {}",
+                        list.join(", ")
+                    )));
+                }
+            }
+        }
+    };
+    match fs {
+        Some(fs) => Ok((vol, fs)),
+        None => Err(FilesError::Unsupported(
+            "no file system found there".to_string(),
+        )),
+    }
+}
+
+/// Lists the folder `path` ("/" for the top) of the file system on
+/// `partition` of the snapshot, sorted by name.
+pub fn list(
+    reader: &SnapshotReader,
+    partition: Option<u32>,
+    path: &str,
+) -> Result<Vec<FileEntry>, FilesError> {
+    let (vol, fs) = volume(reader, partition)?;
+    let mut out = match fs.as_str() {
+        "ext2" | "ext3" | "ext4" => list_ext(vol, path)?,
+        "vfat" => list_fat(vol, path)?,
+        other => {
+            return Err(FilesError::Unsupported(format!(
+                "the file system there is {other}"
+            )))
+        }
+    };
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn list_ext(vol: Volume<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
+    fn read(e: impl std::fmt::Display) -> FilesError {
+        FilesError::Read(format!("{e:#}"))
+    }
+    let sb = ext4::SuperBlock::new(vol).map_err(|e| {
+        let text = format!("{e:#}");
+        if text.contains("unsupported") {
+            FilesError::Unsupported(format!("this ext4 uses a feature not read yet ({text})"))
+        } else {
+            FilesError::Read(text)
+        }
+    })?;
+    // Directories are read here, not by the crate, whose reader stops at
+    // the end of a directory's first block when metadata checksums are on.
+    let entries = |inode: &ext4::Inode| -> Result<Vec<(u32, String)>, FilesError> {
+        let mut data = Vec::new();
+        sb.open(inode)
+            .map_err(read)?
+            .read_to_end(&mut data)
+            .map_err(read)?;
+        dirents(&data)
+    };
+    let mut dir = sb.root().map_err(read)?;
+    let mut walked = String::new();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        walked.push('/');
+        walked.push_str(part);
+        if dir.stat.extracted_type != ext4::FileType::Directory {
+            return Err(FilesError::NotADirectory(walked));
+        }
+        let (ino, _) = entries(&dir)?
+            .into_iter()
+            .find(|(_, n)| n == part)
+            .ok_or_else(|| FilesError::NotFound(walked.clone()))?;
+        dir = sb.load_inode(ino).map_err(read)?;
+    }
+    if dir.stat.extracted_type != ext4::FileType::Directory {
+        return Err(FilesError::NotADirectory(path.to_string()));
+    }
+    let mut out = Vec::new();
+    for (ino, name) in entries(&dir)? {
+        if name == "." || name == ".." {
+            continue;
+        }
+        let inode = sb.load_inode(ino).map_err(read)?;
+        let st = &inode.stat;
+        let (kind, target) = match &st.extracted_type {
+            ext4::FileType::RegularFile => ("file", None),
+            ext4::FileType::Directory => ("dir", None),
+            ext4::FileType::SymbolicLink => match sb.enhance(&inode).map_err(read)? {
+                ext4::Enhanced::SymbolicLink(t) => ("symlink", Some(t)),
+                _ => ("symlink", None),
+            },
+            ext4::FileType::CharacterDevice => ("char", None),
+            ext4::FileType::BlockDevice => ("block", None),
+            ext4::FileType::Fifo => ("fifo", None),
+            ext4::FileType::Socket => ("socket", None),
+        };
+        out.push(FileEntry {
+            name,
+            kind: kind.into(),
+            mode: u32::from(st.file_mode & 0o7777),
+            uid: st.uid,
+            gid: st.gid,
+            size: st.size,
+            mtime: i64::from(st.mtime.epoch_secs),
+            target,
+        });
+    }
+    Ok(out)
+}
+
+/// The (inode, name) entries of an ext directory's data, every block of
+/// it. Unused records (inode 0) are skipped: deleted entries, the
+/// checksum tail of each block, and the interior nodes of a hash-indexed
+/// directory, whose index hides behind an empty record; its leaves are
+/// ordinary blocks.
+fn dirents(data: &[u8]) -> Result<Vec<(u32, String)>, FilesError> {
+    let damaged =
+        |at: usize| FilesError::Read(format!("a directory record at byte {at} is damaged"));
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 8 <= data.len() {
+        let ino = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
+        let rec_len = usize::from(u16::from_le_bytes(
+            data[at + 4..at + 6].try_into().expect("2 bytes"),
+        ));
+        let name_len = usize::from(data[at + 6]);
+        if rec_len < 8 || at + rec_len > data.len() || 8 + name_len > rec_len {
+            return Err(damaged(at));
+        }
+        if ino != 0 && name_len > 0 {
+            let name = String::from_utf8_lossy(&data[at + 8..at + 8 + name_len]).into_owned();
+            out.push((ino, name));
+        }
+        at += rec_len;
+    }
+    Ok(out)
+}
+
+fn list_fat(vol: Volume<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
+    let read = |e: io::Error| FilesError::Read(e.to_string());
+    let fs = fatfs::FileSystem::new(vol, fatfs::FsOptions::new()).map_err(read)?;
+    let root = fs.root_dir();
+    let clean = path.trim_matches('/');
+    let dir = if clean.is_empty() {
+        root
+    } else {
+        root.open_dir(clean).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => FilesError::NotFound(path.to_string()),
+            _ => FilesError::NotADirectory(path.to_string()),
+        })?
+    };
+    let mut out = Vec::new();
+    for e in dir.iter() {
+        let e = e.map_err(read)?;
+        let name = e.file_name();
+        if name == "." || name == ".." {
+            continue;
+        }
+        let m = e.modified();
+        let mtime = chrono::NaiveDate::from_ymd_opt(
+            i32::from(m.date.year),
+            u32::from(m.date.month),
+            u32::from(m.date.day),
+        )
+        .and_then(|d| {
+            d.and_hms_opt(
+                u32::from(m.time.hour),
+                u32::from(m.time.min),
+                u32::from(m.time.sec),
+            )
+        })
+        .map(|t| t.and_utc().timestamp())
+        .unwrap_or(0);
+        out.push(FileEntry {
+            name,
+            kind: if e.is_dir() { "dir" } else { "file" }.into(),
+            mode: if e.is_dir() { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            size: if e.is_dir() { 0 } else { e.len() },
+            mtime,
+            target: None,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ino: u32, name: &str, rec_len: u16) -> Vec<u8> {
+        let mut v = ino.to_le_bytes().to_vec();
+        v.extend(rec_len.to_le_bytes());
+        v.push(name.len() as u8);
+        v.push(1);
+        v.extend(name.as_bytes());
+        v.resize(usize::from(rec_len), 0);
+        v
+    }
+
+    #[test]
+    fn dirents_cross_blocks_and_skip_unused_records() {
+        // Two 128-byte blocks: ".", "..", "a", a deleted record, "b" and
+        // the checksum tail; then "c" alone.
+        let mut tail = rec(0, "", 12);
+        tail[7] = 0xDE;
+        let block1 = [
+            rec(2, ".", 12),
+            rec(2, "..", 12),
+            rec(12, "a", 16),
+            rec(0, "", 24),
+            rec(13, "b", 52),
+            tail,
+        ]
+        .concat();
+        assert_eq!(block1.len(), 128);
+        let data = [block1, rec(14, "c", 128)].concat();
+        let names: Vec<(u32, String)> = dirents(&data).unwrap();
+        let want: Vec<(u32, String)> = [(2, "."), (2, ".."), (12, "a"), (13, "b"), (14, "c")]
+            .iter()
+            .map(|(i, n)| (*i, n.to_string()))
+            .collect();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn a_bad_record_length_is_an_error_not_a_loop() {
+        let mut d = rec(5, "x", 12);
+        d[4] = 0;
+        d[5] = 0;
+        assert!(dirents(&d).is_err());
+        let d = rec(5, "x", 200);
+        assert!(dirents(&d[..100]).is_err());
+    }
+}

@@ -1,0 +1,573 @@
+//! Looking into snapshots without a restore. `novabackup partitions`: the
+//! partition table of a snapshot's disk against what sfdisk and blkid say
+//! of the same image. `novabackup files`: folders of ext4 and FAT file
+//! systems against the tree they were made from, debugfs and mdir. Images
+//! are made with the real tools: sfdisk for GPT and MBR tables (with a
+//! logical partition in an extended one), mke2fs -d and mkfs.vfat + mcopy
+//! at the partitions' offsets, mkswap.
+
+#[path = "harness.rs"]
+mod harness;
+
+use std::path::Path;
+
+use harness::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Lays out `script` with sfdisk on a new sparse image of `size` bytes.
+fn table(img: &Path, size: u64, script: &str) {
+    sparse_file(img, size);
+    let mut c = std::process::Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt-get install fdisk)");
+    use std::io::Write;
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success(), "sfdisk failed on {script}");
+}
+
+/// `sfdisk --json`'s partitions: (number, start sector, sectors, type).
+fn sfdisk(img: &Path) -> Vec<(u32, u64, u64, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["--json", img.to_str().unwrap()])).unwrap();
+    v["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            let n = node.trim_start_matches(|c: char| !c.is_ascii_digit() || node.is_empty());
+            let n: u32 = n
+                .rsplit(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (
+                n,
+                p["start"].as_u64().unwrap(),
+                p["size"].as_u64().unwrap(),
+                p["type"].as_str().unwrap().to_uppercase(),
+            )
+        })
+        .collect()
+}
+
+/// What blkid finds at `offset` of the image ("" for nothing).
+fn blkid(img: &Path, offset: u64) -> String {
+    let o = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE", "--offset"])
+        .arg(offset.to_string())
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn mkfs_at(img: &Path, offset: u64, size: u64, fs: &str) {
+    let i = img.to_str().unwrap();
+    match fs {
+        "ext4" | "ext2" => {
+            let e = format!("offset={offset}");
+            let blocks = (size / 4096).to_string();
+            run(
+                "mke2fs",
+                &["-q", "-F", "-t", fs, "-b", "4096", "-E", &e, i, &blocks],
+            );
+        }
+        "vfat" => {
+            let sectors = (offset / 512).to_string();
+            let kib = (size / 1024).to_string();
+            run("mkfs.vfat", &["--offset", &sectors, "-F", "32", i, &kib]);
+        }
+        other => panic!("no mkfs for {other}"),
+    }
+}
+
+/// Backs up `img` through a fresh agent and returns the partition table
+/// the agent reads from the store.
+fn partitions_of(t: &Path, img: &Path) -> serde_json::Value {
+    let a = Agent::start(&t.join("agent"), "pread");
+    a.attach("vm", img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    // The human form names the scheme too.
+    let text = a.ok(&["partitions", &id]);
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["partitions", &id, "--json"])).unwrap();
+    let scheme = v["scheme"].as_str().unwrap().to_uppercase();
+    assert!(text.contains(&scheme) || scheme == "NONE", "{text}");
+    v
+}
+
+/// Every partition the agent lists is the one sfdisk lists, with the
+/// file system blkid finds there.
+fn same_as_the_tools(img: &Path, got: &serde_json::Value) {
+    let want = sfdisk(img);
+    let parts = got["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), want.len(), "{got:#}\nsfdisk: {want:?}");
+    for (p, (n, start, sectors, ty)) in parts.iter().zip(&want) {
+        assert_eq!(p["number"].as_u64().unwrap(), u64::from(*n), "{p}");
+        assert_eq!(p["start"].as_u64().unwrap(), start * 512, "{p}");
+        assert_eq!(p["size"].as_u64().unwrap(), sectors * 512, "{p}");
+        let id = p["type_id"].as_str().unwrap().to_uppercase();
+        // GPT: the same GUID; MBR: the same byte ("0x0c" here, "c" there).
+        let same = match id.strip_prefix("0X") {
+            Some(hex) => u8::from_str_radix(hex, 16).ok() == u8::from_str_radix(ty, 16).ok(),
+            None => id == *ty,
+        };
+        assert!(same, "type {id} vs sfdisk's {ty}");
+        let fs = blkid(img, start * 512);
+        let ours = p["filesystem"].as_str().unwrap_or("");
+        if !p["type_name"].as_str().unwrap().starts_with("Extended") {
+            assert_eq!(ours, fs, "partition {n}: blkid says {fs:?}");
+        }
+    }
+}
+
+#[test]
+fn a_gpt_disk_with_an_efi_partition_two_ext4_and_swap() {
+    let t = tempdir();
+    let img = t.path().join("gpt.img");
+    table(
+        &img,
+        200 * MIB,
+        "label: gpt\n\
+         start=2048, size=65536, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI\"\n\
+         size=131072, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"root\"\n\
+         size=65536, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"home\"\n\
+         size=16384, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F\n",
+    );
+    let parts = sfdisk(&img);
+    mkfs_at(&img, parts[0].1 * 512, parts[0].2 * 512, "vfat");
+    mkfs_at(&img, parts[1].1 * 512, parts[1].2 * 512, "ext4");
+    mkfs_at(&img, parts[2].1 * 512, parts[2].2 * 512, "ext2");
+    run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "dd if=/dev/zero of=/tmp/nbswap.$$ bs=1M count=8 status=none && mkswap -q /tmp/nbswap.$$ && \
+                 dd if=/tmp/nbswap.$$ of={} bs=512 seek={} conv=notrunc status=none; rm -f /tmp/nbswap.$$",
+                img.display(),
+                parts[3].1
+            ),
+        ],
+    );
+    let got = partitions_of(t.path(), &img);
+    assert_eq!(got["scheme"], "gpt");
+    same_as_the_tools(&img, &got);
+    let p = got["partitions"].as_array().unwrap();
+    assert_eq!(p[0]["name"], "EFI");
+    assert_eq!(p[0]["type_name"], "EFI System");
+    assert_eq!(p[1]["name"], "root");
+    assert_eq!(p[1]["filesystem"], "ext4");
+    assert_eq!(p[3]["filesystem"], "swap");
+}
+
+#[test]
+fn an_mbr_disk_with_a_logical_partition() {
+    let t = tempdir();
+    let img = t.path().join("mbr.img");
+    table(
+        &img,
+        160 * MIB,
+        "label: dos\n\
+         start=2048, size=65536, type=c, bootable\n\
+         start=67584, size=204800, type=5\n\
+         start=69632, size=81920, type=83\n\
+         start=153600, size=61440, type=83\n",
+    );
+    let parts = sfdisk(&img);
+    assert_eq!(parts.len(), 4, "sfdisk: {parts:?}");
+    mkfs_at(&img, parts[0].1 * 512, parts[0].2 * 512, "vfat");
+    mkfs_at(&img, parts[2].1 * 512, parts[2].2 * 512, "ext4");
+    let got = partitions_of(t.path(), &img);
+    assert_eq!(got["scheme"], "mbr");
+    same_as_the_tools(&img, &got);
+    let p = got["partitions"].as_array().unwrap();
+    assert_eq!(p[0]["bootable"], true);
+    assert_eq!(p[0]["filesystem"], "vfat");
+    assert_eq!(p[2]["number"], 5);
+    assert_eq!(p[2]["logical"], true);
+    assert_eq!(p[2]["filesystem"], "ext4");
+    assert_eq!(p[3]["number"], 6);
+    assert!(p[3]["filesystem"].is_null());
+}
+
+#[test]
+fn a_whole_disk_file_system_and_an_empty_disk_have_no_table() {
+    let t = tempdir();
+    let img = t.path().join("fs.img");
+    sparse_file(&img, 64 * MIB);
+    mkfs_at(&img, 0, 64 * MIB, "ext4");
+    let got = partitions_of(&t.path().join("a"), &img);
+    assert_eq!(got["scheme"], "none");
+    assert_eq!(got["filesystem"], "ext4");
+    assert_eq!(got["disk_size"], 64 * MIB);
+
+    let fat = t.path().join("fat.img");
+    sparse_file(&fat, 64 * MIB);
+    mkfs_at(&fat, 0, 64 * MIB, "vfat");
+    let got = partitions_of(&t.path().join("b"), &fat);
+    assert_eq!(
+        (got["scheme"].as_str(), got["filesystem"].as_str()),
+        (Some("none"), Some("vfat"))
+    );
+
+    let empty = t.path().join("empty.img");
+    sparse_file(&empty, 8 * MIB);
+    let got = partitions_of(&t.path().join("c"), &empty);
+    assert_eq!(got["scheme"], "none");
+    assert!(got["filesystem"].is_null());
+    assert!(got["partitions"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn unknown_snapshots_and_other_disks_tokens_are_refused() {
+    let t = tempdir();
+    let img = t.path().join("d.img");
+    sparse_file(&img, 8 * MIB);
+    let a = Agent::start(&t.path().join("agent"), "pread");
+    a.attach("vm", &img, &[]);
+    let o = a.cli(&["partitions", "vm@20200101T000000Z"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = a.cli(&["partitions", "not an id"]);
+    assert!(!o.status.success());
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
+    let id = r["snapshot"].as_str().unwrap();
+    // A token for another disk learns nothing of this one.
+    let tok: serde_json::Value = serde_json::from_str(&a.ok(&[
+        "token", "create", "other", "--role", "backup", "--disk", "web", "--json",
+    ]))
+    .unwrap();
+    let o = std::process::Command::new(BIN)
+        .arg("--data-dir")
+        .arg(a.state())
+        .args(["partitions", id])
+        .env("NOVABACKUP_TOKEN", tok["token"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("may not act on disk \"vm\""), "{e}");
+}
+
+/// A known tree: nested folders, a big folder, modes, a symlink, sizes.
+fn tree(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mk = |p: &str, data: &[u8], mode: u32| {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, data).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mk("etc/hostname", b"vm1\n", 0o644);
+    mk("etc/shadow", b"root:*:1::::::\n", 0o640);
+    mk("usr/bin/tool", &vec![0x7f; 70_000], 0o4755);
+    for i in 0..300 {
+        mk(
+            &format!("var/many/file-{i:03}"),
+            format!("{i}").as_bytes(),
+            0o600,
+        );
+    }
+    std::os::unix::fs::symlink("../etc/hostname", root.join("usr/hostname-link")).unwrap();
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+}
+
+/// `files --json` of `path`.
+fn files(a: &Agent, id: &str, path: &str, partition: Option<u32>) -> Vec<serde_json::Value> {
+    let mut args = vec!["files", id, path, "--json"];
+    let n = partition.map(|n| n.to_string());
+    if let Some(n) = &n {
+        args.extend(["--partition", n]);
+    }
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&args)).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The entries of `dir` in the source tree: (name, kind, mode, size).
+fn source(dir: &Path) -> Vec<(String, String, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            let kind = if md.is_dir() {
+                "dir"
+            } else if md.file_type().is_symlink() {
+                "symlink"
+            } else {
+                "file"
+            };
+            let size = if md.is_dir() { 0 } else { md.len() };
+            (
+                e.file_name().into_string().unwrap(),
+                kind.to_string(),
+                u64::from(md.mode() & 0o7777),
+                size,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn ours(entries: &[serde_json::Value]) -> Vec<(String, String, u64, u64)> {
+    entries
+        .iter()
+        .filter(|e| e["name"] != "lost+found")
+        .map(|e| {
+            let size = if e["kind"] == "dir" {
+                0
+            } else {
+                e["size"].as_u64().unwrap()
+            };
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+                e["mode"].as_u64().unwrap(),
+                size,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ext4_folders_in_a_partition_and_on_a_whole_disk_match_their_tree_and_debugfs() {
+    let t = tempdir();
+    let src = t.path().join("tree");
+    tree(&src);
+    // On a whole disk, where debugfs can read it too.
+    let img = t.path().join("ext4.img");
+    sparse_file(&img, 64 * MIB);
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("vm", &img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    for dir in ["", "etc", "usr", "usr/bin", "var/many", "empty"] {
+        let got = files(&a, &id, &format!("/{dir}"), None);
+        assert_eq!(ours(&got), source(&src.join(dir)), "/{dir}");
+        // debugfs's parsable listing: /inode/mode/uid/gid/name/size/
+        let ls = run(
+            "debugfs",
+            &["-R", &format!("ls -p /{dir}"), img.to_str().unwrap()],
+        );
+        let mut names: Vec<String> = ls
+            .lines()
+            .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .collect();
+        names.sort();
+        let mine: Vec<String> = got
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(mine, names, "debugfs ls /{dir}");
+    }
+    let usr = files(&a, &id, "/usr", None);
+    let link = usr.iter().find(|e| e["name"] == "hostname-link").unwrap();
+    assert_eq!(link["target"], "../etc/hostname");
+    let text = a.ok(&["files", &id, "/usr/bin"]);
+    assert!(text.starts_with("-rwsr-xr-x"), "{text}");
+    // Not there, not a folder.
+    let o = a.cli(&["files", &id, "/nope"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = a.cli(&["files", &id, "/etc/hostname"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a folder"));
+
+    // In the second partition of a GPT disk.
+    let gpt = t.path().join("gpt.img");
+    table(
+        &gpt,
+        100 * MIB,
+        "label: gpt\nstart=2048, size=32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\nsize=131072\n",
+    );
+    let parts = sfdisk(&gpt);
+    mkfs_at(&gpt, parts[0].1 * 512, parts[0].2 * 512, "vfat");
+    let e = format!("offset={}", parts[1].1 * 512);
+    let blocks = (parts[1].2 * 512 / 4096).to_string();
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-E",
+            &e,
+            "-d",
+            src.to_str().unwrap(),
+            gpt.to_str().unwrap(),
+            &blocks,
+        ],
+    );
+    a.attach("gpt", &gpt, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "gpt", "--json"])).unwrap();
+    let gid = r["snapshot"].as_str().unwrap().to_string();
+    // Two file systems: the operator must say which.
+    let o = a.cli(&["files", &gid, "/"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--partition") && err.contains("2 (ext4)"),
+        "{err}"
+    );
+    assert_eq!(
+        ours(&files(&a, &gid, "/var/many", Some(2))),
+        source(&src.join("var/many"))
+    );
+    let o = a.cli(&["files", &gid, "/", "--partition", "7"]);
+    assert_eq!(o.status.code(), Some(4));
+}
+
+#[test]
+fn fat_folders_match_mdir() {
+    let t = tempdir();
+    let src = t.path().join("tree");
+    std::fs::create_dir_all(src.join("EFI/BOOT")).unwrap();
+    std::fs::write(src.join("EFI/BOOT/BOOTX64.EFI"), vec![0x4d; 123_456]).unwrap();
+    std::fs::write(src.join("EFI/a long file name.txt"), b"hello").unwrap();
+    std::fs::write(src.join("startup.nsh"), b"fs0:").unwrap();
+    let img = t.path().join("esp.img");
+    run("mkfs.vfat", &["-C", img.to_str().unwrap(), "65536"]);
+    let i = img.to_str().unwrap();
+    run(
+        "mcopy",
+        &[
+            "-s",
+            "-i",
+            i,
+            src.join("EFI").to_str().unwrap(),
+            src.join("startup.nsh").to_str().unwrap(),
+            "::/",
+        ],
+    );
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("esp", &img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "esp", "--json"])).unwrap();
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    for dir in ["", "EFI", "EFI/BOOT"] {
+        let got = files(&a, &id, &format!("/{dir}"), None);
+        let mut want: Vec<(String, u64)> = std::fs::read_dir(src.join(dir))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = e.metadata().unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    if md.is_dir() { 0 } else { md.len() },
+                )
+            })
+            .collect();
+        want.sort();
+        let mine: Vec<(String, u64)> = got
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["size"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(mine, want, "/{dir}");
+        // mdir -b prints each entry's full path.
+        let listed = run("mdir", &["-b", "-i", i, &format!("::/{dir}")]);
+        let mut names: Vec<String> = listed
+            .lines()
+            .filter_map(|l| {
+                l.trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .map(str::to_string)
+            })
+            .filter(|n| !n.is_empty())
+            .collect();
+        names.sort();
+        let mine: Vec<String> = mine.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(mine, names, "mdir ::/{dir}");
+    }
+}
+
+#[test]
+fn ext4_with_inline_data_is_refused_clearly() {
+    let t = tempdir();
+    let src = t.path().join("tree");
+    tree(&src);
+    let img = t.path().join("inline.img");
+    sparse_file(&img, 32 * MIB);
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-O",
+            "inline_data",
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("vm", &img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
+    let o = a.cli(&["files", r["snapshot"].as_str().unwrap(), "/etc"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("INLINE_DATA") && err.contains("restore the whole snapshot"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_system_not_read_yet_says_so() {
+    let t = tempdir();
+    let img = t.path().join("swap.img");
+    sparse_file(&img, 16 * MIB);
+    run("mkswap", &["-q", img.to_str().unwrap()]);
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("vm", &img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
+    let o = a.cli(&["files", r["snapshot"].as_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("swap") && err.contains("restore the whole snapshot"),
+        "{err}"
+    );
+}
