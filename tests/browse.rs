@@ -571,3 +571,155 @@ fn a_file_system_not_read_yet_says_so() {
         "{err}"
     );
 }
+
+/// Every file, folder and link below `a` equals its copy below `b`:
+/// contents, modes, modification times, link targets.
+fn same_tree(a: &Path, b: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let (ma, mb) = (
+        std::fs::symlink_metadata(a).unwrap(),
+        std::fs::symlink_metadata(b).unwrap(),
+    );
+    assert_eq!(ma.file_type(), mb.file_type(), "{}", b.display());
+    if ma.file_type().is_symlink() {
+        assert_eq!(
+            std::fs::read_link(a).unwrap(),
+            std::fs::read_link(b).unwrap()
+        );
+        return;
+    }
+    assert_eq!(
+        ma.mode() & 0o7777,
+        mb.mode() & 0o7777,
+        "mode of {}",
+        b.display()
+    );
+    if ma.is_dir() {
+        let mut names: Vec<_> = std::fs::read_dir(a)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut theirs: Vec<_> = std::fs::read_dir(b)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        theirs.sort();
+        assert_eq!(names, theirs, "{}", b.display());
+        for n in names {
+            same_tree(&a.join(&n), &b.join(&n));
+        }
+    } else {
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(b).unwrap(),
+            "{}",
+            b.display()
+        );
+        assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", b.display());
+    }
+}
+
+#[test]
+fn files_and_trees_come_back_equal_to_the_source_with_modes_times_and_links() {
+    let t = tempdir();
+    let src = t.path().join("tree");
+    tree(&src);
+    let img = t.path().join("ext4.img");
+    sparse_file(&img, 64 * MIB);
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("vm", &img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    let out = t.path().join("out");
+    let o = out.to_str().unwrap();
+    a.ok(&[
+        "restore",
+        &id,
+        "--file",
+        "/etc",
+        "--file",
+        "/usr",
+        "--file",
+        "/var/many/file-042",
+        "--to",
+        o,
+    ]);
+    same_tree(&src.join("etc"), &out.join("etc"));
+    same_tree(&src.join("usr"), &out.join("usr"));
+    assert_eq!(std::fs::read(out.join("file-042")).unwrap(), b"42");
+    // Again without --force: nothing is overwritten.
+    let again = a.cli(&["restore", &id, "--file", "/etc", "--to", o]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    a.ok(&["restore", &id, "--file", "/etc", "--to", o, "--force"]);
+    // One file to standard output.
+    let o = a.cli(&["restore", &id, "--file", "/usr/bin/tool", "--stdout"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, std::fs::read(src.join("usr/bin/tool")).unwrap());
+    let o = a.cli(&["restore", &id, "--file", "/etc", "--stdout"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a regular file"));
+    // A path that is not there fails before any byte is written.
+    let o = a.cli(&[
+        "restore",
+        &id,
+        "--file",
+        "/etc/nope",
+        "--to",
+        t.path().join("none").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn fat_files_come_back_equal() {
+    let t = tempdir();
+    let src = t.path().join("tree");
+    std::fs::create_dir_all(src.join("EFI/BOOT")).unwrap();
+    random_file(&src.join("EFI/BOOT/BOOTX64.EFI"), 1_234_567, 3);
+    std::fs::write(src.join("EFI/a long file name.txt"), b"hello").unwrap();
+    let img = t.path().join("esp.img");
+    run("mkfs.vfat", &["-C", img.to_str().unwrap(), "65536"]);
+    let i = img.to_str().unwrap();
+    run(
+        "mcopy",
+        &["-s", "-i", i, src.join("EFI").to_str().unwrap(), "::/"],
+    );
+    let a = Agent::start(&t.path().join("a"), "pread");
+    a.attach("esp", &img, &[]);
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "esp", "--json"])).unwrap();
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    let out = t.path().join("out");
+    a.ok(&[
+        "restore",
+        &id,
+        "--file",
+        "/EFI",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    for f in ["EFI/BOOT/BOOTX64.EFI", "EFI/a long file name.txt"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(src.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}

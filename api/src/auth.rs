@@ -370,6 +370,12 @@ pub const ROUTES: &[(&str, &str, Access, Scope)] = {
             SnapshotParam,
         ),
         ("GET", "/api/v1/snapshots/{id}/files", Read, SnapshotParam),
+        (
+            "POST",
+            "/api/v1/snapshots/{id}/files/tar",
+            Operate,
+            SnapshotParam,
+        ),
         ("DELETE", "/api/v1/snapshots/{id}", Admin, Host),
         (
             "POST",

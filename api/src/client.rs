@@ -266,6 +266,20 @@ impl Client {
         )
     }
 
+    /// `POST /api/v1/snapshots/{id}/files/tar`: the archive as it streams.
+    pub fn files_tar(
+        &self,
+        id: &str,
+        req: &crate::types::FilesRequest,
+    ) -> Result<Box<dyn std::io::Read + Send + Sync>, ClientError> {
+        let r = self.send(
+            "POST",
+            &format!("/api/v1/snapshots/{}/files/tar", enc(id)),
+            Some(req),
+        )?;
+        Ok(Box::new(r.into_reader()))
+    }
+
     /// `DELETE /api/v1/snapshots/{id}`.
     pub fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
         self.send(

@@ -17,4 +17,4 @@ pub mod types;
 
 pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorCode};
-pub use routes::{router, DiskService};
+pub use routes::{router, DiskService, TarJob};

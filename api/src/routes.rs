@@ -62,6 +62,15 @@ pub trait DiskService: Send + Sync + 'static {
             format!("no files for {id}: this service does not read snapshots"),
         ))
     }
+    /// Checks a download of files from a snapshot (every path exists) and
+    /// returns the job that writes it as tar, so that a bad request fails
+    /// before the stream starts.
+    fn files_tar(&self, id: &str, _req: crate::types::FilesRequest) -> Result<TarJob, ApiError> {
+        Err(ApiError::new(
+            crate::error::ErrorCode::NotFound,
+            format!("no files for {id}: this service does not read snapshots"),
+        ))
+    }
     /// Deletes a snapshot.
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError>;
     /// Starts a verify job.
@@ -139,6 +148,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         .route("/api/v1/snapshots/{id}/verify", post(jobs::verify_one))
         .route("/api/v1/snapshots/{id}/partitions", get(jobs::partitions))
         .route("/api/v1/snapshots/{id}/files", get(jobs::files))
+        .route("/api/v1/snapshots/{id}/files/tar", post(jobs::files_tar))
         .route("/api/v1/jobs", get(jobs::jobs))
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
@@ -210,6 +220,9 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("request handler failed: {e}")))?
 }
+
+/// Writes a prepared download as tar; its error ends the stream.
+pub type TarJob = Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<(), String> + Send>;
 
 /// A JSON body whose rejection is our JSON error, not axum's plain text.
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {

@@ -382,3 +382,15 @@ pub use novabackup_engine::partitions::{Partition as PartitionInfo, PartitionTab
 
 /// An entry of a folder in a snapshot (`GET /api/v1/snapshots/{id}/files`).
 pub use novabackup_engine::files::FileEntry;
+
+/// Files and folders to download from a snapshot as a tar stream
+/// (`POST /api/v1/snapshots/{id}/files/tar`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilesRequest {
+    /// Paths of files or folders (whole trees) in the file system.
+    pub paths: Vec<String>,
+    /// The partition's number (default: the disk's only file system).
+    #[serde(default)]
+    pub partition: Option<u32>,
+}

@@ -203,69 +203,191 @@ pub fn list(
     path: &str,
 ) -> Result<Vec<FileEntry>, FilesError> {
     let (vol, fs) = volume(reader, partition)?;
-    let mut out = match fs.as_str() {
-        "ext2" | "ext3" | "ext4" => list_ext(vol, path)?,
-        "vfat" => list_fat(vol, path)?,
-        other => {
-            return Err(FilesError::Unsupported(format!(
-                "the file system there is {other}"
-            )))
-        }
+    let mut out = match open(vol, &fs)? {
+        Fs::Ext(e) => e.list(path)?,
+        Fs::Fat(f) => list_fat(&f, path)?,
     };
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-fn list_ext(vol: Volume<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
-    fn read(e: impl std::fmt::Display) -> FilesError {
-        FilesError::Read(format!("{e:#}"))
-    }
-    let sb = ext4::SuperBlock::new(vol).map_err(|e| {
-        let text = format!("{e:#}");
-        if text.contains("unsupported") {
-            FilesError::Unsupported(format!("this ext4 uses a feature not read yet ({text})"))
-        } else {
-            FilesError::Read(text)
+/// What [`write_tar`] put in the archive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TarStats {
+    /// Regular files.
+    pub files: u64,
+    /// Folders.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Device nodes, fifos and sockets, which are left out.
+    pub skipped: u64,
+    /// Bytes of file contents.
+    pub bytes: u64,
+}
+
+/// Checks that every one of `paths` exists in the file system on
+/// `partition`, so that an export fails before its first byte, not in the
+/// middle of a stream.
+pub fn check_paths(
+    reader: &SnapshotReader,
+    partition: Option<u32>,
+    paths: &[String],
+) -> Result<(), FilesError> {
+    let (vol, fs) = volume(reader, partition)?;
+    match open(vol, &fs)? {
+        Fs::Ext(e) => {
+            for p in paths {
+                e.resolve(p)?;
+            }
         }
-    })?;
-    // Directories are read here, not by the crate, whose reader stops at
-    // the end of a directory's first block when metadata checksums are on.
-    let entries = |inode: &ext4::Inode| -> Result<Vec<(u32, String)>, FilesError> {
+        Fs::Fat(f) => {
+            for p in paths {
+                fat_resolve(&f, p)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `paths` (files or whole folder trees) of the file system on
+/// `partition` as a tar stream: modes, owners, times and symlinks kept;
+/// each tree named from its last component ("/var/log" gives "log/...").
+pub fn write_tar<W: Write>(
+    reader: &SnapshotReader,
+    partition: Option<u32>,
+    paths: &[String],
+    out: W,
+) -> Result<TarStats, FilesError> {
+    let (vol, fs) = volume(reader, partition)?;
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    let mut stats = TarStats::default();
+    match open(vol, &fs)? {
+        Fs::Ext(e) => {
+            for p in paths {
+                let inode = e.resolve(p)?;
+                e.add_tree(&mut tar, &top_name(p), inode, &mut stats)?;
+            }
+        }
+        Fs::Fat(f) => {
+            for p in paths {
+                fat_add(&f, &mut tar, p, &top_name(p), &mut stats)?;
+            }
+        }
+    }
+    tar.into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(|e| FilesError::Read(format!("writing the archive: {e}")))?;
+    Ok(stats)
+}
+
+/// The name a requested path gets in the archive.
+fn top_name(path: &str) -> String {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(".")
+        .to_string()
+}
+
+enum Fs<'a> {
+    Ext(Ext<'a>),
+    Fat(fatfs::FileSystem<Volume<'a>>),
+}
+
+fn open<'a>(vol: Volume<'a>, fs: &str) -> Result<Fs<'a>, FilesError> {
+    match fs {
+        "ext2" | "ext3" | "ext4" => {
+            let sb = ext4::SuperBlock::new(vol).map_err(|e| {
+                let text = format!("{e:#}");
+                if text.contains("unsupported") {
+                    FilesError::Unsupported(format!(
+                        "this ext4 uses a feature not read yet ({text})"
+                    ))
+                } else {
+                    FilesError::Read(text)
+                }
+            })?;
+            Ok(Fs::Ext(Ext { sb }))
+        }
+        "vfat" => Ok(Fs::Fat(
+            fatfs::FileSystem::new(vol, fatfs::FsOptions::new())
+                .map_err(|e| FilesError::Read(e.to_string()))?,
+        )),
+        other => Err(FilesError::Unsupported(format!(
+            "the file system there is {other}"
+        ))),
+    }
+}
+
+fn read_err(e: impl std::fmt::Display) -> FilesError {
+    FilesError::Read(format!("{e:#}"))
+}
+
+fn tar_err(e: io::Error) -> FilesError {
+    FilesError::Read(format!("writing the archive: {e}"))
+}
+
+/// An ext2/3/4 file system. Directories are read here, not by the crate,
+/// whose reader stops at the end of a directory's first block when
+/// metadata checksums are on.
+struct Ext<'a> {
+    sb: ext4::SuperBlock<Volume<'a>>,
+}
+
+impl Ext<'_> {
+    fn entries(&self, inode: &ext4::Inode) -> Result<Vec<(u32, String)>, FilesError> {
         let mut data = Vec::new();
-        sb.open(inode)
-            .map_err(read)?
+        self.sb
+            .open(inode)
+            .map_err(read_err)?
             .read_to_end(&mut data)
-            .map_err(read)?;
+            .map_err(read_err)?;
         dirents(&data)
-    };
-    let mut dir = sb.root().map_err(read)?;
-    let mut walked = String::new();
-    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-        walked.push('/');
-        walked.push_str(part);
+    }
+
+    fn resolve(&self, path: &str) -> Result<ext4::Inode, FilesError> {
+        let mut cur = self.sb.root().map_err(read_err)?;
+        let mut walked = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            walked.push('/');
+            walked.push_str(part);
+            if cur.stat.extracted_type != ext4::FileType::Directory {
+                return Err(FilesError::NotADirectory(walked));
+            }
+            let (ino, _) = self
+                .entries(&cur)?
+                .into_iter()
+                .find(|(_, n)| n == part)
+                .ok_or_else(|| FilesError::NotFound(walked.clone()))?;
+            cur = self.sb.load_inode(ino).map_err(read_err)?;
+        }
+        Ok(cur)
+    }
+
+    fn list(&self, path: &str) -> Result<Vec<FileEntry>, FilesError> {
+        let dir = self.resolve(path)?;
         if dir.stat.extracted_type != ext4::FileType::Directory {
-            return Err(FilesError::NotADirectory(walked));
+            return Err(FilesError::NotADirectory(path.to_string()));
         }
-        let (ino, _) = entries(&dir)?
-            .into_iter()
-            .find(|(_, n)| n == part)
-            .ok_or_else(|| FilesError::NotFound(walked.clone()))?;
-        dir = sb.load_inode(ino).map_err(read)?;
-    }
-    if dir.stat.extracted_type != ext4::FileType::Directory {
-        return Err(FilesError::NotADirectory(path.to_string()));
-    }
-    let mut out = Vec::new();
-    for (ino, name) in entries(&dir)? {
-        if name == "." || name == ".." {
-            continue;
+        let mut out = Vec::new();
+        for (ino, name) in self.entries(&dir)? {
+            if name != "." && name != ".." {
+                let inode = self.sb.load_inode(ino).map_err(read_err)?;
+                out.push(self.entry(name, &inode)?);
+            }
         }
-        let inode = sb.load_inode(ino).map_err(read)?;
+        Ok(out)
+    }
+
+    fn entry(&self, name: String, inode: &ext4::Inode) -> Result<FileEntry, FilesError> {
         let st = &inode.stat;
         let (kind, target) = match &st.extracted_type {
             ext4::FileType::RegularFile => ("file", None),
             ext4::FileType::Directory => ("dir", None),
-            ext4::FileType::SymbolicLink => match sb.enhance(&inode).map_err(read)? {
+            ext4::FileType::SymbolicLink => match self.sb.enhance(inode).map_err(read_err)? {
                 ext4::Enhanced::SymbolicLink(t) => ("symlink", Some(t)),
                 _ => ("symlink", None),
             },
@@ -274,7 +396,7 @@ fn list_ext(vol: Volume<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
             ext4::FileType::Fifo => ("fifo", None),
             ext4::FileType::Socket => ("socket", None),
         };
-        out.push(FileEntry {
+        Ok(FileEntry {
             name,
             kind: kind.into(),
             mode: u32::from(st.file_mode & 0o7777),
@@ -283,9 +405,190 @@ fn list_ext(vol: Volume<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
             size: st.size,
             mtime: i64::from(st.mtime.epoch_secs),
             target,
-        });
+        })
+    }
+
+    fn add_tree<W: Write>(
+        &self,
+        tar: &mut tar::Builder<W>,
+        name: &str,
+        inode: ext4::Inode,
+        stats: &mut TarStats,
+    ) -> Result<(), FilesError> {
+        let e = self.entry(name.to_string(), &inode)?;
+        let mut h = header(&e);
+        match e.kind.as_str() {
+            "file" => {
+                let data = self.sb.open(&inode).map_err(read_err)?;
+                tar.append_data(&mut h, name, data.take(e.size))
+                    .map_err(tar_err)?;
+                stats.files += 1;
+                stats.bytes += e.size;
+            }
+            "symlink" => {
+                let target = e.target.clone().unwrap_or_default();
+                tar.append_link(&mut h, name, target).map_err(tar_err)?;
+                stats.symlinks += 1;
+            }
+            "dir" => {
+                tar.append_data(&mut h, name, io::empty())
+                    .map_err(tar_err)?;
+                stats.dirs += 1;
+                for (ino, child) in self.entries(&inode)? {
+                    if child == "." || child == ".." {
+                        continue;
+                    }
+                    let c = self.sb.load_inode(ino).map_err(read_err)?;
+                    self.add_tree(tar, &format!("{name}/{child}"), c, stats)?;
+                }
+            }
+            _ => stats.skipped += 1,
+        }
+        Ok(())
+    }
+}
+
+/// A tar header for an entry (its size and type set; the path is set when
+/// it is appended).
+fn header(e: &FileEntry) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(e.mode);
+    h.set_uid(u64::from(e.uid));
+    h.set_gid(u64::from(e.gid));
+    h.set_mtime(u64::try_from(e.mtime).unwrap_or(0));
+    let (kind, size) = match e.kind.as_str() {
+        "dir" => (tar::EntryType::Directory, 0),
+        "symlink" => (tar::EntryType::Symlink, 0),
+        _ => (tar::EntryType::Regular, e.size),
+    };
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h
+}
+
+fn fat_time(m: fatfs::DateTime) -> i64 {
+    chrono::NaiveDate::from_ymd_opt(
+        i32::from(m.date.year),
+        u32::from(m.date.month),
+        u32::from(m.date.day),
+    )
+    .and_then(|d| {
+        d.and_hms_opt(
+            u32::from(m.time.hour),
+            u32::from(m.time.min),
+            u32::from(m.time.sec),
+        )
+    })
+    .map(|t| t.and_utc().timestamp())
+    .unwrap_or(0)
+}
+
+type FatFs<'a> = fatfs::FileSystem<Volume<'a>>;
+
+fn fat_entry(e: &fatfs::DirEntry<'_, Volume<'_>>) -> FileEntry {
+    FileEntry {
+        name: e.file_name(),
+        kind: if e.is_dir() { "dir" } else { "file" }.into(),
+        mode: if e.is_dir() { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size: if e.is_dir() { 0 } else { e.len() },
+        mtime: fat_time(e.modified()),
+        target: None,
+    }
+}
+
+/// The entry at `path`: None for the top folder.
+fn fat_resolve<'a, 'b>(
+    fs: &'b FatFs<'a>,
+    path: &str,
+) -> Result<Option<fatfs::DirEntry<'b, Volume<'a>>>, FilesError> {
+    let clean = path.trim_matches('/');
+    if clean.is_empty() {
+        return Ok(None);
+    }
+    let (parent, name) = clean.rsplit_once('/').unwrap_or(("", clean));
+    let dir = if parent.is_empty() {
+        fs.root_dir()
+    } else {
+        fs.root_dir().open_dir(parent).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => FilesError::NotFound(format!("/{parent}")),
+            _ => FilesError::NotADirectory(format!("/{parent}")),
+        })?
+    };
+    for e in dir.iter() {
+        let e = e.map_err(read_err)?;
+        if e.file_name().eq_ignore_ascii_case(name) {
+            return Ok(Some(e));
+        }
+    }
+    Err(FilesError::NotFound(format!("/{clean}")))
+}
+
+fn list_fat(fs: &FatFs<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
+    let dir = match fat_resolve(fs, path)? {
+        None => fs.root_dir(),
+        Some(e) if e.is_dir() => e.to_dir(),
+        Some(_) => return Err(FilesError::NotADirectory(path.to_string())),
+    };
+    let mut out = Vec::new();
+    for e in dir.iter() {
+        let e = e.map_err(read_err)?;
+        let name = e.file_name();
+        if name != "." && name != ".." {
+            out.push(fat_entry(&e));
+        }
     }
     Ok(out)
+}
+
+fn fat_add<W: Write>(
+    fs: &FatFs<'_>,
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    name: &str,
+    stats: &mut TarStats,
+) -> Result<(), FilesError> {
+    let (entry, dir) = match fat_resolve(fs, path)? {
+        None => (None, Some(fs.root_dir())),
+        Some(e) if e.is_dir() => {
+            let d = e.to_dir();
+            (Some(fat_entry(&e)), Some(d))
+        }
+        Some(e) => {
+            let fe = fat_entry(&e);
+            let mut h = header(&fe);
+            tar.append_data(&mut h, name, e.to_file().take(fe.size))
+                .map_err(tar_err)?;
+            stats.files += 1;
+            stats.bytes += fe.size;
+            return Ok(());
+        }
+    };
+    let top = entry.unwrap_or(FileEntry {
+        name: name.to_string(),
+        kind: "dir".into(),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: 0,
+        target: None,
+    });
+    tar.append_data(&mut header(&top), name, io::empty())
+        .map_err(tar_err)?;
+    stats.dirs += 1;
+    let dir = dir.expect("a folder here");
+    for e in dir.iter() {
+        let e = e.map_err(read_err)?;
+        let child = e.file_name();
+        if child == "." || child == ".." {
+            continue;
+        }
+        let child_path = format!("{}/{child}", path.trim_end_matches('/'));
+        fat_add(fs, tar, &child_path, &format!("{name}/{child}"), stats)?;
+    }
+    Ok(())
 }
 
 /// The (inode, name) entries of an ext directory's data, every block of
@@ -312,55 +615,6 @@ fn dirents(data: &[u8]) -> Result<Vec<(u32, String)>, FilesError> {
             out.push((ino, name));
         }
         at += rec_len;
-    }
-    Ok(out)
-}
-
-fn list_fat(vol: Volume<'_>, path: &str) -> Result<Vec<FileEntry>, FilesError> {
-    let read = |e: io::Error| FilesError::Read(e.to_string());
-    let fs = fatfs::FileSystem::new(vol, fatfs::FsOptions::new()).map_err(read)?;
-    let root = fs.root_dir();
-    let clean = path.trim_matches('/');
-    let dir = if clean.is_empty() {
-        root
-    } else {
-        root.open_dir(clean).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => FilesError::NotFound(path.to_string()),
-            _ => FilesError::NotADirectory(path.to_string()),
-        })?
-    };
-    let mut out = Vec::new();
-    for e in dir.iter() {
-        let e = e.map_err(read)?;
-        let name = e.file_name();
-        if name == "." || name == ".." {
-            continue;
-        }
-        let m = e.modified();
-        let mtime = chrono::NaiveDate::from_ymd_opt(
-            i32::from(m.date.year),
-            u32::from(m.date.month),
-            u32::from(m.date.day),
-        )
-        .and_then(|d| {
-            d.and_hms_opt(
-                u32::from(m.time.hour),
-                u32::from(m.time.min),
-                u32::from(m.time.sec),
-            )
-        })
-        .map(|t| t.and_utc().timestamp())
-        .unwrap_or(0);
-        out.push(FileEntry {
-            name,
-            kind: if e.is_dir() { "dir" } else { "file" }.into(),
-            mode: if e.is_dir() { 0o755 } else { 0o644 },
-            uid: 0,
-            gid: 0,
-            size: if e.is_dir() { 0 } else { e.len() },
-            mtime,
-            target: None,
-        });
     }
     Ok(out)
 }

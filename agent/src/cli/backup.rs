@@ -37,15 +37,26 @@ pub struct BackupArgs {
 pub struct RestoreArgs {
     /// Snapshot id (see `novabackup snapshots`).
     snapshot: String,
-    /// Target file or block device.
-    #[arg(long)]
-    to: PathBuf,
+    /// Target file or block device; with --file, the folder files go to.
+    #[arg(long, required_unless_present = "stdout")]
+    to: Option<PathBuf>,
     /// Overwrite an existing target.
     #[arg(long)]
     force: bool,
     /// Print the job id and return at once.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "file")]
     no_wait: bool,
+    /// Restore only this file or folder tree from the snapshot's file
+    /// system (repeatable), with modes, times and symlinks, and owners
+    /// when run as root.
+    #[arg(long)]
+    file: Vec<String>,
+    /// With --file: the partition (see `novabackup partitions`).
+    #[arg(long, requires = "file")]
+    partition: Option<u32>,
+    /// With one --file: write the file to standard output.
+    #[arg(long, requires = "file", conflicts_with = "to")]
+    stdout: bool,
 }
 
 /// `novabackup verify`.
@@ -238,8 +249,12 @@ pub fn snapshot(client: &Client, c: SnapshotCommand) -> anyhow::Result<()> {
 /// moved (or copied onto a device) by this process, with the rights of
 /// whoever runs it, never the agent's.
 pub fn restore(client: &Client, a: RestoreArgs, data_dir: &Path) -> anyhow::Result<()> {
+    if !a.file.is_empty() {
+        return restore_files(client, a);
+    }
+    let to = a.to.clone().context("--to is needed")?;
     let target =
-        std::path::absolute(&a.to).with_context(|| format!("bad target {}", a.to.display()))?;
+        std::path::absolute(&to).with_context(|| format!("bad target {}", to.display()))?;
     let direct = client.restore(&RestoreRequest {
         snapshot: a.snapshot.clone(),
         target: target.to_string_lossy().into_owned(),
@@ -430,5 +445,50 @@ pub fn jobs(client: &Client, json: bool) -> anyhow::Result<()> {
             j.error.unwrap_or_default()
         );
     }
+    Ok(())
+}
+
+/// `novabackup restore ID --file PATH... (--to DIR | --stdout)`: the agent
+/// streams the files as tar from the store; they are unpacked here, with
+/// the invoking user's rights (the agent writes nothing).
+fn restore_files(client: &Client, a: RestoreArgs) -> anyhow::Result<()> {
+    let req = novabackup_api::types::FilesRequest {
+        paths: a.file.clone(),
+        partition: a.partition,
+    };
+    let stream = client.files_tar(&a.snapshot, &req)?;
+    let mut archive = tar::Archive::new(stream);
+    if a.stdout {
+        anyhow::ensure!(a.file.len() == 1, "--stdout takes exactly one --file");
+        let mut entries = archive.entries()?;
+        let mut e = entries
+            .next()
+            .context("the agent sent an empty archive")?
+            .context("reading the archive from the agent")?;
+        anyhow::ensure!(
+            e.header().entry_type().is_file(),
+            "{} is not a regular file; restore it with --to DIR",
+            a.file[0]
+        );
+        std::io::copy(&mut e, &mut std::io::stdout().lock())
+            .context("writing to standard output")?;
+        return Ok(());
+    }
+    let dir = a.to.context("--to DIR is needed")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(nix::unistd::geteuid().is_root());
+    archive.set_overwrite(a.force);
+    // tar refuses entries that would land outside DIR (absolute paths,
+    // "..", or through a symbolic link), whatever the guest put in its
+    // file system.
+    archive.unpack(&dir).with_context(|| {
+        format!(
+            "restoring into {} stopped (a file that exists needs --force)",
+            dir.display()
+        )
+    })?;
+    println!("restored {} into {}", a.file.join(", "), dir.display());
     Ok(())
 }

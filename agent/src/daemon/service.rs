@@ -86,6 +86,18 @@ impl Agent {
     }
 }
 
+/// A file-reading error as the API answers it.
+fn files_error(e: novabackup_engine::files::FilesError) -> ApiError {
+    use novabackup_engine::files::FilesError as E;
+    let code = match &e {
+        E::NotFound(_) | E::NoPartition(_) => ErrorCode::NotFound,
+        E::ChoosePartition(_) | E::NotADirectory(_) => ErrorCode::BadRequest,
+        E::Unsupported(_) => ErrorCode::Unprocessable,
+        E::Table(_) | E::Read(_) => ErrorCode::Internal,
+    };
+    ApiError::new(code, e.to_string())
+}
+
 impl Agent {
     /// A reader of snapshot `id` straight from the store.
     fn reader(
@@ -175,17 +187,23 @@ impl DiskService for Agent {
         partition: Option<u32>,
         path: &str,
     ) -> Result<Vec<novabackup_api::types::FileEntry>, ApiError> {
-        use novabackup_engine::files::FilesError as E;
         let reader = self.reader(id, 32 << 20, 8)?;
-        novabackup_engine::files::list(&reader, partition, path).map_err(|e| {
-            let code = match &e {
-                E::NotFound(_) | E::NoPartition(_) => ErrorCode::NotFound,
-                E::ChoosePartition(_) | E::NotADirectory(_) => ErrorCode::BadRequest,
-                E::Unsupported(_) => ErrorCode::Unprocessable,
-                E::Table(_) | E::Read(_) => ErrorCode::Internal,
-            };
-            ApiError::new(code, e.to_string())
-        })
+        novabackup_engine::files::list(&reader, partition, path).map_err(files_error)
+    }
+
+    fn files_tar(
+        &self,
+        id: &str,
+        req: novabackup_api::types::FilesRequest,
+    ) -> Result<novabackup_api::TarJob, ApiError> {
+        use novabackup_engine::files;
+        let reader = self.reader(id, 64 << 20, 32)?;
+        files::check_paths(&reader, req.partition, &req.paths).map_err(files_error)?;
+        Ok(Box::new(move |w| {
+            files::write_tar(&reader, req.partition, &req.paths, w)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }))
     }
 
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {

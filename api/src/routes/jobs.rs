@@ -12,7 +12,8 @@ use super::{blocking, json_body, query_params, DiskService};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::types::{
-    BackupRequest, FileEntry, JobInfo, PartitionTable, RestoreRequest, SnapshotInfo, VerifyRequest,
+    BackupRequest, FileEntry, FilesRequest, JobInfo, PartitionTable, RestoreRequest, SnapshotInfo,
+    VerifyRequest,
 };
 
 type Svc = State<Arc<dyn DiskService>>;
@@ -167,6 +168,75 @@ pub(super) async fn files(
     blocking(&svc, move |s| s.files(&id, q.partition, &path))
         .await
         .map(Json)
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/files/tar", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), request_body = FilesRequest, responses((status = 200, description = "The files and folder trees as a tar stream (modes, owners, times, symlinks)", content_type = "application/x-tar", body = Vec<u8>), crate::error::Errors), security(("bearer" = [])))]
+pub(super) async fn files_tar(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    body: Result<Json<FilesRequest>, JsonRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let req = json_body(body)?;
+    if req.paths.is_empty() {
+        return Err(ApiError::new(
+            crate::error::ErrorCode::BadRequest,
+            "name at least one file or folder in paths",
+        ));
+    }
+    let job = blocking(&svc, move |s| s.files_tar(&id, req)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHANNEL_CHUNK),
+        };
+        let result =
+            job(&mut w).and_then(|()| std::io::Write::flush(&mut w).map_err(|e| e.to_string()));
+        if let Err(e) = result {
+            tracing::warn!("file download ended early: {e}");
+            // The client sees the stream break, not a short archive that
+            // looks complete.
+            let _ = w.tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Bytes per message from the tar writer to the response.
+const CHANNEL_CHUNK: usize = 256 << 10;
+
+/// A `Write` into the response's channel, in [`CHANNEL_CHUNK`] pieces; a
+/// client that went away stops the writer with `BrokenPipe`.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHANNEL_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHANNEL_CHUNK));
+        self.tx
+            .blocking_send(Ok(bytes::Bytes::from(chunk)))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
 }
 
 #[utoipa::path(delete, path = "/api/v1/snapshots/{id}", tag = "snapshots", params(("id" = String, Path, description = "Snapshot id (DISK@YYYYMMDDTHHMMSSZ)")), responses((status = 204, description = "Deleted (its chunks stay until garbage collection)"), crate::error::Errors), security(("bearer" = [])))]
