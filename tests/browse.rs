@@ -97,8 +97,7 @@ fn mkfs_at(img: &Path, offset: u64, size: u64, fs: &str) {
 fn partitions_of(t: &Path, img: &Path) -> serde_json::Value {
     let a = Agent::start(&t.join("agent"), "pread");
     a.attach("vm", img, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
-    let id = r["snapshot"].as_str().unwrap().to_string();
+    let id = backup_id(&a, "vm");
     // The human form names the scheme too.
     let text = a.ok(&["partitions", &id]);
     let v: serde_json::Value = serde_json::from_str(&a.ok(&["partitions", &id, "--json"])).unwrap();
@@ -288,6 +287,20 @@ fn tree(root: &Path) {
     std::fs::create_dir_all(root.join("empty")).unwrap();
 }
 
+/// A 64 MiB image holding an ext4 made of `src` with mke2fs -d.
+fn ext4_of(src: &Path, img: &Path) -> std::path::PathBuf {
+    sparse_file(img, 64 * MIB);
+    let (s, i) = (src.to_str().unwrap(), img.to_str().unwrap());
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-d", s, i]);
+    img.to_path_buf()
+}
+
+/// The id of a new backup of `disk`.
+fn backup_id(a: &Agent, disk: &str) -> String {
+    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", disk, "--json"])).unwrap();
+    r["snapshot"].as_str().unwrap().to_string()
+}
+
 /// `files --json` of `path`.
 fn files(a: &Agent, id: &str, path: &str, partition: Option<u32>) -> Vec<serde_json::Value> {
     let mut args = vec!["files", id, path, "--json"];
@@ -353,24 +366,10 @@ fn ext4_folders_in_a_partition_and_on_a_whole_disk_match_their_tree_and_debugfs(
     let src = t.path().join("tree");
     tree(&src);
     // On a whole disk, where debugfs can read it too.
-    let img = t.path().join("ext4.img");
-    sparse_file(&img, 64 * MIB);
-    run(
-        "mke2fs",
-        &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-d",
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
+    let img = ext4_of(&src, &t.path().join("ext4.img"));
     let a = Agent::start(&t.path().join("a"), "pread");
     a.attach("vm", &img, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
-    let id = r["snapshot"].as_str().unwrap().to_string();
+    let id = backup_id(&a, "vm");
     for dir in ["", "etc", "usr", "usr/bin", "var/many", "empty"] {
         let got = files(&a, &id, &format!("/{dir}"), None);
         assert_eq!(ours(&got), source(&src.join(dir)), "/{dir}");
@@ -436,8 +435,7 @@ fn ext4_folders_in_a_partition_and_on_a_whole_disk_match_their_tree_and_debugfs(
         ],
     );
     a.attach("gpt", &gpt, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "gpt", "--json"])).unwrap();
-    let gid = r["snapshot"].as_str().unwrap().to_string();
+    let gid = backup_id(&a, "gpt");
     // Two file systems: the operator must say which.
     let o = a.cli(&["files", &gid, "/"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -477,8 +475,7 @@ fn fat_folders_match_mdir() {
     );
     let a = Agent::start(&t.path().join("a"), "pread");
     a.attach("esp", &img, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "esp", "--json"])).unwrap();
-    let id = r["snapshot"].as_str().unwrap().to_string();
+    let id = backup_id(&a, "esp");
     for dir in ["", "EFI", "EFI/BOOT"] {
         let got = files(&a, &id, &format!("/{dir}"), None);
         let mut want: Vec<(String, u64)> = std::fs::read_dir(src.join(dir))
@@ -625,24 +622,10 @@ fn files_and_trees_come_back_equal_to_the_source_with_modes_times_and_links() {
     let t = tempdir();
     let src = t.path().join("tree");
     tree(&src);
-    let img = t.path().join("ext4.img");
-    sparse_file(&img, 64 * MIB);
-    run(
-        "mke2fs",
-        &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-d",
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
+    let img = ext4_of(&src, &t.path().join("ext4.img"));
     let a = Agent::start(&t.path().join("a"), "pread");
     a.attach("vm", &img, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
-    let id = r["snapshot"].as_str().unwrap().to_string();
+    let id = backup_id(&a, "vm");
     let out = t.path().join("out");
     let o = out.to_str().unwrap();
     a.ok(&[
@@ -704,8 +687,7 @@ fn fat_files_come_back_equal() {
     );
     let a = Agent::start(&t.path().join("a"), "pread");
     a.attach("esp", &img, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "esp", "--json"])).unwrap();
-    let id = r["snapshot"].as_str().unwrap().to_string();
+    let id = backup_id(&a, "esp");
     let out = t.path().join("out");
     a.ok(&[
         "restore",

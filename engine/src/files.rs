@@ -118,6 +118,16 @@ impl Write for Volume<'_> {
     }
 }
 
+/// A partition as a volume of its own.
+fn window<'a>(reader: &'a SnapshotReader, p: &partitions::Partition) -> Volume<'a> {
+    Volume {
+        reader,
+        start: p.start,
+        len: p.size,
+        pos: 0,
+    }
+}
+
 /// The volume `partition` names (None: the only file system there is) and
 /// the file system found on it.
 fn volume(
@@ -142,13 +152,7 @@ fn volume(
                 .iter()
                 .find(|p| p.number == n)
                 .ok_or(FilesError::NoPartition(n))?;
-            let v = Volume {
-                reader,
-                start: p.start,
-                len: p.size,
-                pos: 0,
-            };
-            (v, p.filesystem.clone())
+            (window(reader, p), p.filesystem.clone())
         }
         None if table.scheme == "none" => whole(table.filesystem.clone()),
         None => {
@@ -158,15 +162,7 @@ fn volume(
                 .filter(|p| p.filesystem.is_some())
                 .collect();
             match with_fs.as_slice() {
-                [only] => {
-                    let v = Volume {
-                        reader,
-                        start: only.start,
-                        len: only.size,
-                        pos: 0,
-                    };
-                    (v, only.filesystem.clone())
-                }
+                [only] => (window(reader, only), only.filesystem.clone()),
                 _ => {
                     let list: Vec<String> = table
                         .partitions
