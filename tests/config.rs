@@ -101,6 +101,25 @@ fn a_bad_configuration_stops_the_agent_at_start_with_the_file_named() {
         err.contains("bad.toml") && err.contains("zstd_levle"),
         "{err}"
     );
+    // `config check`, which the unit runs before every start and reload,
+    // says the same without starting anything; sizes are checked too.
+    std::fs::write(&cfg, "snapshot_cache = \"lots\"\n").unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("snapshot_cache"), "{err}");
+    std::fs::write(&cfg, "snapshot_cache = \"256M\"\n").unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (0 disks declared)"));
 }
 
 #[test]

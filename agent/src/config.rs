@@ -21,6 +21,7 @@
 //! restore_devices = ["/dev/vg0/restore"]
 //! image_dirs = ["/var/lib/libvirt/images"] # run-time attaches (writable under systemd)
 //! start_on_install = false            # the package starts the agent at once
+//! snapshot_cache = "64M"              # per reader of a snapshot (file listings)
 //!
 //! [[disk]]
 //! name = "web"
@@ -93,6 +94,9 @@ pub struct FileConfig {
     /// are writable.
     #[serde(default)]
     pub image_dirs: Vec<PathBuf>,
+    /// Memory for the chunks of a snapshot read without a restore, per
+    /// reader ("64M").
+    pub snapshot_cache: Option<String>,
     /// Read by the package's install script only: start the agent right
     /// after installing (it is enabled either way, so it starts at boot).
     pub start_on_install: Option<bool>,
@@ -129,6 +133,10 @@ impl FileConfig {
         if let Some(cs) = &c.chunk_size {
             novabackup_engine::size::parse_size(cs)
                 .map_err(|e| anyhow::anyhow!("{}: chunk_size: {e}", path.display()))?;
+        }
+        if let Some(sc) = &c.snapshot_cache {
+            novabackup_engine::size::parse_size(sc)
+                .map_err(|e| anyhow::anyhow!("{}: snapshot_cache: {e}", path.display()))?;
         }
         for d in &c.disks {
             if let Some(g) = &d.granularity {

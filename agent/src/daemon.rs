@@ -99,6 +99,10 @@ pub struct AgentArgs {
     /// A block device restores may overwrite (repeatable).
     #[arg(long = "restore-device")]
     pub restore_devices: Vec<PathBuf>,
+    /// Memory for the chunks of a snapshot read without a restore (file
+    /// listings and downloads), per reader [default: 64M].
+    #[arg(long, value_parser = novabackup_engine::size::parse_size)]
+    pub snapshot_cache: Option<u64>,
     /// Seconds an API client has for a request's headers, and may pause
     /// within its body [default: 30].
     #[arg(long, hide = true)]
@@ -155,6 +159,8 @@ pub struct AgentOptions {
     pub restore_dirs: Vec<PathBuf>,
     /// Block devices API restores may overwrite.
     pub restore_devices: Vec<PathBuf>,
+    /// Bytes of chunks each snapshot reader keeps.
+    pub snapshot_cache: usize,
 }
 
 impl AgentArgs {
@@ -230,6 +236,12 @@ impl AgentArgs {
             } else {
                 self.restore_devices
             },
+            snapshot_cache: self
+                .snapshot_cache
+                .or(c
+                    .snapshot_cache
+                    .and_then(|s| novabackup_engine::size::parse_size(&s).ok()))
+                .unwrap_or(64 << 20) as usize,
         }
     }
 }
@@ -305,6 +317,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         audit_every: opts.audit_every,
         pages: Default::default(),
         confine: restore_confinement(&dir, &opts)?,
+        snapshot_cache: opts.snapshot_cache,
     };
     let policy = policy::Settings::load(&dir)?;
     let schedules = Arc::new(schedule::Schedules::load(&dir)?);

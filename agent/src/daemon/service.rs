@@ -187,7 +187,7 @@ impl DiskService for Agent {
         partition: Option<u32>,
         path: &str,
     ) -> Result<Vec<novabackup_api::types::FileEntry>, ApiError> {
-        let reader = self.reader(id, 32 << 20, 8)?;
+        let reader = self.reader(id, self.settings.snapshot_cache, 8)?;
         novabackup_engine::files::list(&reader, partition, path).map_err(files_error)
     }
 
@@ -197,7 +197,7 @@ impl DiskService for Agent {
         req: novabackup_api::types::FilesRequest,
     ) -> Result<novabackup_api::TarJob, ApiError> {
         use novabackup_engine::files;
-        let reader = self.reader(id, 64 << 20, 32)?;
+        let reader = self.reader(id, self.settings.snapshot_cache, 32)?;
         files::check_paths(&reader, req.partition, &req.paths).map_err(files_error)?;
         Ok(Box::new(move |w| {
             files::write_tar(&reader, req.partition, &req.paths, w)

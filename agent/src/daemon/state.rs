@@ -69,6 +69,9 @@ pub struct EngineSettings {
     pub pages: Arc<PageCache>,
     /// Where restores asked for over the API may write.
     pub confine: novabackup_engine::ops::restore::Confinement,
+    /// Bytes of decoded chunks each reader of a snapshot keeps (file
+    /// listings and downloads).
+    pub snapshot_cache: usize,
 }
 
 /// The agent's state.
