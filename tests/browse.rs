@@ -15,25 +15,6 @@ use harness::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Lays out `script` with sfdisk on a new sparse image of `size` bytes.
-fn table(img: &Path, size: u64, script: &str) {
-    sparse_file(img, size);
-    let mut c = std::process::Command::new("sfdisk")
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(img)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk (apt-get install fdisk)");
-    use std::io::Write;
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(c.wait().unwrap().success(), "sfdisk failed on {script}");
-}
-
 /// `sfdisk --json`'s partitions: (number, start sector, sectors, type).
 fn sfdisk(img: &Path) -> Vec<(u32, u64, u64, String)> {
     let v: serde_json::Value =
@@ -135,7 +116,7 @@ fn same_as_the_tools(img: &Path, got: &serde_json::Value) {
 fn a_gpt_disk_with_an_efi_partition_two_ext4_and_swap() {
     let t = tempdir();
     let img = t.path().join("gpt.img");
-    table(
+    sfdisk_table(
         &img,
         200 * MIB,
         "label: gpt\n\
@@ -175,7 +156,7 @@ fn a_gpt_disk_with_an_efi_partition_two_ext4_and_swap() {
 fn an_mbr_disk_with_a_logical_partition() {
     let t = tempdir();
     let img = t.path().join("mbr.img");
-    table(
+    sfdisk_table(
         &img,
         160 * MIB,
         "label: dos\n\
@@ -232,8 +213,9 @@ fn a_whole_disk_file_system_and_an_empty_disk_have_no_table() {
 #[test]
 fn unknown_snapshots_and_other_disks_tokens_are_refused() {
     let t = tempdir();
-    let img = t.path().join("d.img");
-    sparse_file(&img, 8 * MIB);
+    let src = t.path().join("tree");
+    tree(&src);
+    let img = ext4_of(&src, &t.path().join("d.img"));
     let a = Agent::start(&t.path().join("agent"), "pread");
     a.attach("vm", &img, &[]);
     let o = a.cli(&["partitions", "vm@20200101T000000Z"]);
@@ -245,23 +227,45 @@ fn unknown_snapshots_and_other_disks_tokens_are_refused() {
     );
     let o = a.cli(&["partitions", "not an id"]);
     assert!(!o.status.success());
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
-    let id = r["snapshot"].as_str().unwrap();
-    // A token for another disk learns nothing of this one.
-    let tok: serde_json::Value = serde_json::from_str(&a.ok(&[
-        "token", "create", "other", "--role", "backup", "--disk", "web", "--json",
-    ]))
-    .unwrap();
-    let o = std::process::Command::new(BIN)
-        .arg("--data-dir")
-        .arg(a.state())
-        .args(["partitions", id])
-        .env("NOVABACKUP_TOKEN", tok["token"].as_str().unwrap())
-        .output()
-        .unwrap();
+    let id = backup_id(&a, "vm");
+    let as_token = |role: &str, disk: &str, args: &[&str]| {
+        let mut create = vec!["token", "create", role, "--role", role, "--json"];
+        if !disk.is_empty() {
+            create.extend(["--disk", disk]);
+        }
+        let tok: serde_json::Value = serde_json::from_str(&a.ok(&create)).unwrap();
+        std::process::Command::new(BIN)
+            .arg("--data-dir")
+            .arg(a.state())
+            .args(args)
+            .env("NOVABACKUP_TOKEN", tok["token"].as_str().unwrap())
+            .output()
+            .unwrap()
+    };
+    let out = t.path().join("out");
+    let out = out.to_str().unwrap();
+    // A token for another disk learns nothing of this one and gets no file.
+    for args in [
+        vec!["partitions", &id],
+        vec!["files", &id, "/etc"],
+        vec!["restore", &id, "--file", "/etc/shadow", "--to", out],
+    ] {
+        let o = as_token("backup", "web", &args);
+        assert!(!o.status.success(), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("may not act on disk \"vm\""), "{args:?}: {e}");
+    }
+    assert!(!Path::new(out).join("shadow").exists());
+    // A read-only token may list, not take the files' contents.
+    let o = as_token("read-only", "", &["files", &id, "/etc"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = as_token(
+        "read-only",
+        "",
+        &["restore", &id, "--file", "/etc/shadow", "--stdout"],
+    );
     assert!(!o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("may not act on disk \"vm\""), "{e}");
+    assert!(o.stdout.is_empty(), "a read-only token got file contents");
 }
 
 /// A known tree: nested folders, a big folder, modes, a symlink, sizes.
@@ -408,7 +412,7 @@ fn ext4_folders_in_a_partition_and_on_a_whole_disk_match_their_tree_and_debugfs(
 
     // In the second partition of a GPT disk.
     let gpt = t.path().join("gpt.img");
-    table(
+    sfdisk_table(
         &gpt,
         100 * MIB,
         "label: gpt\nstart=2048, size=32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\nsize=131072\n",

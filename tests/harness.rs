@@ -356,6 +356,25 @@ pub fn random_file(path: &Path, size: usize, seed: u64) {
     std::fs::write(path, v).unwrap();
 }
 
+/// Lays out `script` with sfdisk on a new sparse image of `size` bytes.
+pub fn sfdisk_table(img: &Path, size: u64, script: &str) {
+    use std::io::Write;
+    sparse_file(img, size);
+    let mut c = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(img)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt-get install fdisk)");
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success(), "sfdisk failed on {script}");
+}
+
 /// An empty (sparse) image.
 pub fn sparse_file(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();

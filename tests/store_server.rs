@@ -574,20 +574,11 @@ fn a_snapshot_on_a_store_server_is_read_without_a_restore() {
     let server = StoreServer::start(&t.path().join("store"));
     let a = server.agent(&t.path().join("host"));
     let img = t.path().join("d.img");
-    sparse_file(&img, 64 << 20);
-    let mut c = std::process::Command::new("sfdisk")
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(&img)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk (apt-get install fdisk)");
-    std::io::Write::write_all(
-        &mut c.stdin.take().unwrap(),
-        b"label: gpt\nstart=2048, size=32768, name=\"data\"\n",
-    )
-    .unwrap();
-    assert!(c.wait().unwrap().success());
+    sfdisk_table(
+        &img,
+        64 << 20,
+        "label: gpt\nstart=2048, size=32768, name=\"data\"\n",
+    );
     run(
         "mke2fs",
         &[
