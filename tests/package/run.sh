@@ -18,7 +18,7 @@
 # bitmap and schedules survive and the next backup is incremental.
 #
 # Caches (outside the clone): see tests/package/vm.sh.
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 # shellcheck source=tests/package/vm.sh
@@ -35,6 +35,8 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+# A command failing under set -e must not end the test without a word.
+trap 'log "FAILED: line $LINENO: $BASH_COMMAND (exit $?)"' ERR
 
 ensure_host_tools
 ensure_qemu
@@ -93,11 +95,17 @@ log "rpm: $(rpm -qp "$RPM"), $(wc -l <"$VM_WORK/rpm.files") files, same as the .
 # with that tag's own scripts and cached by commit.
 old_package() {
     local tag commit dir
-    tag=${NOVABACKUP_OLD_RELEASE:-$(git tag --list 'v*' --sort=-v:refname | grep -vx "v$VERSION" | head -1)}
-    [[ -n $tag ]] || die "no earlier release tag (v*) to upgrade from"
-    commit=$(git rev-parse "$tag^{commit}")
+    if [[ -n ${NOVABACKUP_OLD_RELEASE:-} ]]; then
+        tag=$NOVABACKUP_OLD_RELEASE
+        commit=$(git rev-parse --verify --quiet "$tag^{commit}") || die "no commit $tag in this clone"
+    else
+        read -r tag commit < <(grep -v '^#' packaging/previous-release)
+        [[ -n $commit ]] || die "packaging/previous-release names no release"
+    fi
     dir=$CACHE/packages/$commit
     if ! ls "$dir"/*.deb >/dev/null 2>&1; then
+        git cat-file -e "$commit^{commit}" 2>/dev/null \
+            || die "$tag ($commit) is neither cached in $dir nor in this clone; fetch it (git fetch --tags) or set NOVABACKUP_OLD_RELEASE"
         log "building the package of $tag ($commit) once, into $dir"
         local src=$CACHE/src-$commit
         rm -rf "$src" && mkdir -p "$src"
