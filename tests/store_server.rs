@@ -606,4 +606,32 @@ fn a_snapshot_on_a_store_server_is_read_without_a_restore() {
     );
     assert_eq!(p["name"], "data");
     assert_eq!(p["filesystem"], "ext4");
+
+    // Served as an NBD export straight from the store server, and written
+    // to through an overlay: the export equals the disk, then the disk
+    // plus the write; the store server holds nothing more.
+    let stored = du(&t.path().join("store"));
+    a.ok(&["mount", &id, "--name", "remote", "--writable"]);
+    compare_images(&img, Path::new(&a.uri("remote")));
+    let o = peer("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 8192 4096",
+            &a.uri("remote"),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let copy = t.path().join("copy.img");
+    run("nbdcopy", &[&a.uri("remote"), copy.to_str().unwrap()]);
+    let mut want = std::fs::read(&img).unwrap();
+    want[8192..8192 + 4096].fill(0x61);
+    assert!(std::fs::read(&copy).unwrap() == want);
+    a.ok(&["unmount", "remote"]);
+    assert!(
+        du(&t.path().join("store")) <= stored + 64 * 1024,
+        "the mount wrote into the store"
+    );
 }

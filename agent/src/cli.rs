@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod disk;
 mod job;
+mod mount;
 mod repair;
 mod retention;
 mod status;
@@ -98,6 +99,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a snapshot over NBD straight from the store, read-only or
+    /// with a local copy-on-write overlay (a VM boots from it at once);
+    /// `mount promote` turns one into a real disk image.
+    Mount(mount::MountArgs),
+    /// List the mounts.
+    Mounts {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a mount; its overlay is deleted (unless promoted).
+    Unmount {
+        /// Mount name.
+        name: String,
+        /// Disconnect its NBD clients first.
+        #[arg(long)]
+        force: bool,
+    },
     /// Re-read and re-hash every chunk of snapshots.
     Verify(backup::VerifyArgs),
     /// Verify every snapshot, store again what damaged ones lost from the
@@ -166,6 +185,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow or cancel one job.
+    #[command(subcommand)]
+    Job(job::JobCommand),
 }
 
 impl Cli {
@@ -231,7 +253,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 } => browse::files(&client, &snapshot, &path, partition, json),
                 Command::Repair { json } => repair::run(&client, json),
+                Command::Mount(a) => mount::mount(&client, a),
+                Command::Mounts { json } => mount::list(&client, json),
+                Command::Unmount { name, force } => mount::unmount(&client, &name, force),
                 Command::Jobs { json } => backup::jobs(&client, json),
+                Command::Job(c) => job::run(&client, c),
                 Command::Status { json } => status::status(&client, json),
                 Command::Token(c) => token::run(&client, c),
                 Command::Prune(a) => retention::prune(&client, a),

@@ -8,6 +8,7 @@ mod fault;
 mod jobs;
 mod listen;
 mod metrics;
+mod mounts;
 mod notify;
 mod policy;
 mod schedule;
@@ -330,6 +331,7 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         policy,
         schedules.clone(),
     ));
+    agent.set_self();
     agent.restore()?;
     attach_declared(&agent, &opts.disks);
     let stop_scheduler = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -218,6 +218,39 @@ impl Client {
         self.json("POST", "/api/v1/restores", Some(req))
     }
 
+    /// `POST /api/v1/mounts`.
+    pub fn mount(
+        &self,
+        req: &crate::types::MountRequest,
+    ) -> Result<crate::types::MountInfo, ClientError> {
+        self.json("POST", "/api/v1/mounts", Some(req))
+    }
+
+    /// `GET /api/v1/mounts`.
+    pub fn mounts(&self) -> Result<Vec<crate::types::MountInfo>, ClientError> {
+        self.json("GET", "/api/v1/mounts", None::<&()>)
+    }
+
+    /// `DELETE /api/v1/mounts/{name}`; `force` disconnects its clients.
+    pub fn unmount(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let q = if force { "?force=true" } else { "" };
+        self.send(
+            "DELETE",
+            &format!("/api/v1/mounts/{}{q}", enc(name)),
+            None::<&()>,
+        )
+        .map(drop)
+    }
+
+    /// `POST /api/v1/mounts/{name}/promote`.
+    pub fn promote(&self, name: &str, to: &str) -> Result<JobInfo, ClientError> {
+        self.json(
+            "POST",
+            &format!("/api/v1/mounts/{}/promote", enc(name)),
+            Some(&crate::types::PromoteRequest { to: to.to_string() }),
+        )
+    }
+
     /// `POST /api/v1/verify`.
     pub fn verify(&self, req: &VerifyRequest) -> Result<JobInfo, ClientError> {
         self.json("POST", "/api/v1/verify", Some(req))

@@ -5,18 +5,19 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{disks, jobs, policy, tokens};
+use crate::routes::{disks, jobs, mounts, policy, tokens};
 
 /// The document (module doc).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "novabackup agent API", description = "Disks, change tracking, backups, snapshots, restores, jobs, tokens, retention, garbage collection, schedules, quotas."),
+    info(title = "novabackup agent API", description = "Disks, change tracking, mounts, backups, snapshots, restores, jobs, tokens, retention, garbage collection, schedules, quotas."),
     paths(
         crate::routes::health,
         disks::list, disks::attach, disks::get, disks::detach, disks::cbt, disks::cbt_reset,
         jobs::backup, jobs::restore, jobs::verify_many, jobs::verify_one, jobs::snapshots,
         jobs::snapshot, jobs::partitions, jobs::files, jobs::files_tar, jobs::delete_snapshot, jobs::jobs, jobs::job, jobs::cancel, jobs::events,
         jobs::metrics, jobs::store_info,
+        mounts::list, mounts::mount, mounts::unmount, mounts::promote,
         tokens::list, tokens::create, tokens::revoke,
         policy::protect, policy::unprotect, policy::policies, policy::policy,
         policy::create_policy, policy::update_policy, policy::delete_policy, policy::prune,

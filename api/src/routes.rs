@@ -4,6 +4,7 @@
 
 pub(crate) mod disks;
 pub(crate) mod jobs;
+pub(crate) mod mounts;
 pub(crate) mod policy;
 pub(crate) mod tokens;
 
@@ -71,6 +72,27 @@ pub trait DiskService: Send + Sync + 'static {
             format!("no files for {id}: this service does not read snapshots"),
         ))
     }
+    /// Serves a snapshot as an NBD export.
+    fn mount(&self, _req: crate::types::MountRequest) -> Result<crate::types::MountInfo, ApiError> {
+        Err(no_mounts())
+    }
+    /// The mounts.
+    fn mounts(&self) -> Result<Vec<crate::types::MountInfo>, ApiError> {
+        Err(no_mounts())
+    }
+    /// Ends a mount (its overlay is deleted unless it was promoted).
+    fn unmount(&self, _name: &str, _force: bool) -> Result<(), ApiError> {
+        Err(no_mounts())
+    }
+    /// Turns a mount into a real disk image at `to`, filled in the
+    /// background while the export stays up.
+    fn promote(
+        &self,
+        _name: &str,
+        _req: crate::types::PromoteRequest,
+    ) -> Result<JobInfo, ApiError> {
+        Err(no_mounts())
+    }
     /// Deletes a snapshot.
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError>;
     /// Starts a verify job.
@@ -122,6 +144,13 @@ pub trait DiskService: Send + Sync + 'static {
     fn set_quotas(&self, q: Quotas) -> Result<Quotas, ApiError>;
 }
 
+fn no_mounts() -> ApiError {
+    ApiError::new(
+        crate::error::ErrorCode::NotFound,
+        "this service does not serve snapshots",
+    )
+}
+
 /// The control API. Everything but health needs a token from `tokens`,
 /// whose role allows the call (see [`crate::auth`]).
 pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Router {
@@ -149,6 +178,12 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         .route("/api/v1/snapshots/{id}/partitions", get(jobs::partitions))
         .route("/api/v1/snapshots/{id}/files", get(jobs::files))
         .route("/api/v1/snapshots/{id}/files/tar", post(jobs::files_tar))
+        .route("/api/v1/mounts", get(mounts::list).post(mounts::mount))
+        .route(
+            "/api/v1/mounts/{name}",
+            axum::routing::delete(mounts::unmount),
+        )
+        .route("/api/v1/mounts/{name}/promote", post(mounts::promote))
         .route("/api/v1/jobs", get(jobs::jobs))
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))

@@ -76,6 +76,76 @@ pub struct DiskInfo {
     pub uris: Vec<String>,
     /// Change tracking.
     pub cbt: CbtInfo,
+    /// While a live restore fills the disk: from which snapshot, how far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<FillInfo>,
+}
+
+/// A disk or mount being filled from a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct FillInfo {
+    /// The snapshot the bytes come from.
+    pub snapshot: String,
+    /// Chunks already in the image.
+    pub filled: u64,
+    /// Chunks in the image.
+    pub chunks: u64,
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// The job filling the rest in the background, if one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+/// `POST /api/v1/mounts`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// The export name (default: `mount-N`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Accept writes into a local copy-on-write overlay (never into the
+    /// store).
+    #[serde(default)]
+    pub writable: bool,
+    /// NBD clients that may open the mount (as for disks).
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// A snapshot served as an NBD export.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct MountInfo {
+    /// The export name.
+    pub name: String,
+    /// The snapshot served.
+    pub snapshot: String,
+    /// Writes go to the overlay.
+    pub writable: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// The local file holding fetched blocks and writes.
+    pub overlay: String,
+    /// Where the mount is being (or was) turned into a real disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_to: Option<String>,
+    /// Connected NBD clients.
+    pub connections: usize,
+    /// NBD URIs a client can use.
+    pub uris: Vec<String>,
+    /// How much of the snapshot is local.
+    pub fill: FillInfo,
+}
+
+/// `POST /api/v1/mounts/{name}/promote`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The absolute path the mount's image becomes (on the file system of
+    /// the agent's data folder, where the overlay lives).
+    pub to: String,
 }
 
 /// `POST /api/v1/backups`.
@@ -104,6 +174,13 @@ pub struct RestoreRequest {
     /// Overwrite an existing target.
     #[serde(default)]
     pub force: bool,
+    /// Attach the target as a disk at once and fill it in the background
+    /// (needs an admin token, as attaching does).
+    #[serde(default)]
+    pub live: bool,
+    /// The disk name for a live restore (default: the snapshot's disk).
+    #[serde(default)]
+    pub attach: Option<String>,
 }
 
 /// `POST /api/v1/verify`.

@@ -146,6 +146,16 @@ impl SnapshotReader {
         &self.manifest
     }
 
+    /// The chunk size of the snapshot, in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.manifest.chunk_size
+    }
+
+    /// Whether chunk `idx` is all zeroes (nothing to fetch for it).
+    pub fn is_zero_chunk(&self, idx: u64) -> bool {
+        self.digests.get(idx as usize).is_some_and(|d| d.is_zero())
+    }
+
     /// Counters of cache hits, fetches and read-ahead.
     pub fn stats(&self) -> ReaderStats {
         ReaderStats {

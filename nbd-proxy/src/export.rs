@@ -248,6 +248,9 @@ pub struct Export {
     pub stats: crate::stats::ExportStats,
     /// Client identities that may open it (see [`crate::access`]).
     pub allow: Vec<String>,
+    /// For a mount or a live restore: fetches blocks from the snapshot
+    /// before any request touches them (see [`crate::fill`]).
+    pub filler: Option<Arc<crate::fill::Filler>>,
 }
 
 impl Export {
@@ -267,6 +270,11 @@ impl Export {
             f |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
         }
         f
+    }
+
+    /// The filler while blocks are still missing from the image.
+    pub fn filling(&self) -> Option<&crate::fill::Filler> {
+        self.filler.as_deref().filter(|f| !f.is_complete())
     }
 
     /// The handshake's view of this export.

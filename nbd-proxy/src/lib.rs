@@ -6,6 +6,8 @@
 //! - [`server`]: listeners' connections, the handshake driver and the two
 //!   data engines (io_uring, positional I/O);
 //! - [`export`]: image files and block devices;
+//! - [`fill`]: images filled from a snapshot on first touch (mounts and
+//!   live restores);
 //! - [`access`]: client identities and per-export allow lists;
 //! - [`tracking`], [`checkpoint`], [`cbw`]: CBT, checkpoints and
 //!   copy-before-write.
@@ -15,6 +17,7 @@ pub mod cbw;
 pub mod checkpoint;
 pub mod client;
 pub mod export;
+pub mod fill;
 pub mod proto;
 pub mod server;
 pub mod stats;

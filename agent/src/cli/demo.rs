@@ -137,6 +137,8 @@ fn demo(root: &Path, size: u64) -> anyhow::Result<()> {
             snapshot: snap["snapshot"].as_str().unwrap_or_default().to_string(),
             target: target.display().to_string(),
             force: false,
+            live: false,
+            attach: None,
         })?;
         job::result(&job::wait(&api, j, false, "bytes")?)?;
         let secs = started.elapsed().as_secs_f64();

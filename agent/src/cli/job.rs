@@ -57,3 +57,41 @@ pub fn result(job: &JobInfo) -> anyhow::Result<&serde_json::Value> {
         ),
     }
 }
+
+/// `novabackup job ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// Wait for a job to end, showing its progress; fails if it failed.
+    Wait {
+        /// Job id (see `novabackup jobs`).
+        id: String,
+        /// Print the ended job as JSON (and succeed whatever its state).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a job to stop.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// Runs a `job` subcommand.
+pub fn run(client: &Client, c: JobCommand) -> anyhow::Result<()> {
+    match c {
+        JobCommand::Wait { id, json } => {
+            let j = wait(client, client.job(&id)?, json, "bytes")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&j)?);
+                return Ok(());
+            }
+            result(&j)?;
+            println!("{} {} {}: succeeded", j.id, j.kind, j.target);
+        }
+        JobCommand::Cancel { id } => {
+            let j = client.cancel(&id)?;
+            println!("{} {} {}: cancel asked", j.id, j.kind, j.target);
+        }
+    }
+    Ok(())
+}

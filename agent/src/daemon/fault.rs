@@ -22,6 +22,12 @@ pub fn take(name: &str) -> bool {
     std::fs::remove_file(dir.join(name)).is_ok()
 }
 
+/// Whether the standing fault `name` is set (not consumed: it lasts while
+/// its file exists).
+pub fn armed(name: &str) -> bool {
+    folder().is_some_and(|d| d.join(name).exists())
+}
+
 /// Blocks the calling thread for good: what a deadlock looks like from
 /// outside.
 pub fn hang(what: &str) -> ! {

@@ -29,6 +29,21 @@ pub enum Report {
     Prune(prune::PruneReport),
     /// A garbage collection.
     Gc(GcReport),
+    /// A background fill (live restore or promotion) that completed.
+    Fill(FillReport),
+}
+
+/// What a completed background fill did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FillReport {
+    /// The disk or mount filled.
+    pub export: String,
+    /// The snapshot its bytes came from.
+    pub snapshot: String,
+    /// The image's bytes, now all local.
+    pub bytes: u64,
+    /// How long the fill took (this run, after a resume).
+    pub seconds: f64,
 }
 
 /// How a job ended: its state, its report or error, and seconds taken.

@@ -130,7 +130,7 @@ impl DiskService for Agent {
     }
 
     fn list(&self) -> Vec<DiskInfo> {
-        self.server.all().iter().map(|e| self.info(e)).collect()
+        self.disks().iter().map(|e| self.info(e)).collect()
     }
 
     fn get(&self, name: &str) -> Result<DiskInfo, ApiError> {
@@ -206,6 +206,29 @@ impl DiskService for Agent {
         }))
     }
 
+    fn mount(
+        &self,
+        req: novabackup_api::types::MountRequest,
+    ) -> Result<novabackup_api::types::MountInfo, ApiError> {
+        Ok(Agent::mount(self, req)?)
+    }
+
+    fn mounts(&self) -> Result<Vec<novabackup_api::types::MountInfo>, ApiError> {
+        Ok(Agent::mounts(self))
+    }
+
+    fn unmount(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        Ok(Agent::unmount(self, name, force)?)
+    }
+
+    fn promote(
+        &self,
+        name: &str,
+        req: novabackup_api::types::PromoteRequest,
+    ) -> Result<JobInfo, ApiError> {
+        Ok(Agent::promote(self, name, req)?)
+    }
+
     fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
         Ok(ops::snapshots::delete(&*self.store, &snapshot_id(id)?)?)
     }
@@ -228,6 +251,12 @@ impl DiskService for Agent {
     }
 
     fn restore(&self, req: RestoreRequest) -> Result<JobInfo, ApiError> {
+        if !req.live && req.attach.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "`attach` names the disk of a live restore; add `live`",
+            ));
+        }
         let opts = RestoreOptions {
             snapshot: snapshot_id(&req.snapshot)?,
             target: PathBuf::from(&req.target),
@@ -236,6 +265,9 @@ impl DiskService for Agent {
             in_use: Vec::new(),
             confine: Some(self.settings.confine.clone()),
         };
+        if req.live {
+            return Ok(self.start_live_restore(opts, req.attach)?);
+        }
         Ok(self.start_restore(opts)?)
     }
 
@@ -357,7 +389,7 @@ impl DiskService for Agent {
 impl Runner for Agent {
     fn disks_for(&self, action: ScheduleAction) -> Vec<String> {
         match action {
-            ScheduleAction::Backup => self.server.all().iter().map(|e| e.name.clone()).collect(),
+            ScheduleAction::Backup => self.disks().iter().map(|e| e.name.clone()).collect(),
             // Every disk with snapshots, attached or not.
             _ => match self.store.list(None) {
                 Ok((l, _)) => l

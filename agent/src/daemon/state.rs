@@ -30,6 +30,7 @@ use novabackup_engine::store::{GcOptions, Store};
 use serde::{Deserialize, Serialize};
 
 use super::jobs::{Jobs, Report};
+use super::mounts::{LiveFill, MountRecord};
 use super::policy::Settings;
 use super::schedule::Schedules;
 
@@ -45,6 +46,9 @@ struct DiskRecord {
     read_only: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     allow: Vec<String>,
+    /// A live restore still filling the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fill: Option<LiveFill>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -76,9 +80,15 @@ pub struct EngineSettings {
 
 /// The agent's state.
 pub struct Agent {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     pub(super) server: Arc<Server>,
-    boot_id: String,
+    pub(super) boot_id: String,
+    /// The mounts (see `mounts.rs`), as mounts.json says.
+    pub(super) mounts: Mutex<Vec<MountRecord>>,
+    /// The background fill job of each export being filled.
+    pub(super) fill_jobs: Mutex<std::collections::HashMap<String, String>>,
+    /// The agent itself, for jobs that update it when they end.
+    pub(super) me: std::sync::OnceLock<std::sync::Weak<Agent>>,
     /// Serializes attach and detach, and holds what disks.json says.
     records: Mutex<Vec<DiskRecord>>,
     endpoints: Mutex<Endpoints>,
@@ -109,6 +119,9 @@ impl Agent {
             dir,
             server,
             boot_id,
+            mounts: Mutex::new(Vec::new()),
+            fill_jobs: Default::default(),
+            me: Default::default(),
             records: Mutex::new(Vec::new()),
             endpoints: Mutex::new(Endpoints::default()),
             store,
@@ -131,6 +144,13 @@ impl Agent {
         };
         if export.tracker.status().checkpoint_active {
             return Err(busy());
+        }
+        if let Some(f) = export.filling() {
+            let p = f.progress();
+            return Err(OpError::busy(format!(
+                "disk {disk} is being live-restored ({} of {} chunks filled); back it up once the restore job has finished",
+                p.filled, p.chunks
+            )));
         }
         let claim = self.claims.try_claim(disk).ok_or_else(busy)?;
         let store = self.store.clone();
@@ -239,6 +259,11 @@ impl Agent {
         self.dir.join("cbt").join(format!("{name}.cbt"))
     }
 
+    /// Lets jobs reach the agent (call once, right after `Arc::new`).
+    pub fn set_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
     /// Re-attaches the disks of disks.json. A disk whose image is gone is
     /// reported and kept in the file, so it comes back once the image does.
     pub fn restore(&self) -> anyhow::Result<()> {
@@ -267,10 +292,28 @@ impl Agent {
             }
         }
         *self.records.lock().unwrap_or_else(|p| p.into_inner()) = records;
-        Ok(())
+        self.restore_mounts()
     }
 
     fn open(&self, r: &DiskRecord) -> Result<Arc<Export>, OpError> {
+        if let Some(live) = &r.fill {
+            let map = self.fill_map(&r.name);
+            // The map is made before the record names it and removed only
+            // once the fill is complete: a record naming a fill whose map
+            // is gone was complete when the agent stopped.
+            if map.exists() {
+                return self.lazy_export(
+                    &r.name,
+                    &r.image,
+                    &live.snapshot,
+                    r.read_only,
+                    live.zeroed,
+                    &map,
+                    &self.bitmap_path(&r.name),
+                    r.allow.clone(),
+                );
+            }
+        }
         let image = Image::open(&r.image, r.read_only).map_err(|e| match &e {
             ExportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 err(
@@ -293,7 +336,82 @@ impl Agent {
             tracker: Arc::new(tracker),
             stats: Default::default(),
             allow: r.allow.clone(),
+            filler: None,
         }))
+    }
+
+    /// The live restore filling disk `name`, if one is.
+    pub(super) fn live_fill(&self, name: &str) -> Option<LiveFill> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records
+            .iter()
+            .find(|r| r.name.as_str() == name)?
+            .fill
+            .clone()
+    }
+
+    /// Forgets disk `name`'s finished fill; returns what it was.
+    pub(super) fn finish_live(&self, name: &str) -> Option<LiveFill> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let i = records.iter().position(|r| r.name.as_str() == name)?;
+        let live = records[i].fill.clone()?;
+        let mut next = records.clone();
+        next[i].fill = None;
+        if let Err(e) = self.save(&next) {
+            tracing::error!(disk = name, "{e}");
+            return None;
+        }
+        *records = next;
+        Some(live)
+    }
+
+    /// Attaches `image` as disk `name`, filled from a snapshot (a live
+    /// restore).
+    pub(super) fn attach_live(
+        &self,
+        name: &DiskName,
+        image: &std::path::Path,
+        live: LiveFill,
+    ) -> Result<Arc<Export>, OpError> {
+        let (live_snapshot, zeroed) = (live.snapshot.clone(), live.zeroed);
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if self.server.get(name.as_str()).is_some() || records.iter().any(|r| &r.name == name) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!(
+                    "a disk named {name} is already attached; detach it first or pick another name"
+                ),
+            ));
+        }
+        let record = DiskRecord {
+            name: name.clone(),
+            image: image.canonicalize().unwrap_or_else(|_| image.to_path_buf()),
+            granularity: Granularity::DEFAULT,
+            read_only: false,
+            allow: Vec::new(),
+            fill: Some(live),
+        };
+        let _ = fsutil::remove_durable(&self.bitmap_path(name));
+        let _ = fsutil::remove_durable(&self.bitmap_path(name).with_extension("frozen"));
+        // Makes the fill map, before the record that names it is saved.
+        let export = self.lazy_export(
+            name,
+            &record.image,
+            &live_snapshot,
+            false,
+            zeroed,
+            &self.fill_map(name),
+            &self.bitmap_path(name),
+            Vec::new(),
+        )?;
+        let mut next = records.clone();
+        next.push(record);
+        self.save(&next)?;
+        self.server
+            .add(export.clone())
+            .map_err(|e| err(ErrorKind::Conflict, e.to_string()))?;
+        *records = next;
+        Ok(export)
     }
 
     fn save(&self, records: &[DiskRecord]) -> Result<(), OpError> {
@@ -306,7 +424,22 @@ impl Agent {
         })
     }
 
+    /// The attached disks (mounts are exports too, but not disks).
+    pub(super) fn disks(&self) -> Vec<Arc<Export>> {
+        let mut all = self.server.all();
+        all.retain(|e| !self.is_mount(&e.name));
+        all
+    }
+
     pub(super) fn export(&self, name: &str) -> Result<Arc<Export>, OpError> {
+        if self.is_mount(name) {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "{name} is a mount of a snapshot, not a disk; `novabackup mounts` shows it"
+                ),
+            ));
+        }
         self.server.get(name).ok_or_else(|| {
             err(
                 ErrorKind::NotFound,
@@ -341,6 +474,7 @@ impl Agent {
             allow: e.allow.clone(),
             uris,
             cbt: cbt_info(&e.tracker),
+            restoring: self.restoring(e),
         }
     }
 
@@ -399,6 +533,7 @@ impl Agent {
             granularity,
             read_only: req.read_only,
             allow: req.allow.clone(),
+            fill: None,
         };
         // A bitmap left from an earlier attachment says nothing about the
         // writes made while the disk was not tracked.
@@ -412,6 +547,7 @@ impl Agent {
             .add(export.clone())
             .map_err(|e| err(ErrorKind::Conflict, e.to_string()))?;
         *records = next;
+        drop(records);
         tracing::info!(disk = %name, image = %export.image.path.display(), "disk attached");
         Ok(self.info(&export))
     }
@@ -419,6 +555,19 @@ impl Agent {
     /// Detaches a disk. Refused while NBD clients are connected, unless
     /// `force`: then they are disconnected first.
     pub fn detach(&self, name: &str, force: bool) -> Result<(), OpError> {
+        if self.is_mount(name) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("{name} is a mount, not a disk; end it with `novabackup unmount {name}`"),
+            ));
+        }
+        let live = self.live_fill(name);
+        if let (Some(l), false) = (&live, force) {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("disk {name} is being live-restored from {}; wait for the restore job, or detach with --force (the image is left incomplete)", l.snapshot),
+            ));
+        }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if force {
             let n = self
@@ -440,7 +589,14 @@ impl Agent {
             }
             // Known but not served (its image was missing at start-up).
             Err(_) if records.iter().any(|r| r.name.as_str() == name) => None,
-            Err(_) => return Err(self.export(name).unwrap_err()),
+            Err(_) => {
+                return Err(err(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no disk named {name:?}; `novabackup disk list` shows the attached disks"
+                    ),
+                ))
+            }
         };
         if let Some(e) = &export {
             if let Err(x) = e.tracker.shutdown() {
@@ -456,6 +612,10 @@ impl Agent {
         *records = next;
         if let Ok(n) = name.parse::<DiskName>() {
             let _ = fsutil::remove_durable(&self.bitmap_path(&n));
+            if let Some(l) = live {
+                drop(records);
+                self.abandon_fill(&n, &l);
+            }
         }
         tracing::info!(disk = name, "disk detached");
         Ok(())

@@ -45,10 +45,10 @@ pub(super) async fn get(
 /// `DELETE /api/v1/disks/{name}` options.
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-pub(super) struct DetachQuery {
+pub(crate) struct DetachQuery {
     /// Disconnect the disk's NBD clients instead of refusing.
     #[serde(default)]
-    force: bool,
+    pub(crate) force: bool,
 }
 
 #[utoipa::path(delete, path = "/api/v1/disks/{name}", tag = "disks", params(("name" = String, Path, description = "Disk name"), DetachQuery), responses((status = 204, description = "Detached"), crate::error::Errors), security(("bearer" = [])))]

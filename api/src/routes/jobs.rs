@@ -39,6 +39,15 @@ pub(super) async fn restore(
 ) -> Started {
     let req = json_body(body)?;
     caller.check_disk(snapshot_disk(&req.snapshot))?;
+    if req.live && caller.role != crate::auth::Role::Admin {
+        return Err(ApiError::new(
+            crate::error::ErrorCode::Forbidden,
+            format!(
+                "token {:?} may not start a live restore: it attaches a disk, which needs an admin token",
+                caller.name
+            ),
+        ));
+    }
     if req.force && caller.role != crate::auth::Role::Admin {
         return Err(ApiError::new(
             crate::error::ErrorCode::Forbidden,

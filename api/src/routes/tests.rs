@@ -59,6 +59,7 @@ impl DiskService for Mem {
             allow: r.allow,
             uris: vec![],
             cbt: cbt(),
+            restoring: None,
         };
         m.insert(r.name, d.clone());
         Ok(d)

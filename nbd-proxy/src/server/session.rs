@@ -127,6 +127,19 @@ impl Session {
         }
     }
 
+    /// Fetches the chunks a request touches from the snapshot first when
+    /// the export is still being filled; an error reply if that fails.
+    fn ensure(&self, cookie: u64, offset: u64, len: u32, write: bool) -> Option<Vec<u8>> {
+        let f = self.export.filler.as_ref()?;
+        match f.ensure(offset, len as u64, write) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!(export = %self.export.name, "cannot fetch blocks from the snapshot: {e}");
+                Some(self.io_error(cookie, &e))
+            }
+        }
+    }
+
     fn handle(&self, req: Request, payload: Bytes) -> Next {
         let Request {
             cookie,
@@ -147,6 +160,23 @@ impl Session {
         };
         if which != usize::MAX {
             self.export.stats.count(which, read, written);
+        }
+        let touches = match req.command {
+            Command::Read => Some(false),
+            Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. } => {
+                Some(true)
+            }
+            _ => None,
+        };
+        if let Some(write) = touches.filter(|_| len > 0) {
+            if let Some(reply) = self.ensure(cookie, offset, len, write) {
+                return Next::Reply(reply);
+            }
+        }
+        if let (Command::Flush, Some(f)) = (&req.command, &self.export.filler) {
+            if let Err(e) = f.flush() {
+                return Next::Reply(self.io_error(cookie, &e));
+            }
         }
         match req.command {
             Command::Disc => Next::Disconnect,
@@ -254,6 +284,13 @@ impl Session {
         let mut out = Vec::new();
         for (i, (id, ctx)) in self.contexts.iter().enumerate() {
             let mut extents = match ctx {
+                // Unfilled chunks are holes in the image but data in the
+                // snapshot: report all data rather than let a client skip
+                // them as zeroes.
+                MetaContext::BaseAllocation if self.export.filling().is_some() => {
+                    let end = (offset + len as u64).min(self.export.image.size);
+                    vec![((end - offset) as u32, 0)]
+                }
                 MetaContext::BaseAllocation => self.export.image.allocation(offset, len, max),
                 MetaContext::DirtyBitmap(_) => self.export.tracker.dirty_extents(offset, len, max),
             };
