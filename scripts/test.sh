@@ -52,6 +52,7 @@ cargo test
 echo "== benchmark smoke runs"
 SMOKE=1 bash benches/nbd.sh
 SMOKE=1 bash benches/backup.sh
+SMOKE=1 FIO_SECONDS=3 bash benches/restore.sh
 SMOKE=1 bash benches/pipeline.sh
 SMOKE=1 bash benches/remote.sh
 SMOKE=1 TLS=1 bash benches/remote.sh

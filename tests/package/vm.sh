@@ -7,8 +7,8 @@
 # (default /var/cache/novabackup-ci), and rebuilt only when missing:
 #   qemu/         qemu-system-x86 7.2 from Debian, unpacked (never installed:
 #                 it would replace the machine's qemu-utils 10)
-#   root-v1/      the debootstrapped root (kernel, initramfs, systemd, sshd)
-#   root-v1.img   that root as an ext4 image; each boot writes to a
+#   root-v2/      the debootstrapped root (kernel, initramfs, systemd, sshd)
+#   root-v2.img   that root as an ext4 image; each boot writes to a
 #                 throwaway qcow2 overlay on top of it
 #   id_ed25519    the key the test logs in with
 #   tools/        cargo-deb and cargo-generate-rpm (scripts/package.sh)
