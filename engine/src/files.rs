@@ -1,11 +1,14 @@
 //! Listing the files of a snapshot's file systems, read in userspace
 //! straight from the store: ext2/3/4 through the `ext4` crate, FAT12/16/32
-//! (EFI system partitions) through `fatfs`. Each reads a partition as a
+//! (EFI system partitions) through `fatfs`, NTFS through `ntfs`
+//! ([`ntfs`]). Each reads a partition as a
 //! window onto a [`SnapshotReader`], so a listing costs the few chunks
 //! holding the superblock, the inode tables and the directory's blocks.
 //! Other file systems get an error that says so.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+
+mod ntfs;
 
 use crate::partitions::{self, PartitionTable};
 use crate::snapshot_reader::SnapshotReader;
@@ -46,7 +49,7 @@ pub enum FilesError {
     #[error("there is no partition {0}; `novabackup partitions` lists them")]
     NoPartition(u32),
     /// No file system this reader knows.
-    #[error("{0}; single files can be read from ext2/3/4 and FAT: restore the whole snapshot (`novabackup restore ID --to PATH`) and mount it to reach others")]
+    #[error("{0}; single files can be read from ext2/3/4, FAT and NTFS: restore the whole snapshot (`novabackup restore ID --to PATH`) and mount it to reach others")]
     Unsupported(String),
     /// No such file or folder.
     #[error("{0} does not exist in the snapshot")]
@@ -202,6 +205,7 @@ pub fn list(
     let mut out = match open(vol, &fs)? {
         Fs::Ext(e) => e.list(path)?,
         Fs::Fat(f) => list_fat(&f, path)?,
+        Fs::Ntfs(n) => n.list(path)?,
     };
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -242,6 +246,11 @@ pub fn check_paths(
                 fat_resolve(&f, p)?;
             }
         }
+        Fs::Ntfs(n) => {
+            for p in paths {
+                n.check(p)?;
+            }
+        }
     }
     Ok(())
 }
@@ -271,6 +280,11 @@ pub fn write_tar<W: Write>(
                 fat_add(&f, &mut tar, p, &top_name(p), &mut stats)?;
             }
         }
+        Fs::Ntfs(n) => {
+            for p in paths {
+                n.add_tree(&mut tar, p, &top_name(p), &mut stats)?;
+            }
+        }
     }
     tar.into_inner()
         .and_then(|mut w| w.flush())
@@ -291,6 +305,7 @@ fn top_name(path: &str) -> String {
 enum Fs<'a> {
     Ext(Ext<'a>),
     Fat(fatfs::FileSystem<Volume<'a>>),
+    Ntfs(ntfs::NtfsFs<'a>),
 }
 
 fn open<'a>(vol: Volume<'a>, fs: &str) -> Result<Fs<'a>, FilesError> {
@@ -312,6 +327,7 @@ fn open<'a>(vol: Volume<'a>, fs: &str) -> Result<Fs<'a>, FilesError> {
             fatfs::FileSystem::new(vol, fatfs::FsOptions::new())
                 .map_err(|e| FilesError::Read(e.to_string()))?,
         )),
+        "ntfs" => Ok(Fs::Ntfs(ntfs::NtfsFs::open(vol)?)),
         other => Err(FilesError::Unsupported(format!(
             "the file system there is {other}"
         ))),
