@@ -14,7 +14,10 @@
 #   by `sync` inside the timing (same durability); into a tmpfs (no device
 #   in the way) and onto this machine's disk; the device floor is the same
 #   non-zero bytes written by `dd conv=sparse,fdatasync`; the tools'
-#   order rotates from run to run; medians of RUNS (default 3).
+#   order rotates from run to run; medians of RUNS (default 3). Same cache
+#   state: before each timed step the tool's repository is read into the
+#   page cache (novabackup writes its packs past the cache, the others
+#   through it), or, with CACHE=cold, every cache is dropped.
 #
 #   ./benches/restore.sh                         # everything, RUNS=3
 #   TOOLS="novabackup restic" RUNS=1 ./benches/restore.sh
@@ -110,6 +113,21 @@ for tool in $TOOLS; do
   esac
 done
 
+# same_cache TOOL: the tool's repository warm in the page cache (or, with
+# CACHE=cold, nothing cached), whatever the tool did before.
+same_cache() {
+  sync
+  if [ "${CACHE:-warm}" = cold ]; then
+    echo 3 > /proc/sys/vm/drop_caches
+    return
+  fi
+  case $1 in
+    novabackup) find "$D/state/store" -type f -exec cat {} + > /dev/null ;;
+    restic|rustic) find "$D/restic" -type f -exec cat {} + > /dev/null ;;
+    borg) find "$D/borg" -type f -exec cat {} + > /dev/null ;;
+  esac
+}
+
 # restore_to TOOL DIR: the whole image to DIR/out.img, then sync.
 restore_to() {
   local tool=$1 dir=$2
@@ -160,6 +178,7 @@ for run in $(seq "$RUNS"); do
         done
         for f in "$SMALL:small-file" "$BIG:big-file"; do
           rm -rf "$D/files"; mkdir -p "$D/files"
+          same_cache novabackup
           t0=$(now)
           nb restore "$SNAP" --file "${f%%:*}" --partition 1 --to "$D/files" > /dev/null
           record novabackup "$run" "${f##*:}" "$(since "$t0")"
@@ -173,6 +192,7 @@ for run in $(seq "$RUNS"); do
         nb unmount fio > /dev/null ;;
       *)
         for f in "$SMALL:small-file" "$BIG:big-file"; do
+          same_cache "$tool"
           t0=$(now)
           restore_to "$tool" "$SHM"
           debugfs -R "dump ${f%%:*} $SHM/file" "$SHM/out.img?offset=$PART_OFFSET" > /dev/null 2>&1
@@ -192,7 +212,7 @@ for run in $(seq "$RUNS"); do
   for where in tmpfs disk; do
     dir=$SHM; [ $where = disk ] && dir=$DISK
     for tool in "${order[@]}"; do
-      sync
+      [ "$tool" = floor ] || same_cache "$tool"
       t0=$(now)
       if [ "$tool" = floor ]; then
         [ $where = tmpfs ] && continue

@@ -96,6 +96,8 @@ pub struct Filler {
     stripes: Vec<Mutex<()>>,
     count: AtomicU64,
     complete: AtomicBool,
+    /// Complete and every bit on disk: nothing left to do for any request.
+    settled: AtomicBool,
     /// Where the background fill goes on from.
     cursor: AtomicU64,
 }
@@ -195,6 +197,7 @@ impl Filler {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             count: AtomicU64::new(count),
             complete: AtomicBool::new(count == chunks),
+            settled: AtomicBool::new(count == chunks),
             cursor: AtomicU64::new(0),
         };
         Ok(filler)
@@ -262,7 +265,7 @@ impl Filler {
     /// touches it. With `write`, also makes their bits durable first
     /// (module doc).
     pub fn ensure(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
-        if self.is_complete() && !write {
+        if self.settled.load(Ordering::Acquire) || (self.is_complete() && !write) {
             return Ok(());
         }
         let range = self.chunk_range(offset, len);
@@ -317,8 +320,16 @@ impl Filler {
     /// Makes everything filled so far durable, bits included (a guest
     /// flush, a checkpoint, the end of a fill).
     pub fn flush(&self) -> io::Result<()> {
+        if self.settled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let complete = self.is_complete();
         self.persist(None)?;
-        self.map.sync_data()
+        self.map.sync_data()?;
+        if complete {
+            self.settled.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// The background fill: fills up to `max` chunks from where it left
