@@ -241,7 +241,8 @@ for r in rows:
 med = lambda k: statistics.median(v[k]) if k in v else None
 tools = list(dict.fromkeys(r["tool"] for r in rows if r["tool"] != "floor"))
 nb = "novabackup"
-print(f"\nnon-zero bytes in the image: {int(sys.argv[2]) / (1 << 20):.0f} MiB; medians of {max(len(x) for x in v.values())} samples\n")
+runs = max(len(v[k]) for k in v if k[1] == "full-tmpfs") if any(k[1] == "full-tmpfs" for k in v) else 1
+print(f"\nnon-zero bytes in the image: {int(sys.argv[2]) / (1 << 20):.0f} MiB; medians of {runs} run(s) (first byte: of 5 mounts per run, the first after dropping the page cache)\n")
 print("| step | " + " | ".join(tools) + " |")
 print("|---|" + "---|" * len(tools))
 for st, unit in [("first-byte-ms", "ms"), ("small-file", "s"), ("big-file", "s"), ("fio-randread-iops", "IOPS"),
