@@ -45,6 +45,14 @@ fn backed_up(t: &Path, size: u64, extra: &[&str]) -> (Agent, String, PathBuf) {
     (a, id, img)
 }
 
+/// [`backed_up`] with a restore folder `dest` the agent may write into.
+fn with_dest(t: &Path, size: u64) -> (Agent, String, PathBuf, PathBuf) {
+    let dest = t.join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    let (a, id, img) = backed_up(t, size, &["--restore-dir", dest.to_str().unwrap()]);
+    (a, id, img, dest)
+}
+
 fn qemu_io(uri: &str, cmd: &str) -> std::process::Output {
     peer("qemu-io")
         .args(["-f", "raw", "-c", cmd, uri])
@@ -203,13 +211,7 @@ fn mounts_read_like_the_full_restore_and_writes_never_reach_the_store() {
 #[test]
 fn mounts_survive_a_restart_and_promote_to_a_real_image() {
     let t = tempdir();
-    let dest = t.path().join("dest");
-    std::fs::create_dir(&dest).unwrap();
-    let (mut a, id, img) = backed_up(
-        t.path(),
-        16 * MIB,
-        &["--restore-dir", dest.to_str().unwrap()],
-    );
+    let (mut a, id, img, dest) = with_dest(t.path(), 16 * MIB);
     a.ok(&["mount", &id, "--name", "boot", "--writable"]);
     qemu_io_ok(&a.uri("boot"), "write -P 0x33 4096 8192");
     a.stop();
@@ -251,13 +253,7 @@ const WRITES: [(u64, u64, u8); 4] = [
 #[test]
 fn a_live_restore_serves_at_once_and_keeps_every_guest_write() {
     let t = tempdir();
-    let dest = t.path().join("dest");
-    std::fs::create_dir(&dest).unwrap();
-    let (a, id, img) = backed_up(
-        t.path(),
-        64 * MIB,
-        &["--restore-dir", dest.to_str().unwrap()],
-    );
+    let (a, id, img, dest) = with_dest(t.path(), 64 * MIB);
     std::fs::write(t.path().join("faults").join("fill-slow"), b"").unwrap();
     let target = dest.join("live.img");
     let job = a.ok(&[
@@ -330,13 +326,7 @@ fn a_live_restore_serves_at_once_and_keeps_every_guest_write() {
 #[test]
 fn a_live_restore_killed_midway_resumes_without_losing_guest_writes() {
     let t = tempdir();
-    let dest = t.path().join("dest");
-    std::fs::create_dir(&dest).unwrap();
-    let (mut a, id, img) = backed_up(
-        t.path(),
-        64 * MIB,
-        &["--restore-dir", dest.to_str().unwrap()],
-    );
+    let (mut a, id, img, dest) = with_dest(t.path(), 64 * MIB);
     std::fs::write(t.path().join("faults").join("fill-pause"), b"").unwrap();
     let target = dest.join("live.img");
     // The VM's disk is lost: its name comes back on the restored image.
@@ -406,13 +396,7 @@ fn call(a: &Agent, token: &str, method: &str, path: &str, body: &str) -> (u16, S
 #[test]
 fn mounts_and_live_restores_need_an_admin_and_overlays_are_private() {
     let t = tempdir();
-    let dest = t.path().join("dest");
-    std::fs::create_dir(&dest).unwrap();
-    let (a, id, _img) = backed_up(
-        t.path(),
-        4 * MIB,
-        &["--restore-dir", dest.to_str().unwrap()],
-    );
+    let (a, id, _img, dest) = with_dest(t.path(), 4 * MIB);
     let token = |role: &str| -> String {
         let v: serde_json::Value =
             serde_json::from_str(&a.ok(&["token", "create", role, "--role", role, "--json"]))

@@ -222,16 +222,8 @@ impl Agent {
     /// Serves the mounts of mounts.json again, and resumes promotions and
     /// live restores (called at start, after the disks are attached).
     pub(super) fn restore_mounts(&self) -> anyhow::Result<()> {
-        let records: Vec<MountRecord> = match std::fs::read(self.mounts_path()) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is damaged ({e}); fix or remove it",
-                    self.mounts_path().display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let records: Vec<MountRecord> =
+            super::state::load_records(&self.mounts_path(), "fix or remove it")?;
         for r in &records {
             match self.open_mount(r) {
                 Ok(export) => {

@@ -267,17 +267,10 @@ impl Agent {
     /// Re-attaches the disks of disks.json. A disk whose image is gone is
     /// reported and kept in the file, so it comes back once the image does.
     pub fn restore(&self) -> anyhow::Result<()> {
-        let path = self.dir.join(DISKS_FILE);
-        let records: Vec<DiskRecord> = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is damaged ({e}); fix or remove it, then re-attach the disks",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let records: Vec<DiskRecord> = load_records(
+            &self.dir.join(DISKS_FILE),
+            "fix or remove it, then re-attach the disks",
+        )?;
         for r in &records {
             match self.open(r) {
                 Ok(export) => {
@@ -629,6 +622,20 @@ impl Agent {
             .map_err(|x| err(ErrorKind::Internal, x.to_string()).with_source(x))?;
         tracing::info!(disk = name, "bitmap reset by the operator");
         Ok(cbt_info(&e.tracker))
+    }
+}
+
+/// A saved list of records (disks.json, mounts.json); empty when the file
+/// does not exist yet, an error naming `fix` when it is damaged.
+pub(super) fn load_records<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    fix: &str,
+) -> anyhow::Result<Vec<T>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| anyhow::anyhow!("{} is damaged ({e}); {fix}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -51,20 +51,25 @@ pub(crate) struct DetachQuery {
     pub(crate) force: bool,
 }
 
+/// The `force` of a detach or unmount query.
+pub(crate) fn force(
+    query: Result<axum::extract::Query<DetachQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<bool, ApiError> {
+    query.map(|q| q.force).map_err(|e| {
+        ApiError::new(
+            crate::error::ErrorCode::BadRequest,
+            format!("bad query: {e}"),
+        )
+    })
+}
+
 #[utoipa::path(delete, path = "/api/v1/disks/{name}", tag = "disks", params(("name" = String, Path, description = "Disk name"), DetachQuery), responses((status = 204, description = "Detached"), crate::error::Errors), security(("bearer" = [])))]
 pub(super) async fn detach(
     State(svc): Svc,
     Path(name): Path<String>,
     query: Result<axum::extract::Query<DetachQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let force = query
-        .map_err(|e| {
-            ApiError::new(
-                crate::error::ErrorCode::BadRequest,
-                format!("bad query: {e}"),
-            )
-        })?
-        .force;
+    let force = force(query)?;
     blocking(&svc, move |s| s.detach(&name, force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

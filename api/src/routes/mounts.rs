@@ -36,14 +36,7 @@ pub(super) async fn unmount(
     Path(name): Path<String>,
     query: Result<axum::extract::Query<DetachQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let force = query
-        .map_err(|e| {
-            ApiError::new(
-                crate::error::ErrorCode::BadRequest,
-                format!("bad query: {e}"),
-            )
-        })?
-        .force;
+    let force = super::disks::force(query)?;
     blocking(&svc, move |s| s.unmount(&name, force)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
