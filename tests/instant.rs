@@ -476,3 +476,24 @@ fn mounts_and_live_restores_need_an_admin_and_overlays_are_private() {
     let o = a.cli(&["unmount", "vm"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no mount named"));
 }
+
+#[test]
+fn a_live_restore_onto_a_block_device_writes_zeroes_too() {
+    let t = tempdir();
+    // The device holds old data everywhere: zero chunks of the snapshot
+    // must be written, not skipped as on a new sparse file.
+    let backing = t.path().join("dev.img");
+    random_file(&backing, 16 * MIB as usize, 99);
+    let dev = LoopDev::attach(&backing);
+    let devs = dev.0.to_str().unwrap().to_string();
+    let (a, id, img) = backed_up(t.path(), 16 * MIB, &["--restore-device", &devs]);
+    a.ok(&[
+        "restore", &id, "--to", &devs, "--live", "--attach", "blk", "--force",
+    ]);
+    qemu_io_ok(&a.uri("blk"), "write -P 0x5e 2097152 4096");
+    let expect = t.path().join("expect.img");
+    std::fs::copy(&img, &expect).unwrap();
+    apply(&expect, 2 * MIB, 4096, 0x5e);
+    a.ok(&["disk", "detach", "blk"]);
+    compare_images(&dev.0, &expect);
+}
