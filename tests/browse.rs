@@ -1,6 +1,7 @@
 //! Looking into snapshots without a restore. `novabackup partitions`: the
 //! partition table of a snapshot's disk against what sfdisk and blkid say
-//! of the same image. `novabackup files`: folders of ext4 and FAT file
+//! of the same image. `novabackup files`: folders of ext4 (inline data
+//! included), FAT and NTFS file
 //! systems against the tree they were made from, debugfs and mdir. Images
 //! are made with the real tools: sfdisk for GPT and MBR tables (with a
 //! logical partition in an extended one), mke2fs -d and mkfs.vfat + mcopy
@@ -377,17 +378,7 @@ fn ext4_folders_in_a_partition_and_on_a_whole_disk_match_their_tree_and_debugfs(
     for dir in ["", "etc", "usr", "usr/bin", "var/many", "empty"] {
         let got = files(&a, &id, &format!("/{dir}"), None);
         assert_eq!(ours(&got), source(&src.join(dir)), "/{dir}");
-        // debugfs's parsable listing: /inode/mode/uid/gid/name/size/
-        let ls = run(
-            "debugfs",
-            &["-R", &format!("ls -p /{dir}"), img.to_str().unwrap()],
-        );
-        let mut names: Vec<String> = ls
-            .lines()
-            .filter_map(|l| l.split('/').nth(5).map(str::to_string))
-            .filter(|n| !n.is_empty() && n != "." && n != "..")
-            .collect();
-        names.sort();
+        let names = debugfs_ls(&img, dir);
         let mine: Vec<String> = got
             .iter()
             .map(|e| e["name"].as_str().unwrap().to_string())
@@ -522,13 +513,37 @@ fn fat_folders_match_mdir() {
     }
 }
 
+/// debugfs's parsable listing of `dir` (/inode/mode/uid/gid/name/size/),
+/// names only, without "." and "..", sorted.
+fn debugfs_ls(img: &Path, dir: &str) -> Vec<String> {
+    let ls = run(
+        "debugfs",
+        &["-R", &format!("ls -p /{dir}"), img.to_str().unwrap()],
+    );
+    let mut names: Vec<String> = ls
+        .lines()
+        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
-fn ext4_with_inline_data_is_refused_clearly() {
+fn ext4_with_inline_data_lists_and_restores_like_its_tree() {
     let t = tempdir();
     let src = t.path().join("tree");
     tree(&src);
+    // Inline in i_block alone (etc/hostname), spilling into the
+    // system.data attribute (etc/motd, 100 bytes), an inline folder and a
+    // link longer than i_block.
+    std::fs::write(src.join("etc/motd"), [b'm'; 100]).unwrap();
+    std::fs::create_dir_all(src.join("small")).unwrap();
+    std::fs::write(src.join("small/a"), b"a\n").unwrap();
+    std::os::unix::fs::symlink("x".repeat(80), src.join("small/long-link")).unwrap();
     let img = t.path().join("inline.img");
     sparse_file(&img, 32 * MIB);
+    let i = img.to_str().unwrap();
     run(
         "mke2fs",
         &[
@@ -540,19 +555,66 @@ fn ext4_with_inline_data_is_refused_clearly() {
             "inline_data",
             "-d",
             src.to_str().unwrap(),
-            img.to_str().unwrap(),
+            i,
         ],
     );
+    // The kernel's own layout too: a folder whose entries fill i_block and
+    // go on in the attribute (mke2fs -d moves such a folder to a block).
+    let k = src.join("k");
+    std::fs::create_dir(&k).unwrap();
+    for n in 1..=6 {
+        std::fs::write(k.join(format!("f{n}")), format!("{n}\n")).unwrap();
+    }
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run("mount", &["-o", "loop", i, mnt.to_str().unwrap()]);
+    let copied = std::process::Command::new("cp")
+        .args(["-a", k.to_str().unwrap(), mnt.to_str().unwrap()])
+        .status();
+    run("umount", &[mnt.to_str().unwrap()]);
+    assert!(copied.unwrap().success());
+    // What this test claims to read is inline.
+    for (p, size) in [
+        ("/etc/hostname", 60),
+        ("/etc/motd", 100),
+        ("/small", 60),
+        ("/k", 128),
+    ] {
+        let stat = run("debugfs", &["-R", &format!("stat {p}"), i]);
+        assert!(
+            stat.contains(&format!("Size of inline data: {size}")),
+            "{p}: {stat}"
+        );
+    }
     let a = Agent::start(&t.path().join("a"), "pread");
     a.attach("vm", &img, &[]);
-    let r: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
-    let o = a.cli(&["files", r["snapshot"].as_str().unwrap(), "/etc"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        err.contains("INLINE_DATA") && err.contains("restore the whole snapshot"),
-        "{err}"
-    );
+    let id = backup_id(&a, "vm");
+    for dir in [
+        "", "etc", "usr", "usr/bin", "var/many", "empty", "small", "k",
+    ] {
+        let got = files(&a, &id, &format!("/{dir}"), None);
+        assert_eq!(ours(&got), source(&src.join(dir)), "/{dir}");
+        let mine: Vec<String> = got
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(mine, debugfs_ls(&img, dir), "debugfs ls /{dir}");
+    }
+    let small = files(&a, &id, "/small", None);
+    let link = small.iter().find(|e| e["name"] == "long-link").unwrap();
+    assert_eq!(link["target"], "x".repeat(80));
+    let out = t.path().join("out");
+    let mut args = vec!["restore", id.as_str()];
+    for p in ["/etc", "/usr", "/small", "/k"] {
+        args.extend(["--file", p]);
+    }
+    args.extend(["--to", out.to_str().unwrap()]);
+    a.ok(&args);
+    for p in ["etc", "usr", "small", "k"] {
+        same_tree(&src.join(p), &out.join(p));
+    }
+    let o = a.cli(&["restore", &id, "--file", "/etc/motd", "--stdout"]);
+    assert_eq!(o.stdout, [b'm'; 100]);
 }
 
 #[test]

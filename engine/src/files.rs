@@ -1,5 +1,5 @@
 //! Listing the files of a snapshot's file systems, read in userspace
-//! straight from the store: ext2/3/4 through the `ext4` crate, FAT12/16/32
+//! straight from the store: ext2/3/4 through the `ext4` crate ([`ext`]), FAT12/16/32
 //! (EFI system partitions) through `fatfs`, NTFS through `ntfs`
 //! ([`ntfs`]). Each reads a partition as a
 //! window onto a [`SnapshotReader`], so a listing costs the few chunks
@@ -7,7 +7,9 @@
 //! Other file systems get an error that says so.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
 
+mod ext;
 mod ntfs;
 
 use crate::partitions::{self, PartitionTable};
@@ -69,6 +71,9 @@ struct Volume<'a> {
     start: u64,
     len: u64,
     pos: u64,
+    /// Bytes shown in place of the volume's from byte 1024: a superblock
+    /// edited for a crate's eyes (see [`ext`]).
+    superblock: Option<Arc<[u8]>>,
 }
 
 impl Volume<'_> {
@@ -77,7 +82,26 @@ impl Volume<'_> {
             return Ok(0);
         }
         let n = buf.len().min((self.len - pos) as usize);
-        Ok(self.reader.read_at(&mut buf[..n], self.start + pos)?)
+        let got = self.reader.read_at(&mut buf[..n], self.start + pos)?;
+        if let Some(sb) = &self.superblock {
+            let (lo, hi) = (
+                pos.max(1024),
+                (pos + got as u64).min(1024 + sb.len() as u64),
+            );
+            if lo < hi {
+                buf[(lo - pos) as usize..(hi - pos) as usize]
+                    .copy_from_slice(&sb[(lo - 1024) as usize..(hi - 1024) as usize]);
+            }
+        }
+        Ok(got)
+    }
+
+    /// This volume with `sb` read in place of its superblock.
+    fn with_superblock(self, sb: Arc<[u8]>) -> Self {
+        Volume {
+            superblock: Some(sb),
+            ..self
+        }
     }
 }
 
@@ -128,6 +152,7 @@ fn window<'a>(reader: &'a SnapshotReader, p: &partitions::Partition) -> Volume<'
         start: p.start,
         len: p.size,
         pos: 0,
+        superblock: None,
     }
 }
 
@@ -144,6 +169,7 @@ fn volume(
             start: 0,
             len: reader.size(),
             pos: 0,
+            superblock: None,
         };
         (v, fs)
     };
@@ -303,26 +329,14 @@ fn top_name(path: &str) -> String {
 }
 
 enum Fs<'a> {
-    Ext(Ext<'a>),
+    Ext(ext::Ext<'a>),
     Fat(fatfs::FileSystem<Volume<'a>>),
     Ntfs(ntfs::NtfsFs<'a>),
 }
 
 fn open<'a>(vol: Volume<'a>, fs: &str) -> Result<Fs<'a>, FilesError> {
     match fs {
-        "ext2" | "ext3" | "ext4" => {
-            let sb = ext4::SuperBlock::new(vol).map_err(|e| {
-                let text = format!("{e:#}");
-                if text.contains("unsupported") {
-                    FilesError::Unsupported(format!(
-                        "this ext4 uses a feature not read yet ({text})"
-                    ))
-                } else {
-                    FilesError::Read(text)
-                }
-            })?;
-            Ok(Fs::Ext(Ext { sb }))
-        }
+        "ext2" | "ext3" | "ext4" => Ok(Fs::Ext(ext::Ext::open(vol)?)),
         "vfat" => Ok(Fs::Fat(
             fatfs::FileSystem::new(vol, fatfs::FsOptions::new())
                 .map_err(|e| FilesError::Read(e.to_string()))?,
@@ -340,124 +354,6 @@ fn read_err(e: impl std::fmt::Display) -> FilesError {
 
 fn tar_err(e: io::Error) -> FilesError {
     FilesError::Read(format!("writing the archive: {e}"))
-}
-
-/// An ext2/3/4 file system. Directories are read here, not by the crate,
-/// whose reader stops at the end of a directory's first block when
-/// metadata checksums are on.
-struct Ext<'a> {
-    sb: ext4::SuperBlock<Volume<'a>>,
-}
-
-impl Ext<'_> {
-    fn entries(&self, inode: &ext4::Inode) -> Result<Vec<(u32, String)>, FilesError> {
-        let mut data = Vec::new();
-        self.sb
-            .open(inode)
-            .map_err(read_err)?
-            .read_to_end(&mut data)
-            .map_err(read_err)?;
-        dirents(&data)
-    }
-
-    fn resolve(&self, path: &str) -> Result<ext4::Inode, FilesError> {
-        let mut cur = self.sb.root().map_err(read_err)?;
-        let mut walked = String::new();
-        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-            walked.push('/');
-            walked.push_str(part);
-            if cur.stat.extracted_type != ext4::FileType::Directory {
-                return Err(FilesError::NotADirectory(walked));
-            }
-            let (ino, _) = self
-                .entries(&cur)?
-                .into_iter()
-                .find(|(_, n)| n == part)
-                .ok_or_else(|| FilesError::NotFound(walked.clone()))?;
-            cur = self.sb.load_inode(ino).map_err(read_err)?;
-        }
-        Ok(cur)
-    }
-
-    fn list(&self, path: &str) -> Result<Vec<FileEntry>, FilesError> {
-        let dir = self.resolve(path)?;
-        if dir.stat.extracted_type != ext4::FileType::Directory {
-            return Err(FilesError::NotADirectory(path.to_string()));
-        }
-        let mut out = Vec::new();
-        for (ino, name) in self.entries(&dir)? {
-            if name != "." && name != ".." {
-                let inode = self.sb.load_inode(ino).map_err(read_err)?;
-                out.push(self.entry(name, &inode)?);
-            }
-        }
-        Ok(out)
-    }
-
-    fn entry(&self, name: String, inode: &ext4::Inode) -> Result<FileEntry, FilesError> {
-        let st = &inode.stat;
-        let (kind, target) = match &st.extracted_type {
-            ext4::FileType::RegularFile => ("file", None),
-            ext4::FileType::Directory => ("dir", None),
-            ext4::FileType::SymbolicLink => match self.sb.enhance(inode).map_err(read_err)? {
-                ext4::Enhanced::SymbolicLink(t) => ("symlink", Some(t)),
-                _ => ("symlink", None),
-            },
-            ext4::FileType::CharacterDevice => ("char", None),
-            ext4::FileType::BlockDevice => ("block", None),
-            ext4::FileType::Fifo => ("fifo", None),
-            ext4::FileType::Socket => ("socket", None),
-        };
-        Ok(FileEntry {
-            name,
-            kind: kind.into(),
-            mode: u32::from(st.file_mode & 0o7777),
-            uid: st.uid,
-            gid: st.gid,
-            size: st.size,
-            mtime: i64::from(st.mtime.epoch_secs),
-            target,
-        })
-    }
-
-    fn add_tree<W: Write>(
-        &self,
-        tar: &mut tar::Builder<W>,
-        name: &str,
-        inode: ext4::Inode,
-        stats: &mut TarStats,
-    ) -> Result<(), FilesError> {
-        let e = self.entry(name.to_string(), &inode)?;
-        let mut h = header(&e);
-        match e.kind.as_str() {
-            "file" => {
-                let data = self.sb.open(&inode).map_err(read_err)?;
-                tar.append_data(&mut h, name, data.take(e.size))
-                    .map_err(tar_err)?;
-                stats.files += 1;
-                stats.bytes += e.size;
-            }
-            "symlink" => {
-                let target = e.target.clone().unwrap_or_default();
-                tar.append_link(&mut h, name, target).map_err(tar_err)?;
-                stats.symlinks += 1;
-            }
-            "dir" => {
-                tar.append_data(&mut h, name, io::empty())
-                    .map_err(tar_err)?;
-                stats.dirs += 1;
-                for (ino, child) in self.entries(&inode)? {
-                    if child == "." || child == ".." {
-                        continue;
-                    }
-                    let c = self.sb.load_inode(ino).map_err(read_err)?;
-                    self.add_tree(tar, &format!("{name}/{child}"), c, stats)?;
-                }
-            }
-            _ => stats.skipped += 1,
-        }
-        Ok(())
-    }
 }
 
 /// A tar header for an entry (its size and type set; the path is set when
@@ -601,82 +497,4 @@ fn fat_add<W: Write>(
         fat_add(fs, tar, &child_path, &format!("{name}/{child}"), stats)?;
     }
     Ok(())
-}
-
-/// The (inode, name) entries of an ext directory's data, every block of
-/// it. Unused records (inode 0) are skipped: deleted entries, the
-/// checksum tail of each block, and the interior nodes of a hash-indexed
-/// directory, whose index hides behind an empty record; its leaves are
-/// ordinary blocks.
-fn dirents(data: &[u8]) -> Result<Vec<(u32, String)>, FilesError> {
-    let damaged =
-        |at: usize| FilesError::Read(format!("a directory record at byte {at} is damaged"));
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + 8 <= data.len() {
-        let ino = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
-        let rec_len = usize::from(u16::from_le_bytes(
-            data[at + 4..at + 6].try_into().expect("2 bytes"),
-        ));
-        let name_len = usize::from(data[at + 6]);
-        if rec_len < 8 || at + rec_len > data.len() || 8 + name_len > rec_len {
-            return Err(damaged(at));
-        }
-        if ino != 0 && name_len > 0 {
-            let name = String::from_utf8_lossy(&data[at + 8..at + 8 + name_len]).into_owned();
-            out.push((ino, name));
-        }
-        at += rec_len;
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(ino: u32, name: &str, rec_len: u16) -> Vec<u8> {
-        let mut v = ino.to_le_bytes().to_vec();
-        v.extend(rec_len.to_le_bytes());
-        v.push(name.len() as u8);
-        v.push(1);
-        v.extend(name.as_bytes());
-        v.resize(usize::from(rec_len), 0);
-        v
-    }
-
-    #[test]
-    fn dirents_cross_blocks_and_skip_unused_records() {
-        // Two 128-byte blocks: ".", "..", "a", a deleted record, "b" and
-        // the checksum tail; then "c" alone.
-        let mut tail = rec(0, "", 12);
-        tail[7] = 0xDE;
-        let block1 = [
-            rec(2, ".", 12),
-            rec(2, "..", 12),
-            rec(12, "a", 16),
-            rec(0, "", 24),
-            rec(13, "b", 52),
-            tail,
-        ]
-        .concat();
-        assert_eq!(block1.len(), 128);
-        let data = [block1, rec(14, "c", 128)].concat();
-        let names: Vec<(u32, String)> = dirents(&data).unwrap();
-        let want: Vec<(u32, String)> = [(2, "."), (2, ".."), (12, "a"), (13, "b"), (14, "c")]
-            .iter()
-            .map(|(i, n)| (*i, n.to_string()))
-            .collect();
-        assert_eq!(names, want);
-    }
-
-    #[test]
-    fn a_bad_record_length_is_an_error_not_a_loop() {
-        let mut d = rec(5, "x", 12);
-        d[4] = 0;
-        d[5] = 0;
-        assert!(dirents(&d).is_err());
-        let d = rec(5, "x", 200);
-        assert!(dirents(&d[..100]).is_err());
-    }
 }
