@@ -267,13 +267,6 @@ fn a_live_restore_serves_at_once_and_keeps_every_guest_write() {
         "--no-wait",
     ]);
     let job = job.trim().to_string();
-    // Reads of blocks not restored yet fetch them first.
-    let mut head = vec![0u8; 8192];
-    std::fs::File::open(&img)
-        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 50 * MIB))
-        .unwrap();
-    let probe = t.path().join("probe.bin");
-    std::fs::write(&probe, &head).unwrap();
     let d: serde_json::Value = serde_json::from_str(&a.ok(&["disk", "list", "--json"])).unwrap();
     let vm2 = d
         .as_array()
@@ -378,6 +371,83 @@ fn a_live_restore_killed_midway_resumes_without_losing_guest_writes() {
         apply(&expect, off, len, p);
     }
     compare_images(&target, &expect);
+}
+
+/// Disk `name` of `disk list --json`.
+fn disk(a: &Agent, name: &str) -> serde_json::Value {
+    let d: serde_json::Value = serde_json::from_str(&a.ok(&["disk", "list", "--json"])).unwrap();
+    d.as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_cancelled_live_restore_pauses_keeps_serving_and_resumes_on_demand() {
+    let t = tempdir();
+    let (a, id, img, dest) = with_dest(t.path(), 16 * MIB);
+    let pause = t.path().join("faults").join("fill-pause");
+    std::fs::write(&pause, b"").unwrap();
+    let target = dest.join("live.img");
+    let job = a.ok(&[
+        "restore",
+        &id,
+        "--to",
+        target.to_str().unwrap(),
+        "--live",
+        "--attach",
+        "vm2",
+        "--no-wait",
+    ]);
+    let job = job.trim().to_string();
+    let o = a.cli(&["job", "resume", &job]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("already"), "{err}");
+    a.ok(&["job", "cancel", &job]);
+    let done: serde_json::Value =
+        serde_json::from_str(&a.ok(&["job", "wait", &job, "--json"])).unwrap();
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("job resume"),
+        "{done}"
+    );
+    // Paused, not abandoned: the disk serves and takes writes, and no
+    // job is named as filling it.
+    let (off, len, p) = WRITES[0];
+    qemu_io_ok(&a.uri("vm2"), &format!("write -P {p} {off} {len}"));
+    let vm2 = disk(&a, "vm2");
+    let r = &vm2["restoring"];
+    assert!(r["filled"].as_u64() < r["chunks"].as_u64(), "{vm2}");
+    assert!(r["job"].is_null(), "a paused fill names no job: {vm2}");
+    // Resuming needs an admin, and a fill to resume.
+    let v: serde_json::Value =
+        serde_json::from_str(&a.ok(&["token", "create", "ops", "--role", "backup", "--json"]))
+            .unwrap();
+    let (s, body) = call(
+        &a,
+        v["token"].as_str().unwrap(),
+        "POST",
+        &format!("/api/v1/jobs/{job}/resume"),
+        "",
+    );
+    assert_eq!(s, 403, "{body}");
+    let backup_job = a.ok(&["backup", "vm", "--no-wait"]);
+    let o = a.cli(&["job", "resume", backup_job.trim()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("only a live restore or a promotion"), "{err}");
+    std::fs::remove_file(&pause).unwrap();
+    let out = a.ok(&["job", "resume", &job]);
+    assert!(out.contains("succeeded"), "{out}");
+    let expect = t.path().join("expect.img");
+    std::fs::copy(&img, &expect).unwrap();
+    apply(&expect, off, len, p);
+    compare_images(&target, &expect);
+    assert!(disk(&a, "vm2").get("restoring").is_none());
+    let o = a.cli(&["job", "resume", &job]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("nothing left to fill"), "{err}");
 }
 
 /// A call to the API with `token`: (status, error code or body).

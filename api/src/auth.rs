@@ -392,6 +392,7 @@ pub const ROUTES: &[(&str, &str, Access, Scope)] = {
         ("GET", "/api/v1/jobs", Read, Filtered),
         ("GET", "/api/v1/jobs/{id}", Read, Handler),
         ("POST", "/api/v1/jobs/{id}/cancel", Operate, Handler),
+        ("POST", "/api/v1/jobs/{id}/resume", Admin, Host),
         ("GET", "/api/v1/jobs/{id}/events", Read, Handler),
         ("GET", "/api/v1/store", Read, Host),
         ("GET", "/api/v1/retention/policies", Read, Host),

@@ -348,6 +348,15 @@ impl Client {
             None::<&()>,
         )
     }
+
+    /// `POST /api/v1/jobs/{id}/resume`.
+    pub fn resume(&self, id: &str) -> Result<JobInfo, ClientError> {
+        self.json(
+            "POST",
+            &format!("/api/v1/jobs/{}/resume", enc(id)),
+            None::<&()>,
+        )
+    }
 }
 
 impl Client {

@@ -15,7 +15,7 @@ use crate::routes::{disks, jobs, mounts, policy, tokens};
         crate::routes::health,
         disks::list, disks::attach, disks::get, disks::detach, disks::cbt, disks::cbt_reset,
         jobs::backup, jobs::restore, jobs::verify_many, jobs::verify_one, jobs::snapshots,
-        jobs::snapshot, jobs::partitions, jobs::files, jobs::files_tar, jobs::delete_snapshot, jobs::jobs, jobs::job, jobs::cancel, jobs::events,
+        jobs::snapshot, jobs::partitions, jobs::files, jobs::files_tar, jobs::delete_snapshot, jobs::jobs, jobs::job, jobs::cancel, jobs::resume, jobs::events,
         jobs::metrics, jobs::store_info,
         mounts::list, mounts::mount, mounts::unmount, mounts::promote,
         tokens::list, tokens::create, tokens::revoke,

@@ -111,6 +111,10 @@ pub trait DiskService: Send + Sync + 'static {
     }
     /// Asks a job to stop.
     fn cancel(&self, id: &str) -> Result<JobInfo, ApiError>;
+    /// Starts again the fill a paused live restore or promotion left.
+    fn resume_job(&self, _id: &str) -> Result<JobInfo, ApiError> {
+        Err(no_mounts())
+    }
     /// The Prometheus text exposition of `/metrics`.
     fn metrics(&self) -> Result<String, ApiError>;
     /// The store: where, how big, how many snapshots.
@@ -187,6 +191,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         .route("/api/v1/jobs", get(jobs::jobs))
         .route("/api/v1/jobs/{id}", get(jobs::job))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/api/v1/jobs/{id}/events", get(jobs::events))
         .route("/api/v1/store", get(jobs::store_info))
         .route("/api/v1/snapshots/{id}/protect", post(policy::protect))

@@ -69,10 +69,20 @@ pub enum JobCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Ask a job to stop.
+    /// Ask a job to stop. A live restore or a promotion pauses: its
+    /// export stays up, and `job resume` goes on with the copy.
     Cancel {
         /// Job id.
         id: String,
+    },
+    /// Go on with the copy of a paused (cancelled) or failed live restore
+    /// or promotion, as a new job.
+    Resume {
+        /// Id of the paused job.
+        id: String,
+        /// Return at once instead of following the new job.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -91,6 +101,16 @@ pub fn run(client: &Client, c: JobCommand) -> anyhow::Result<()> {
         JobCommand::Cancel { id } => {
             let j = client.cancel(&id)?;
             println!("{} {} {}: cancel asked", j.id, j.kind, j.target);
+        }
+        JobCommand::Resume { id, no_wait } => {
+            let j = client.resume(&id)?;
+            if no_wait {
+                println!("{} {} {}: resumed", j.id, j.kind, j.target);
+                return Ok(());
+            }
+            let j = wait(client, j, false, "bytes")?;
+            result(&j)?;
+            println!("{} {} {}: succeeded", j.id, j.kind, j.target);
         }
     }
     Ok(())

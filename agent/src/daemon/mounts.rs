@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use nbd_proxy::fill::{FillProgress, Filler};
 use nbd_proxy::{Export, Image, Tracker};
-use novabackup_api::types::{FillInfo, JobInfo, MountInfo, MountRequest, PromoteRequest};
+use novabackup_api::types::{FillInfo, JobInfo, JobState, MountInfo, MountRequest, PromoteRequest};
 use novabackup_engine::cbt::Granularity;
 use novabackup_engine::fsutil;
 use novabackup_engine::ids::{DiskName, SnapshotId};
 use novabackup_engine::ops::restore::RestoreOptions;
 use novabackup_engine::ops::{self, ErrorKind, OpError};
+use novabackup_engine::progress::Progress;
 use novabackup_engine::snapshot_reader::{ReaderOptions, SnapshotReader};
 use serde::{Deserialize, Serialize};
 
@@ -247,6 +248,66 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Starts again the background fill that job `id` (a cancelled or
+    /// failed live restore or promotion) left unfinished.
+    pub fn resume_job(&self, id: &str) -> Result<JobInfo, OpError> {
+        let job = self.jobs.get(id).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("no job {id:?}; `novabackup jobs` lists them"),
+            )
+        })?;
+        if job.kind != "live-restore" && job.kind != "promote" {
+            return Err(err(
+                ErrorKind::Invalid,
+                format!(
+                    "job {id} is a {}: only a live restore or a promotion can be resumed",
+                    job.kind
+                ),
+            ));
+        }
+        let name = job.target.clone();
+        let running = self
+            .jobs
+            .list()
+            .into_iter()
+            .find(|j| j.target == name && j.kind == job.kind && j.state == JobState::Running);
+        if let Some(j) = running {
+            return Err(err(
+                ErrorKind::Conflict,
+                format!("{name} is being filled by job {} already", j.id),
+            ));
+        }
+        let export = self.server.get(&name).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("{name} is no longer served: nothing to resume"),
+            )
+        })?;
+        let unfinished = export
+            .filler
+            .as_ref()
+            .is_some_and(|f| !f.is_complete() || f.map_path().exists());
+        let snapshot = if job.kind == "promote" {
+            self.mount_records()
+                .iter()
+                .find(|r| r.name.as_str() == name && r.promoted && !r.complete)
+                .map(|r| r.snapshot.clone())
+        } else {
+            self.live_fill(&name).map(|l| l.snapshot)
+        };
+        match snapshot {
+            Some(s) if unfinished => {
+                tracing::info!(job = id, target = %name, "fill resumed");
+                Ok(self.start_fill(export, &job.kind, s))
+            }
+            _ => Err(err(
+                ErrorKind::Invalid,
+                format!("{name} is complete: nothing left to fill"),
+            )),
+        }
     }
 
     /// Serves a snapshot as an NBD export.
@@ -583,57 +644,29 @@ impl Agent {
         let name = export.name.clone();
         let kind_s = kind.to_string();
         let target = name.clone();
-        let job = self.jobs.spawn(kind, &target, vec![target.clone()], move |p| {
-            let Some(filler) = export.filler.clone() else {
-                return Err(OpError::internal("nothing to fill"));
-            };
-            let total = filler.progress();
-            p.set_total(total.chunks * total.chunk_size);
-            p.add(total.filled * total.chunk_size);
-            let started = std::time::Instant::now();
-            loop {
-                if p.cancelled() {
-                    return Err(err(
-                        ErrorKind::Internal,
-                        format!("{kind_s} of {name} paused: the export stays up and fetches what it needs; the rest is filled at the next agent start"),
-                    ));
+        let job = self
+            .jobs
+            .spawn(kind, &target, vec![target.clone()], move |p| {
+                let filled = fill_all(&export, p, &kind_s, &snapshot);
+                let agent = me.and_then(|w| w.upgrade());
+                match (&filled, agent) {
+                    (Ok(_), Some(agent)) => agent.fill_done(&name),
+                    // A paused or failed fill is no longer the export's job.
+                    (Err(_), Some(agent)) => {
+                        agent
+                            .fill_jobs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&name);
+                    }
+                    (_, None) => {}
                 }
-                // Tests hold the fill still to act while nothing but the
-                // clients' own requests moves it.
-                if super::fault::armed("fill-pause") {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    continue;
-                }
-                let n = filler
-                    .fill_some(FILL_STEP)
-                    .map_err(|e| internal(&format!("filling {name} from {snapshot}"), e))?;
-                p.add(n * total.chunk_size);
-                if n == 0 {
-                    break;
-                }
-                // Tests slow the fill down to act in the middle of it.
-                if super::fault::armed("fill-slow") {
-                    std::thread::sleep(std::time::Duration::from_millis(250));
-                }
-            }
-            filler
-                .finish()
-                .map_err(|e| internal("finishing the fill", e))?;
-            if let Some(agent) = me.and_then(|w| w.upgrade()) {
-                agent.fill_done(&name);
-            }
-            let bytes = total.chunks * total.chunk_size;
-            Ok(Report::Fill(super::jobs::FillReport {
-                export: name,
-                snapshot: snapshot.to_string(),
-                bytes,
-                seconds: started.elapsed().as_secs_f64(),
-            }))
-        });
+                filled
+            });
         self.fill_jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(export_name(&job), job.id.clone());
+            .insert(job.target.clone(), job.id.clone());
         job
     }
 
@@ -692,6 +725,53 @@ impl Agent {
     }
 }
 
-fn export_name(job: &JobInfo) -> String {
-    job.target.clone()
+/// Fills the rest of `export` from `snapshot` (the body of a fill job).
+fn fill_all(
+    export: &Export,
+    p: &Progress,
+    kind: &str,
+    snapshot: &SnapshotId,
+) -> Result<Report, OpError> {
+    let name = &export.name;
+    let Some(filler) = export.filler.clone() else {
+        return Err(OpError::internal("nothing to fill"));
+    };
+    let total = filler.progress();
+    p.set_total(total.chunks * total.chunk_size);
+    p.add(total.filled * total.chunk_size);
+    let started = std::time::Instant::now();
+    loop {
+        if p.cancelled() {
+            return Err(err(
+                ErrorKind::Internal,
+                format!("{kind} of {name} paused: the export stays up and fetches what it needs; `novabackup job resume ID` (or the next agent start) fills the rest"),
+            ));
+        }
+        // Tests hold the fill still to act while nothing but the clients'
+        // own requests moves it.
+        if super::fault::armed("fill-pause") {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        let n = filler
+            .fill_some(FILL_STEP)
+            .map_err(|e| internal(&format!("filling {name} from {snapshot}"), e))?;
+        p.add(n * total.chunk_size);
+        if n == 0 {
+            break;
+        }
+        // Tests slow the fill down to act in the middle of it.
+        if super::fault::armed("fill-slow") {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+    filler
+        .finish()
+        .map_err(|e| internal("finishing the fill", e))?;
+    Ok(Report::Fill(super::jobs::FillReport {
+        export: name.clone(),
+        snapshot: snapshot.to_string(),
+        bytes: total.chunks * total.chunk_size,
+        seconds: started.elapsed().as_secs_f64(),
+    }))
 }

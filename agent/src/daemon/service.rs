@@ -287,6 +287,10 @@ impl DiskService for Agent {
         self.jobs.cancel(id).ok_or_else(|| no_job(id))
     }
 
+    fn resume_job(&self, id: &str) -> Result<JobInfo, ApiError> {
+        Ok(Agent::resume_job(self, id)?)
+    }
+
     fn metrics(&self) -> Result<String, ApiError> {
         use super::metrics::{render, DiskSample, StoreSample};
         let disks: Vec<DiskSample> = self

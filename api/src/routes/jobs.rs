@@ -374,3 +374,9 @@ pub(super) async fn cancel(
     .await
     .map(Json)
 }
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/resume", tag = "jobs", params(("id" = String, Path, description = "Id of a cancelled or failed live restore or promotion")), responses((status = 202, description = "A new job filling the rest", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
+pub(super) async fn resume(State(svc): Svc, Path(id): Path<String>) -> Started {
+    let job = blocking(&svc, move |s| s.resume_job(&id)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
