@@ -10,6 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A full run writes about 10 GB (debug and release builds, fuzz targets,
+# the package test's guest); a full disk shows up as compiler crashes, so
+# say so first.
+free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [ "${free_kb:-0}" -lt $((15 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kb / 1024 / 1024)) GB free here; the tests need about 10 GB (target folders, ../fuzz-target, /var/cache/novabackup-ci): free some space if the build fails with 'No space left on device'" >&2
+fi
+
 need=()
 have() { command -v "$1" > /dev/null 2>&1; }
 have qemu-io || need+=(qemu-utils)
