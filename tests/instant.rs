@@ -267,14 +267,7 @@ fn a_live_restore_serves_at_once_and_keeps_every_guest_write() {
         "--no-wait",
     ]);
     let job = job.trim().to_string();
-    let d: serde_json::Value = serde_json::from_str(&a.ok(&["disk", "list", "--json"])).unwrap();
-    let vm2 = d
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"] == "vm2")
-        .unwrap()
-        .clone();
+    let vm2 = disk(&a, "vm2");
     let r = &vm2["restoring"];
     assert!(
         r["filled"].as_u64().unwrap() < r["chunks"].as_u64().unwrap(),
@@ -303,14 +296,7 @@ fn a_live_restore_serves_at_once_and_keeps_every_guest_write() {
     compare_images(&target, &expect);
     // A plain disk now: change tracking has exactly the guest's writes,
     // and it backs up.
-    let d: serde_json::Value = serde_json::from_str(&a.ok(&["disk", "list", "--json"])).unwrap();
-    let vm2 = d
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"] == "vm2")
-        .unwrap()
-        .clone();
+    let vm2 = disk(&a, "vm2");
     assert!(vm2.get("restoring").is_none(), "{vm2}");
     assert_eq!(snapshot(&a, &id)["protected"], false);
     a.ok(&["backup", "vm2"]);

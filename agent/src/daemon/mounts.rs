@@ -269,15 +269,23 @@ impl Agent {
             ));
         }
         let name = job.target.clone();
+        // A fill job is named here while it runs (checked, since a job
+        // that failed at once may end before it is named).
         let running = self
-            .jobs
-            .list()
-            .into_iter()
-            .find(|j| j.target == name && j.kind == job.kind && j.state == JobState::Running);
+            .fill_jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned()
+            .filter(|j| {
+                self.jobs
+                    .get(j)
+                    .is_some_and(|j| j.state == JobState::Running)
+            });
         if let Some(j) = running {
             return Err(err(
                 ErrorKind::Conflict,
-                format!("{name} is being filled by job {} already", j.id),
+                format!("{name} is being filled by job {j} already"),
             ));
         }
         let export = self.server.get(&name).ok_or_else(|| {
