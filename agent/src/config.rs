@@ -14,6 +14,8 @@
 //! nbd_handshake_timeout = 10          # seconds for a whole handshake
 //! store = "/srv/backup/store"         # or "http://store-host:7820"
 //! store_token_file = "/etc/novabackup/store.token"
+//! # store = "s3://backups/site-a"          # an S3 bucket and prefix
+//! # store_credentials = "/etc/novabackup/s3.env"
 //! chunk_size = "64K"
 //! zstd_level = 1                      # -3 is faster, 3 smaller
 //! audit_every = 14                    # CBT audit every 14th backup of a disk
@@ -67,6 +69,8 @@ pub struct FileConfig {
     pub store: Option<String>,
     /// The store server's token file.
     pub store_token_file: Option<PathBuf>,
+    /// An `s3://` store's credentials file (`NAME=value` lines).
+    pub store_credentials: Option<PathBuf>,
     /// Chunk size of new snapshots ("64K").
     pub chunk_size: Option<String>,
     /// zstd level.

@@ -72,13 +72,19 @@ pub struct AgentArgs {
     /// NBD data engine: auto (io_uring when the kernel allows it), uring or pread [default: auto].
     #[arg(long)]
     pub io_engine: Option<String>,
-    /// The backup store: a folder [default: DATA_DIR/store], or the URL of a
-    /// store server (`http://host:7820`, see `novabackup store serve`).
+    /// The backup store: a folder [default: DATA_DIR/store], the URL of a
+    /// store server (`http://host:7820`, see `novabackup store serve`), or
+    /// an S3 bucket (`s3://BUCKET/PREFIX`).
     #[arg(long)]
     pub store: Option<String>,
     /// The store server's token (default: the NOVABACKUP_STORE_TOKEN variable).
     #[arg(long)]
     pub store_token_file: Option<PathBuf>,
+    /// An `s3://` store's credentials and endpoints, `NAME=value` lines
+    /// (default: the AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT
+    /// and S3_REGION variables).
+    #[arg(long)]
+    pub store_credentials: Option<PathBuf>,
     /// Chunk size of new snapshots, at least the disk's CBT granularity [default: 64K].
     #[arg(long, value_parser = novabackup_engine::size::parse_size)]
     pub chunk_size: Option<u64>,
@@ -138,6 +144,8 @@ pub struct AgentOptions {
     pub store: Option<String>,
     /// The store server's token file.
     pub store_token_file: Option<PathBuf>,
+    /// An `s3://` store's credentials file.
+    pub store_credentials: Option<PathBuf>,
     /// Chunk size of new snapshots.
     pub chunk_size: u64,
     /// zstd level.
@@ -208,6 +216,7 @@ impl AgentArgs {
                 .unwrap_or_else(|| "auto".into()),
             store: self.store.or(c.store),
             store_token_file: self.store_token_file.or(c.store_token_file),
+            store_credentials: self.store_credentials.or(c.store_credentials),
             chunk_size: self
                 .chunk_size
                 .or(c
@@ -655,6 +664,20 @@ fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>>
         .store
         .clone()
         .unwrap_or_else(|| dir.join("store").display().to_string());
+    if novabackup_api::objstore::is_s3(&where_) {
+        let loc = novabackup_api::objstore::S3Location::parse(
+            &where_,
+            opts.store_credentials.as_deref(),
+        )?;
+        // The metadata cache, one folder per bucket and prefix: private,
+        // like everything under DATA_DIR.
+        let tag = novabackup_engine::digest::ChunkDigest::of(loc.display().as_bytes()).hex();
+        let cache = dir.join("s3-cache").join(&tag[..16]);
+        let s = novabackup_api::objstore::ObjectStore::open(&loc, Some(&cache))
+            .with_context(|| format!("cannot open the store at {}", loc.display()))?;
+        tracing::info!(store = %loc.display(), "object store opened");
+        return Ok(Arc::new(s));
+    }
     if where_.starts_with("http://") || where_.starts_with("https://") {
         let token = match &opts.store_token_file {
             Some(p) => std::fs::read_to_string(p)

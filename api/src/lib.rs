@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod objstore;
 pub mod openapi;
 pub mod remote;
 pub mod routes;

@@ -8,6 +8,7 @@
 #   tests/garage/cluster.sh stop DIR    # stops the nodes (data kept)
 #   tests/garage/cluster.sh kill DIR N  # kill -9 node N (1-3)
 #   tests/garage/cluster.sh revive DIR N
+#   tests/garage/cluster.sh bin         # prints the garage binary (builds it once)
 #
 # The garage binary is found as $GARAGE, else on PATH, else in the cache
 # /var/cache/novabackup-ci/tools/garage/bin/garage, else built there once
@@ -17,8 +18,8 @@
 # changes the 39 prefix's base, for clusters side by side).
 set -euo pipefail
 CACHE=/var/cache/novabackup-ci/tools/garage
-cmd=${1:?usage: cluster.sh start|stop|kill|revive DIR [N]}
-DIR=${2:?a folder for the cluster}
+cmd=${1:?usage: cluster.sh start|stop|kill|revive DIR [N] | bin}
+[ "$cmd" = bin ] && DIR=/nonexistent || DIR=${2:?a folder for the cluster}
 BASE=${BASE_PORT:-3900}
 
 garage_bin() {
@@ -33,12 +34,14 @@ garage_bin() {
   echo "$CACHE/bin/garage"
 }
 G=$(garage_bin)
+[ "$cmd" = bin ] && { echo "$G"; exit 0; }
 port() { echo $((BASE + ($1 - 1) * 10 + $2)); }   # node, offset
 g() { local n=$1; shift; "$G" -c "$DIR/n$n/garage.toml" "$@"; }
 
 start_node() {
   local n=$1
-  g "$n" server > "$DIR/n$n/log" 2>&1 &
+  # Not through g(): $! must be garage's own pid, for stop and kill.
+  "$G" -c "$DIR/n$n/garage.toml" server > "$DIR/n$n/log" 2>&1 &
   echo $! > "$DIR/n$n/pid"
   for _ in $(seq 100); do
     g "$n" status > /dev/null 2>&1 && return 0
@@ -101,6 +104,13 @@ EOF
   stop)
     for n in 1 2 3; do
       [ -f "$DIR/n$n/pid" ] && kill "$(cat "$DIR/n$n/pid")" 2> /dev/null || true
+    done
+    for n in 1 2 3; do
+      [ -f "$DIR/n$n/pid" ] || continue
+      for _ in $(seq 50); do
+        kill -0 "$(cat "$DIR/n$n/pid")" 2> /dev/null || break
+        sleep 0.1
+      done
     done
     ;;
   kill)
