@@ -52,6 +52,10 @@ if ! have st; then
   hash -r
 fi
 
+# The object-store tests run a 3-node Garage cluster; its binary is built
+# once into /var/cache/novabackup-ci/tools/garage (about 12 minutes here).
+echo "== garage for the object-store tests: $(bash tests/garage/cluster.sh bin)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

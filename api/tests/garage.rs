@@ -1,8 +1,6 @@
 //! The object-storage store against a real 3-node Garage cluster
 //! (replication factor 3) on loopback, started by `tests/garage/cluster.sh`.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use novabackup_api::objstore::{ObjectStore, S3Location};
@@ -12,40 +10,16 @@ use novabackup_engine::progress::Progress;
 use novabackup_engine::store::conformance::manifest;
 use novabackup_engine::store::{GcOptions, Store, StoreError};
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    base: u16,
+#[path = "../../tests/garage/cluster.rs"]
+mod cluster;
+use cluster::Cluster;
+
+trait Open {
+    fn location(&self, prefix: &str) -> S3Location;
+    fn open(&self, prefix: &str, grace: Duration) -> ObjectStore;
 }
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/garage/cluster.sh")
-}
-
-impl Cluster {
-    /// A cluster whose node N listens on base+10(N-1) (S3) and +1 (RPC).
-    fn start(base: u16) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let c = Cluster { dir, base };
-        c.run(&["start"]);
-        c
-    }
-
-    fn run(&self, args: &[&str]) {
-        let mut cmd = Command::new("bash");
-        cmd.arg(script()).arg(args[0]).arg(self.dir.path());
-        cmd.args(&args[1..]).env("BASE_PORT", self.base.to_string());
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "cluster.sh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn env(&self) -> PathBuf {
-        self.dir.path().join("env")
-    }
-
+impl Open for Cluster {
     fn location(&self, prefix: &str) -> S3Location {
         S3Location::parse(&format!("s3://nova/{prefix}"), Some(&self.env())).unwrap()
     }
@@ -54,12 +28,6 @@ impl Cluster {
         ObjectStore::open(&self.location(prefix), None)
             .unwrap()
             .with_grace(grace)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.run(&["stop"]);
     }
 }
 
@@ -207,7 +175,7 @@ fn the_store_works_with_one_node_stopped() {
     let m1 = snapshot(&s, "vm", 1_000, &[x]);
     s.commit(&m1).unwrap();
     // The first endpoint the client tries is gone.
-    c.run(&["kill", "1"]);
+    c.kill(1);
     let s = c.open("degraded", Duration::ZERO);
     assert_eq!(s.get_chunk(&x).unwrap(), fx);
     let (y, fy) = file(b"during");
@@ -215,7 +183,7 @@ fn the_store_works_with_one_node_stopped() {
     let m2 = snapshot(&s, "vm", 2_000, &[x, y]);
     s.commit(&m2).unwrap();
     assert_eq!(s.list(None).unwrap().0.len(), 2);
-    c.run(&["revive", "1"]);
+    c.revive(1);
     let s = c.open("degraded", Duration::ZERO);
     assert_eq!(s.get_chunk(&y).unwrap(), fy);
 }
