@@ -2,10 +2,10 @@
 //! (replication factor 3): real processes, real NBD writes, nodes
 //! stopped and killed under them.
 
-#[path = "harness.rs"]
-mod harness;
 #[path = "garage/cluster.rs"]
 mod cluster;
+#[path = "harness.rs"]
+mod harness;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -65,7 +65,10 @@ fn backups_restores_and_verify_work_on_garage_with_a_node_stopped() {
     );
     let inc = backup(&a, "vm");
     assert_eq!(inc["kind"], "incremental", "{inc}");
-    assert!(inc["stats"]["bytes_new"].as_u64().unwrap() <= 2 << 20, "{inc}");
+    assert!(
+        inc["stats"]["bytes_new"].as_u64().unwrap() <= 2 << 20,
+        "{inc}"
+    );
     a.restore_and_compare(&snap(&full), &t.path().join("full.img"), &at_full);
     a.restore_and_compare(&snap(&inc), &t.path().join("inc.img"), &img);
     let v = a.ok(&["verify", "--all"]);
@@ -74,7 +77,10 @@ fn backups_restores_and_verify_work_on_garage_with_a_node_stopped() {
     // A second host opening the store with a node down sees both.
     let b = agent(&c, &t.path().join("other"), "site-a");
     let listed = b.ok(&["snapshots"]);
-    assert!(listed.contains(&snap(&full)) && listed.contains(&snap(&inc)), "{listed}");
+    assert!(
+        listed.contains(&snap(&full)) && listed.contains(&snap(&inc)),
+        "{listed}"
+    );
     c.revive(1);
 }
 
@@ -101,7 +107,11 @@ fn a_node_or_the_agent_killed_during_a_backup_leaves_no_partial_snapshot() {
     a.kill9();
     a.restart();
     let list: serde_json::Value = serde_json::from_str(&a.ok(&["snapshots", "--json"])).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 0, "partial snapshot: {list}");
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        0,
+        "partial snapshot: {list}"
+    );
 
     // A node dies mid-backup: the backup goes on through the others (two
     // of three replicas still make a quorum) or fails; either way every
@@ -129,11 +139,128 @@ fn a_node_or_the_agent_killed_during_a_backup_leaves_no_partial_snapshot() {
     if ended["state"] == "succeeded" {
         assert_eq!(list.len(), 1, "{list:?}");
     } else {
-        assert!(list.is_empty(), "a failed backup left {list:?}; it ended {ended}");
+        assert!(
+            list.is_empty(),
+            "a failed backup left {list:?}; it ended {ended}"
+        );
         backup(&a, "vm");
     }
     let list: serde_json::Value = serde_json::from_str(&a.ok(&["snapshots", "--json"])).unwrap();
     let id = list[0]["id"].as_str().unwrap().to_string();
     a.restore_and_compare(&id, &t.path().join("out.img"), &img);
     c.revive(1);
+}
+
+/// Runs `novabackup sync ARGS --json` and returns its report.
+fn sync(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .arg("sync")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sync {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn sync_moves_only_what_the_target_lacks_resumes_after_a_kill_and_restores_there() {
+    let t = tempdir();
+    let c = Cluster::start(4700);
+    let env = c.env();
+    let env = env.to_str().unwrap();
+    // Site A: an agent on a local store.
+    let a = Agent::start(&t.path().join("a"), "pread");
+    let local = t.path().join("a/state/store");
+    let local = local.to_str().unwrap();
+    let img = t.path().join("disk.img");
+    random_file(&img, 48 << 20, 83);
+    a.attach("vm", &img, &[]);
+    let full = backup(&a, "vm");
+    let at_full = t.path().join("at-full.img");
+    std::fs::copy(&img, &at_full).unwrap();
+    let to = [
+        "--from",
+        local,
+        "--to",
+        "s3://nova/site-b",
+        "--to-credentials",
+        env,
+    ];
+
+    // Interrupted: a slow sync is killed part-way; the rerun does not send
+    // again what had arrived.
+    let mut slow = std::process::Command::new(BIN)
+        .arg("sync")
+        .args(to)
+        .args(["--bwlimit", "12M", "--checkpoint", "4M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    let first = sync(&to);
+    assert_eq!(first["copied"].as_array().unwrap().len(), 1, "{first}");
+    let sent = first["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < 40 << 20,
+        "the rerun sent {sent} bytes of a 48 MiB disk: it resent what arrived"
+    );
+
+    // An incremental: about the changed bytes move, not more.
+    run(
+        "qemu-io",
+        &["-f", "raw", &a.uri("vm"), "-c", "write -P 0x3c 7M 1M"],
+    );
+    let inc = backup(&a, "vm");
+    let r = sync(&to);
+    assert_eq!(r["copied"][0], inc["snapshot"], "{r}");
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= (1 << 20) * 11 / 10,
+        "an incremental of 1 MiB sent {sent} bytes"
+    );
+    let again = sync(&to);
+    assert_eq!(
+        (again["bytes_sent"].as_u64(), again["present"].as_u64()),
+        (Some(0), Some(2))
+    );
+
+    // Site B restores both byte for byte.
+    let b = agent(&c, &t.path().join("b"), "site-b");
+    b.restore_and_compare(&snap(&full), &t.path().join("b-full.img"), &at_full);
+    b.restore_and_compare(&snap(&inc), &t.path().join("b-inc.img"), &img);
+    let v = b.ok(&["verify", "--all"]);
+    assert!(v.contains(": ok") && !v.contains("FAIL"), "{v}");
+
+    // Pull back into an empty folder, one disk's newest only, at a limit.
+    let back = t.path().join("back");
+    let started = Instant::now();
+    let r = sync(&[
+        "--from",
+        "s3://nova/site-b",
+        "--from-credentials",
+        env,
+        "--to",
+        back.to_str().unwrap(),
+        "--disk",
+        "vm",
+        "--newest",
+        "1",
+        "--bwlimit",
+        "16M",
+    ]);
+    assert_eq!(r["copied"][0], inc["snapshot"], "{r}");
+    let sent = r["bytes_sent"].as_u64().unwrap() as f64;
+    assert!(
+        started.elapsed().as_secs_f64() >= sent / (16 << 20) as f64 * 0.9,
+        "{sent} bytes in {:?} at 16 MiB/s",
+        started.elapsed()
+    );
 }

@@ -12,6 +12,7 @@ mod repair;
 mod retention;
 mod status;
 mod store;
+mod sync;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -157,6 +158,9 @@ enum Command {
     /// Run a store server that many agents back up to.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Copy snapshots from one store to another (folder, store server or
+    /// s3://), moving only what the target lacks.
+    Sync(sync::SyncArgs),
     /// Apply retention: remove the snapshots the policy does not keep.
     Prune(retention::PruneArgs),
     /// Garbage collection: free the chunks no snapshot references.
@@ -210,6 +214,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(a) => demo::run(a),
         Command::Store(c) => store::run(c),
+        Command::Sync(a) => sync::run(a),
         Command::Completions { shell } => {
             status::completions(shell);
             Ok(())
@@ -226,6 +231,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Agent(_)
                 | Command::Demo(_)
                 | Command::Store(_)
+                | Command::Sync(_)
                 | Command::Completions { .. }
                 | Command::Config(_)
                 | Command::Man { .. } => {

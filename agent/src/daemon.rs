@@ -664,22 +664,46 @@ fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>>
         .store
         .clone()
         .unwrap_or_else(|| dir.join("store").display().to_string());
-    if novabackup_api::objstore::is_s3(&where_) {
-        let loc = novabackup_api::objstore::S3Location::parse(
-            &where_,
-            opts.store_credentials.as_deref(),
-        )?;
-        // The metadata cache, one folder per bucket and prefix: private,
-        // like everything under DATA_DIR.
-        let tag = novabackup_engine::digest::ChunkDigest::of(loc.display().as_bytes()).hex();
-        let cache = dir.join("s3-cache").join(&tag[..16]);
-        let s = novabackup_api::objstore::ObjectStore::open(&loc, Some(&cache))
+    let access = StoreAccess {
+        token_file: opts.store_token_file.clone(),
+        fingerprint: opts.store_fingerprint.clone(),
+        credentials: opts.store_credentials.clone(),
+        cache_dir: Some(dir.join("s3-cache")),
+    };
+    open_store_at(&where_, &access)
+}
+
+/// What reaching a store may need besides its location.
+#[derive(Debug, Clone, Default)]
+pub struct StoreAccess {
+    /// A store server's token file (else NOVABACKUP_STORE_TOKEN).
+    pub token_file: Option<PathBuf>,
+    /// A TLS store server's pinned certificate.
+    pub fingerprint: Option<String>,
+    /// An `s3://` store's credentials file (else the environment).
+    pub credentials: Option<PathBuf>,
+    /// Where an `s3://` store's metadata cache goes (one folder per
+    /// bucket and prefix below it); none: read from the bucket each time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Opens a store folder, a store server's URL or an `s3://` bucket.
+pub fn open_store_at(where_: &str, access: &StoreAccess) -> anyhow::Result<Arc<dyn Store>> {
+    if novabackup_api::objstore::is_s3(where_) {
+        let loc =
+            novabackup_api::objstore::S3Location::parse(where_, access.credentials.as_deref())?;
+        // One private cache folder per bucket and prefix.
+        let cache = access.cache_dir.as_ref().map(|d| {
+            let tag = novabackup_engine::digest::ChunkDigest::of(loc.display().as_bytes()).hex();
+            d.join(&tag[..16])
+        });
+        let s = novabackup_api::objstore::ObjectStore::open(&loc, cache.as_deref())
             .with_context(|| format!("cannot open the store at {}", loc.display()))?;
         tracing::info!(store = %loc.display(), "object store opened");
         return Ok(Arc::new(s));
     }
     if where_.starts_with("http://") || where_.starts_with("https://") {
-        let token = match &opts.store_token_file {
+        let token = match &access.token_file {
             Some(p) => std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read the store token {}", p.display()))?
                 .trim()
@@ -692,15 +716,15 @@ fn open_store(dir: &Path, opts: &AgentOptions) -> anyhow::Result<Arc<dyn Store>>
             })?,
         };
         let s = novabackup_api::remote::RemoteStore::connect_pinned(
-            &where_,
+            where_,
             &token,
-            opts.store_fingerprint.as_deref(),
+            access.fingerprint.as_deref(),
         )
         .with_context(|| format!("cannot use the store server {where_}"))?;
         tracing::info!(store = %where_, "store server connected");
         return Ok(Arc::new(s));
     }
-    let s = LocalStore::open(Path::new(&where_))
+    let s = LocalStore::open(Path::new(where_))
         .with_context(|| format!("cannot open the store at {where_}"))?;
     for d in s.damaged_packs() {
         tracing::warn!(pack = %d, "damaged pack");

@@ -14,6 +14,7 @@
 //! | restore a snapshot | [`restore`] | [`restore::RestoreReport`] |
 //! | delete, protect, garbage-collect | [`snapshots`] | [`crate::store::GcReport`] |
 //! | a store accepting a snapshot | [`accept`] | — |
+//! | replicate snapshots between stores | [`sync`] | [`sync::SyncReport`] |
 //!
 //! A disk reaches them through [`tracker::TrackedDisk`], which the NBD
 //! proxy implements; jobs of one disk exclude each other through
@@ -27,6 +28,7 @@ pub mod prune;
 pub mod quota;
 pub mod restore;
 pub mod snapshots;
+pub mod sync;
 pub mod tracker;
 pub mod verify;
 

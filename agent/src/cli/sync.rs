@@ -1,0 +1,127 @@
+//! `novabackup sync`: copy snapshots from one store to another (a folder,
+//! a store server or an `s3://` bucket on either side), moving only what
+//! the target lacks; see `novabackup_engine::ops::sync`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use novabackup_engine::ids::DiskName;
+use novabackup_engine::ops::sync::{sync, SyncOptions};
+use novabackup_engine::progress::Progress;
+
+use crate::daemon::{open_store_at, StoreAccess};
+
+/// `novabackup sync` options.
+#[derive(Debug, clap::Args)]
+pub struct SyncArgs {
+    /// The store to copy from: a folder, `http(s)://host:7820` or `s3://BUCKET/PREFIX`.
+    #[arg(long)]
+    pub from: String,
+    /// The store to copy to (same forms).
+    #[arg(long)]
+    pub to: String,
+    /// Only this disk (repeatable; default: every disk).
+    #[arg(long = "disk")]
+    pub disks: Vec<DiskName>,
+    /// Only each disk's newest N snapshots.
+    #[arg(long)]
+    pub newest: Option<usize>,
+    /// Send at most this many bytes per second (e.g. 20M).
+    #[arg(long, value_parser = novabackup_engine::size::parse_size)]
+    pub bwlimit: Option<u64>,
+    /// Make what arrived durable every this many bytes: what an
+    /// interruption can cost to send again [default: 256M].
+    #[arg(long, value_parser = novabackup_engine::size::parse_size)]
+    pub checkpoint: Option<u64>,
+    /// The source store server's token file.
+    #[arg(long)]
+    pub from_token_file: Option<PathBuf>,
+    /// The target store server's token file.
+    #[arg(long)]
+    pub to_token_file: Option<PathBuf>,
+    /// The source `s3://` store's credentials file.
+    #[arg(long)]
+    pub from_credentials: Option<PathBuf>,
+    /// The target `s3://` store's credentials file.
+    #[arg(long)]
+    pub to_credentials: Option<PathBuf>,
+    /// Pin the source https store server's certificate (`sha256:...`).
+    #[arg(long)]
+    pub from_fingerprint: Option<String>,
+    /// Pin the target https store server's certificate (`sha256:...`).
+    #[arg(long)]
+    pub to_fingerprint: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a replication in this process, printing progress to stderr.
+pub fn run(a: SyncArgs) -> anyhow::Result<()> {
+    if a.from == a.to {
+        anyhow::bail!("--from and --to name the same store; nothing to copy");
+    }
+    let from = open_store_at(
+        &a.from,
+        &StoreAccess {
+            token_file: a.from_token_file.clone(),
+            fingerprint: a.from_fingerprint.clone(),
+            credentials: a.from_credentials.clone(),
+            cache_dir: None,
+        },
+    )?;
+    let to = open_store_at(
+        &a.to,
+        &StoreAccess {
+            token_file: a.to_token_file.clone(),
+            fingerprint: a.to_fingerprint.clone(),
+            credentials: a.to_credentials.clone(),
+            cache_dir: None,
+        },
+    )?;
+    let opts = SyncOptions {
+        disks: a.disks.clone(),
+        newest: a.newest,
+        bandwidth: a.bwlimit,
+        checkpoint: a.checkpoint.unwrap_or(0),
+    };
+    let progress = Arc::new(Progress::default());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let (progress, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut waited = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                waited += 1;
+                if waited % 25 == 0 {
+                    let (n, total) = progress.get();
+                    eprintln!("sync: {n} of {total} chunks checked");
+                }
+            }
+        })
+    };
+    let r = sync(from.as_ref(), to.as_ref(), &opts, &progress);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ticker.join();
+    let r = r?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    for id in &r.copied {
+        println!("copied {id}");
+    }
+    println!(
+        "{} snapshot(s) copied, {} already in {}; {} of {} chunks sent ({} bytes) in {:.1} s",
+        r.copied.len(),
+        r.present,
+        to.describe(),
+        r.chunks_sent,
+        r.chunks_named,
+        r.bytes_sent,
+        r.duration_ms as f64 / 1000.0
+    );
+    Ok(())
+}
