@@ -33,6 +33,7 @@ have sfdisk || need+=(fdisk)
 have mkfs.vfat || need+=(dosfstools)
 have mdir || need+=(mtools)
 have mkntfs && have ntfs-3g || need+=(ntfs-3g)
+have restic || need+=(restic)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "== installing ${need[*]}"

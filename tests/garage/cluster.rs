@@ -9,6 +9,8 @@ use std::process::Command;
 pub struct Cluster {
     dir: tempfile::TempDir,
     base: u16,
+    /// The network namespace its nodes run in, and their S3 address there.
+    netns: Option<(String, String)>,
 }
 
 fn script() -> PathBuf {
@@ -25,14 +27,39 @@ impl Cluster {
     /// the port after (each test its own `base`).
     pub fn start(base: u16) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let c = Cluster { dir, base };
+        let c = Cluster {
+            dir,
+            base,
+            netns: None,
+        };
+        c.run(&["start"]);
+        c
+    }
+
+    /// A cluster in network namespace `ns`, serving S3 on `addr` there
+    /// (the namespace's end of a veth pair).
+    pub fn start_in(ns: &str, addr: &str, base: u16) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster {
+            dir,
+            base,
+            netns: Some((ns.to_string(), addr.to_string())),
+        };
         c.run(&["start"]);
         c
     }
 
     /// Runs `cluster.sh ARGS[0] DIR ARGS[1..]`.
     pub fn run(&self, args: &[&str]) {
-        let out = Command::new("bash")
+        let mut cmd = match &self.netns {
+            Some((ns, addr)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "bash"]).env("S3_ADDR", addr);
+                c
+            }
+            None => Command::new("bash"),
+        };
+        let out = cmd
             .arg(script())
             .arg(args[0])
             .arg(self.dir.path())

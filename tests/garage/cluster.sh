@@ -15,7 +15,9 @@
 # with `cargo install garage --locked` (about 7-20 minutes on 2 cores; the
 # build folder is removed afterwards).
 # Ports: node N serves S3 on 127.0.0.1:39N0 and RPC on 39N1 (BASE_PORT
-# changes the 39 prefix's base, for clusters side by side).
+# changes the 39 prefix's base, for clusters side by side). S3_ADDR makes
+# the S3 API listen on another address (a network namespace's veth end:
+# run the script under `ip netns exec`); RPC stays on the loopback.
 set -euo pipefail
 CACHE=/var/cache/novabackup-ci/tools/garage
 cmd=${1:?usage: cluster.sh start|stop|kill|revive DIR [N] | bin}
@@ -70,7 +72,7 @@ rpc_secret = "$secret"
 
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:$(port "$n" 0)"
+api_bind_addr = "${S3_ADDR:-127.0.0.1}:$(port "$n" 0)"
 root_domain = ".s3.garage.localhost"
 EOF
       chmod 600 "$DIR/n$n/garage.toml"
@@ -91,8 +93,8 @@ EOF
     sec=$(echo "$out" | awk '/Secret key/ {print $NF}')
     g 1 bucket allow --read --write --owner nova --key nova-key > /dev/null
     cat > "$DIR/env" <<EOF
-S3_ENDPOINT=http://127.0.0.1:$(port 1 0)
-S3_ENDPOINTS="http://127.0.0.1:$(port 1 0) http://127.0.0.1:$(port 2 0) http://127.0.0.1:$(port 3 0)"
+S3_ENDPOINT=http://${S3_ADDR:-127.0.0.1}:$(port 1 0)
+S3_ENDPOINTS="http://${S3_ADDR:-127.0.0.1}:$(port 1 0) http://${S3_ADDR:-127.0.0.1}:$(port 2 0) http://${S3_ADDR:-127.0.0.1}:$(port 3 0)"
 S3_REGION=garage
 S3_BUCKET=nova
 AWS_ACCESS_KEY_ID=$key
