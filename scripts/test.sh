@@ -70,6 +70,7 @@ SMOKE=1 FIO_SECONDS=3 bash benches/restore.sh
 SMOKE=1 bash benches/pipeline.sh
 SMOKE=1 bash benches/remote.sh
 SMOKE=1 TLS=1 bash benches/remote.sh
+SMOKE=1 bash benches/sync.sh
 echo "== fuzz smoke runs"
 if rustup toolchain list | grep -q nightly; then
   SECONDS_PER_TARGET="${FUZZ_SECONDS:-8}" bash scripts/fuzz.sh

@@ -73,6 +73,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             median(t) * 1e3
         );
     }
+    for mib in [1usize, 16] {
+        let mut t = Vec::new();
+        for r in 0..rounds {
+            let t0 = Instant::now();
+            s3.get(&format!("put/{mib}-{r}"))?;
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        let m = median(t);
+        println!("| GET | {mib} MiB | {:.1} | {:.0} |", m * 1e3, (mib << 20) as f64 / m / 1e6);
+    }
     let mut t = Vec::new();
     for r in 0..rounds * 4 {
         let t0 = Instant::now();
