@@ -257,10 +257,39 @@ fn sync_moves_only_what_the_target_lacks_resumes_after_a_kill_and_restores_there
         "16M",
     ]);
     assert_eq!(r["copied"][0], inc["snapshot"], "{r}");
+    assert_eq!(r["copied"].as_array().unwrap().len(), 1, "{r}");
     let sent = r["bytes_sent"].as_u64().unwrap() as f64;
     assert!(
         started.elapsed().as_secs_f64() >= sent / (16 << 20) as f64 * 0.9,
         "{sent} bytes in {:?} at 16 MiB/s",
         started.elapsed()
     );
+
+    // The target's own retention and collection after a sync: both
+    // snapshots arrive, the older goes, and what only it held is freed.
+    let kept = t.path().join("kept");
+    let r = sync(&[
+        "--from",
+        "s3://nova/site-b",
+        "--from-credentials",
+        env,
+        "--to",
+        kept.to_str().unwrap(),
+        "--prune",
+        "--keep-last",
+        "1",
+        "--gc",
+    ]);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["pruned"]["removed"], 1, "{r}");
+    assert!(r["gc"]["chunks_removed"].as_u64().unwrap() >= 16, "{r}");
+    let on_kept = Agent::start_with(
+        &t.path().join("k"),
+        "pread",
+        &["--store", kept.to_str().unwrap()],
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&on_kept.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    on_kept.restore_and_compare(&snap(&inc), &t.path().join("k-inc.img"), &img);
 }

@@ -81,7 +81,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             t.push(t0.elapsed().as_secs_f64());
         }
         let m = median(t);
-        println!("| GET | {mib} MiB | {:.1} | {:.0} |", m * 1e3, (mib << 20) as f64 / m / 1e6);
+        println!(
+            "| GET | {mib} MiB | {:.1} | {:.0} |",
+            m * 1e3,
+            (mib << 20) as f64 / m / 1e6
+        );
     }
     let mut t = Vec::new();
     for r in 0..rounds * 4 {

@@ -52,6 +52,18 @@ pub struct SyncArgs {
     /// Pin the target https store server's certificate (`sha256:...`).
     #[arg(long)]
     pub to_fingerprint: Option<String>,
+    /// Afterwards, apply retention to the target: the default policy
+    /// (within 30d, daily 7, weekly 4, monthly 12, yearly 7), or the
+    /// rules of --keep-last.
+    #[arg(long)]
+    pub prune: bool,
+    /// With --prune: keep only each disk's newest N snapshots.
+    #[arg(long, requires = "prune")]
+    pub keep_last: Option<u32>,
+    /// Afterwards, garbage-collect the target (after --prune, this frees
+    /// what the removed snapshots alone held).
+    #[arg(long)]
+    pub gc: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -106,8 +118,49 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ticker.join();
     let r = r?;
+    let pruned = if a.prune {
+        let policy = match a.keep_last {
+            Some(n) => novabackup_engine::retention::Policy {
+                keep_last: Some(n),
+                keep_hourly: None,
+                keep_daily: None,
+                keep_weekly: None,
+                keep_monthly: None,
+                keep_yearly: None,
+                keep_within: None,
+                ..Default::default()
+            },
+            None => Default::default(),
+        };
+        let name = if a.keep_last.is_some() {
+            "sync --keep-last"
+        } else {
+            "default"
+        };
+        Some(novabackup_engine::ops::prune::prune(
+            to.as_ref(),
+            &|_| (name.to_string(), policy.clone()),
+            &Default::default(),
+            &Default::default(),
+            &Progress::default(),
+        )?)
+    } else {
+        None
+    };
+    let collected = if a.gc {
+        Some(novabackup_engine::ops::snapshots::gc(
+            to.as_ref(),
+            &Default::default(),
+            &Progress::default(),
+        )?)
+    } else {
+        None
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["pruned"] = serde_json::to_value(&pruned)?;
+        v["gc"] = serde_json::to_value(&collected)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     for id in &r.copied {
@@ -123,5 +176,14 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         r.bytes_sent,
         r.duration_ms as f64 / 1000.0
     );
+    if let Some(p) = pruned {
+        println!("retention on the target removed {} snapshot(s)", p.removed);
+    }
+    if let Some(g) = collected {
+        println!(
+            "garbage collection on the target removed {} chunk(s), {} -> {} bytes",
+            g.chunks_removed, g.bytes_before, g.bytes_after
+        );
+    }
     Ok(())
 }
