@@ -26,6 +26,19 @@ fn agent(c: &Cluster, dir: &Path, prefix: &str) -> Agent {
     )
 }
 
+/// Every path under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 fn backup(a: &Agent, disk: &str) -> serde_json::Value {
     serde_json::from_str(&a.ok(&["backup", disk, "--json"])).unwrap()
 }
@@ -73,6 +86,39 @@ fn backups_restores_and_verify_work_on_garage_with_a_node_stopped() {
     a.restore_and_compare(&snap(&inc), &t.path().join("inc.img"), &img);
     let v = a.ok(&["verify", "--all"]);
     assert!(v.contains(": ok") && !v.contains("FAIL"), "{v}");
+
+    // The secret key never shows: not in the log, the status or the
+    // listings; and nobody else may read the metadata cache.
+    let secret = std::fs::read_to_string(c.env())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("AWS_SECRET_ACCESS_KEY=").map(str::to_string))
+        .unwrap();
+    for text in [
+        a.log(),
+        a.ok(&["status", "--json"]),
+        a.ok(&["snapshots", "--json"]),
+    ] {
+        assert!(!text.contains(&secret), "the secret key leaked: {text}");
+    }
+    let cache = a.state().join("s3-cache");
+    let toc = walk(&cache)
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("a cached toc");
+    for target in [&cache, &toc] {
+        let o = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .args(["cat", target.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "nobody read {}", target.display());
+    }
+    let mode = std::fs::metadata(toc.parent().unwrap().parent().unwrap())
+        .unwrap()
+        .permissions();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.mode() & 0o077, 0, "the cache folder is private");
 
     // A second host opening the store with a node down sees both.
     let b = agent(&c, &t.path().join("other"), "site-a");
