@@ -85,10 +85,25 @@ fn replication_to_another_site_survives_a_cut_link_and_both_sites_restore() {
     let env = b.env();
     let env = env.to_str().unwrap();
 
-    let a = Agent::start(&t.path().join("a"), "pread");
+    // Disk "payroll" may only be kept at site A.
+    let rules = t.path().join("a.toml");
+    std::fs::write(
+        &rules,
+        "site = \"site-a\"\n[placement]\npayroll = [\"site-a\"]\n",
+    )
+    .unwrap();
+    let a = Agent::start_with(
+        &t.path().join("a"),
+        "pread",
+        &["--config", rules.to_str().unwrap()],
+    );
     let img = t.path().join("disk.img");
     random_file(&img, 40 << 20, 91);
     a.attach("vm", &img, &[]);
+    let payroll = t.path().join("payroll.img");
+    random_file(&payroll, 8 << 20, 92);
+    a.attach("payroll", &payroll, &[]);
+    a.ok(&["backup", "payroll"]);
     let full: serde_json::Value = serde_json::from_str(&a.ok(&["backup", "vm", "--json"])).unwrap();
     let at_full = t.path().join("at-full.img");
     std::fs::copy(&img, &at_full).unwrap();
@@ -109,6 +124,10 @@ fn replication_to_another_site_survives_a_cut_link_and_both_sites_restore() {
         env,
         "--checkpoint",
         "2M",
+        "--placement",
+        rules.to_str().unwrap(),
+        "--to-site",
+        "site-b",
         "--json",
     ];
     let mut syncing = Command::new(BIN)
@@ -138,6 +157,7 @@ fn replication_to_another_site_survives_a_cut_link_and_both_sites_restore() {
         String::from_utf8_lossy(&out.stderr)
     );
     let r: serde_json::Value = serde_json::from_slice(&rerun.stdout).unwrap();
+    assert_eq!(r["refused"][0], "payroll", "{r}");
     if out.status.success() {
         assert_eq!(r["bytes_sent"], 0, "{r}");
     } else {
@@ -159,4 +179,86 @@ fn replication_to_another_site_survives_a_cut_link_and_both_sites_restore() {
     on_b.restore_and_compare(&id(&full), &t.path().join("b-full.img"), &at_full);
     on_b.restore_and_compare(&id(&inc), &t.path().join("b-inc.img"), &img);
     a.restore_and_compare(&id(&inc), &t.path().join("a-inc.img"), &img);
+
+    // Asked for by name, payroll is refused outright.
+    let named = Command::new(BIN)
+        .args([
+            "sync",
+            "--from",
+            store_a.to_str().unwrap(),
+            "--to",
+            "s3://nova/site-b",
+        ])
+        .args(["--to-credentials", env, "--disk", "payroll"])
+        .args([
+            "--placement",
+            rules.to_str().unwrap(),
+            "--to-site",
+            "site-b",
+        ])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&named.stderr);
+    assert!(
+        !named.status.success() && why.contains("placement forbids"),
+        "{why}"
+    );
+    // An agent at site B with the same rules refuses to back payroll up.
+    let rules_b = t.path().join("b.toml");
+    std::fs::write(
+        &rules_b,
+        "site = \"site-b\"\n[placement]\npayroll = [\"site-a\"]\n",
+    )
+    .unwrap();
+    let at_b = Agent::start_with(
+        &t.path().join("b2"),
+        "pread",
+        &[
+            "--config",
+            rules_b.to_str().unwrap(),
+            "--store",
+            "s3://nova/site-b",
+            "--store-credentials",
+            env,
+        ],
+    );
+    let copy = t.path().join("payroll-b.img");
+    std::fs::copy(&payroll, &copy).unwrap();
+    at_b.attach("payroll", &copy, &[]);
+    let o = at_b.cli(&["backup", "payroll"]);
+    let why = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && why.contains("placement forbids"),
+        "{why}"
+    );
+
+    // Every replica of every object at site B: none holds a byte of
+    // payroll, while the same scan finds the disk that was copied.
+    let blobs = files(b.dir());
+    let found = |img: &std::path::Path| {
+        let data = std::fs::read(img).unwrap();
+        (0..8)
+            .filter(|i| {
+                let at = (i * data.len() / 8) + 4096;
+                let marker = &data[at..at + 256];
+                blobs.iter().any(|f| f.windows(256).any(|w| w == marker))
+            })
+            .count()
+    };
+    assert!(found(&at_full) >= 6, "the scan finds what was copied");
+    assert_eq!(found(&payroll), 0, "site B holds bytes of payroll");
+}
+
+/// The contents of every file under `dir`.
+fn files(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push(b);
+        }
+    }
+    out
 }

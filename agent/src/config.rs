@@ -16,6 +16,9 @@
 //! store_token_file = "/etc/novabackup/store.token"
 //! # store = "s3://backups/site-a"          # an S3 bucket and prefix
 //! # store_credentials = "/etc/novabackup/s3.env"
+//! # site = "eu-1"                          # where the store is, for placement
+//! # [placement]                            # disks kept to some sites only
+//! # payroll = ["eu-1"]
 //! chunk_size = "64K"
 //! zstd_level = 1                      # -3 is faster, 3 smaller
 //! audit_every = 14                    # CBT audit every 14th backup of a disk
@@ -71,6 +74,11 @@ pub struct FileConfig {
     pub store_token_file: Option<PathBuf>,
     /// An `s3://` store's credentials file (`NAME=value` lines).
     pub store_credentials: Option<PathBuf>,
+    /// The site the store is at, as placement rules name it.
+    pub site: Option<String>,
+    /// Per disk, the sites allowed to hold its backups: `DISK = ["site", ...]`.
+    #[serde(default)]
+    pub placement: novabackup_engine::placement::Placement,
     /// Chunk size of new snapshots ("64K").
     pub chunk_size: Option<String>,
     /// zstd level.

@@ -146,6 +146,10 @@ pub struct AgentOptions {
     pub store_token_file: Option<PathBuf>,
     /// An `s3://` store's credentials file.
     pub store_credentials: Option<PathBuf>,
+    /// The store's site, for placement rules.
+    pub site: Option<String>,
+    /// Per disk, the sites allowed to hold its backups.
+    pub placement: novabackup_engine::placement::Placement,
     /// Chunk size of new snapshots.
     pub chunk_size: u64,
     /// zstd level.
@@ -217,6 +221,8 @@ impl AgentArgs {
             store: self.store.or(c.store),
             store_token_file: self.store_token_file.or(c.store_token_file),
             store_credentials: self.store_credentials.or(c.store_credentials),
+            site: c.site,
+            placement: c.placement,
             chunk_size: self
                 .chunk_size
                 .or(c
@@ -328,6 +334,8 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         pages: Default::default(),
         confine: restore_confinement(&dir, &opts)?,
         snapshot_cache: opts.snapshot_cache,
+        site: opts.site.clone(),
+        placement: opts.placement.clone(),
     };
     let policy = policy::Settings::load(&dir)?;
     let schedules = Arc::new(schedule::Schedules::load(&dir)?);

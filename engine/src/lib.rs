@@ -15,6 +15,7 @@ pub mod ids;
 pub mod ops;
 pub mod pagecache;
 pub mod partitions;
+pub mod placement;
 pub mod plan;
 pub mod progress;
 pub mod read;

@@ -52,6 +52,14 @@ pub struct SyncArgs {
     /// Pin the target https store server's certificate (`sha256:...`).
     #[arg(long)]
     pub to_fingerprint: Option<String>,
+    /// Placement rules: a TOML file with a `[placement]` table (`DISK =
+    /// ["site", ...]`), such as the agent's configuration. Disks the rules
+    /// keep away from the target's site are not copied.
+    #[arg(long)]
+    pub placement: Option<PathBuf>,
+    /// The target's site, as the placement rules name it.
+    #[arg(long)]
+    pub to_site: Option<String>,
     /// Afterwards, apply retention to the target: the default policy
     /// (within 30d, daily 7, weekly 4, monthly 12, yearly 7), or the
     /// rules of --keep-last.
@@ -67,6 +75,20 @@ pub struct SyncArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The `[placement]` table of a TOML file.
+fn read_placement(p: &std::path::Path) -> anyhow::Result<novabackup_engine::placement::Placement> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        placement: novabackup_engine::placement::Placement,
+    }
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| anyhow::anyhow!("cannot read the placement rules {}: {e}", p.display()))?;
+    let f: File = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("the placement rules {} do not parse: {e}", p.display()))?;
+    Ok(f.placement)
 }
 
 /// Runs a replication in this process, printing progress to stderr.
@@ -97,6 +119,10 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         newest: a.newest,
         bandwidth: a.bwlimit,
         checkpoint: a.checkpoint.unwrap_or(0),
+        placement: match &a.placement {
+            Some(p) => Some((read_placement(p)?, a.to_site.clone())),
+            None => None,
+        },
     };
     let progress = Arc::new(Progress::default());
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -165,6 +191,9 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
     }
     for id in &r.copied {
         println!("copied {id}");
+    }
+    for d in &r.refused {
+        println!("not copied: disk {d} (placement forbids the target's site)");
     }
     println!(
         "{} snapshot(s) copied, {} already in {}; {} of {} chunks sent ({} bytes) in {:.1} s",

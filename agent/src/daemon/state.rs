@@ -76,6 +76,10 @@ pub struct EngineSettings {
     /// Bytes of decoded chunks each reader of a snapshot keeps (file
     /// listings and downloads).
     pub snapshot_cache: usize,
+    /// The store's site, as placement rules name it.
+    pub site: Option<String>,
+    /// Per disk, the sites allowed to hold its backups.
+    pub placement: novabackup_engine::placement::Placement,
 }
 
 /// The agent's state.
@@ -137,6 +141,10 @@ impl Agent {
     /// when another job holds the disk.
     pub fn start_backup(&self, disk: &str, mode: Mode) -> Result<JobInfo, OpError> {
         let export = self.export(disk)?;
+        self.settings
+            .placement
+            .check(disk, self.settings.site.as_deref())
+            .map_err(|e| OpError::forbidden(e.to_string()))?;
         let busy = || {
             OpError::busy(format!(
                 "a backup, prune or verify of disk {disk} is running; wait for it to finish"

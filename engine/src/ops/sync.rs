@@ -41,6 +41,11 @@ pub struct SyncOptions {
     /// Bytes between syncs of the target: what an interruption can cost
     /// (0: 256 MiB).
     pub checkpoint: u64,
+    /// The placement rules and the target's site: disks the rules keep
+    /// away from that site are not copied (a disk asked for by name is
+    /// an error).
+    #[serde(skip)]
+    pub placement: Option<(crate::placement::Placement, Option<String>)>,
 }
 
 /// What a replication did.
@@ -50,6 +55,8 @@ pub struct SyncReport {
     pub copied: Vec<String>,
     /// Snapshots the target had already.
     pub present: u64,
+    /// Disks left out because placement forbids the target's site.
+    pub refused: Vec<String>,
     /// Chunks and index pages the copied snapshots name.
     pub chunks_named: u64,
     /// Chunks and index pages sent (the target lacked them).
@@ -123,12 +130,31 @@ pub fn sync(
     progress: &Progress,
 ) -> Result<SyncReport, OpError> {
     let started = Instant::now();
-    let wanted = selected(from, opts)?;
+    let mut wanted = selected(from, opts)?;
+    let mut refused: Vec<String> = Vec::new();
+    if let Some((rules, site)) = &opts.placement {
+        for d in &opts.disks {
+            rules
+                .check(d.as_str(), site.as_deref())
+                .map_err(|e| OpError::forbidden(e.to_string()))?;
+        }
+        wanted.retain(|m| match rules.check(m.disk.as_str(), site.as_deref()) {
+            Ok(()) => true,
+            Err(e) => {
+                if !refused.contains(&e.disk) {
+                    tracing::warn!("{e}: its snapshots are not copied");
+                    refused.push(e.disk);
+                }
+                false
+            }
+        });
+    }
     let (there, _) = to.list(None).map_err(target)?;
     let there: HashSet<_> = there.into_iter().map(|m| m.id).collect();
     let todo: Vec<&Manifest> = wanted.iter().filter(|m| !there.contains(&m.id)).collect();
     let mut report = SyncReport {
         present: (wanted.len() - todo.len()) as u64,
+        refused,
         ..Default::default()
     };
     progress.set_total(todo.iter().map(|m| m.chunks() + m.pages.len() as u64).sum());
@@ -274,6 +300,44 @@ mod tests {
         };
         let r = sync(&a, &b, &opts, &Progress::default()).unwrap();
         assert_eq!(r.copied, ["vm@19700101T003320Z", "vm@19700101T005000Z"]);
+    }
+
+    #[test]
+    fn placement_keeps_a_disk_away_from_a_forbidden_site() {
+        let (a, b) = (MemoryStore::new(), MemoryStore::new());
+        let x = put(&a, b"x");
+        let secret = put(&a, b"secret");
+        snap(&a, "vm", 1_000, &[x]);
+        snap(&a, "secret", 1_000, &[secret]);
+        let rules =
+            crate::placement::Placement([("secret".to_string(), vec!["home".to_string()])].into());
+        let opts = SyncOptions {
+            placement: Some((rules.clone(), Some("abroad".into()))),
+            ..Default::default()
+        };
+        let r = sync(&a, &b, &opts, &Progress::default()).unwrap();
+        assert_eq!(
+            (r.copied.len(), r.refused.clone()),
+            (1, vec!["secret".to_string()])
+        );
+        assert_eq!(b.missing(&[secret, x]).unwrap(), vec![true, false]);
+        let named = SyncOptions {
+            disks: vec!["secret".parse().unwrap()],
+            ..opts
+        };
+        let e = sync(&a, &b, &named, &Progress::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Forbidden, "{e}");
+        let home = SyncOptions {
+            placement: Some((rules, Some("home".into()))),
+            ..Default::default()
+        };
+        assert_eq!(
+            sync(&a, &b, &home, &Progress::default())
+                .unwrap()
+                .copied
+                .len(),
+            1
+        );
     }
 
     #[test]
