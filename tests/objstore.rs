@@ -339,3 +339,97 @@ fn sync_moves_only_what_the_target_lacks_resumes_after_a_kill_and_restores_there
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     on_kept.restore_and_compare(&snap(&inc), &t.path().join("k-inc.img"), &img);
 }
+
+#[test]
+fn the_agent_syncs_to_a_named_site_as_a_job_that_cancels_resumes_and_runs_on_schedule() {
+    let t = tempdir();
+    let c = Cluster::start(4750);
+    let conf = t.path().join("agent.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "site = \"home\"\nsites = {{ dr = {{ store = \"s3://nova/dr\", store_credentials = \"{}\" }} }}\n",
+            c.env().display()
+        ),
+    )
+    .unwrap();
+    let a = Agent::start_with(
+        &t.path().join("a"),
+        "pread",
+        &["--config", conf.to_str().unwrap()],
+    );
+    let img = t.path().join("disk.img");
+    random_file(&img, 24 << 20, 84);
+    a.attach("vm", &img, &[]);
+    let full = backup(&a, "vm");
+
+    let o = a.cli(&["sync", "--site", "nowhere"]);
+    let why = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && why.contains("no site \"nowhere\""),
+        "{why}"
+    );
+
+    // Slowed down, cancelled part-way: the job says so, and the next run
+    // sends only the rest.
+    let started: serde_json::Value = serde_json::from_str(&a.ok(&[
+        "sync",
+        "--site",
+        "dr",
+        "--bwlimit",
+        "4M",
+        "--no-wait",
+        "--json",
+    ]))
+    .unwrap();
+    let id = started["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    a.ok(&["job", "cancel", &id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ended = loop {
+        let j = job(&a, &id);
+        if j["state"] != "running" {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "the cancel is not heard: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ended["state"], "cancelled", "{ended}");
+    let r: serde_json::Value =
+        serde_json::from_str(&a.ok(&["sync", "--site", "dr", "--json"])).unwrap();
+    assert_eq!(r["copied"][0], full["snapshot"], "{r}");
+    assert!(r["bytes_sent"].as_u64().unwrap() < 20 << 20, "resent: {r}");
+
+    // A schedule runs it too (every second here).
+    run(
+        "qemu-io",
+        &["-f", "raw", &a.uri("vm"), "-c", "write -P 0x44 2M 64k"],
+    );
+    let inc = backup(&a, "vm");
+    a.ok(&[
+        "schedule",
+        "add",
+        "sync",
+        "--site",
+        "dr",
+        "--cron",
+        "* * * * * *",
+        "--id",
+        "dr",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dr = agent(&c, &t.path().join("dr"), "dr");
+    loop {
+        let listed = dr.ok(&["snapshots"]);
+        if listed.contains(&snap(&inc)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduled sync did not run: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    a.ok(&["schedule", "remove", "dr"]);
+    dr.restore_and_compare(&snap(&inc), &t.path().join("dr.img"), &img);
+}

@@ -214,7 +214,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(a) => demo::run(a),
         Command::Store(c) => store::run(c),
-        Command::Sync(a) => sync::run(a),
+        Command::Sync(a) if a.site.is_none() => sync::run(a),
         Command::Completions { shell } => {
             status::completions(shell);
             Ok(())
@@ -231,7 +231,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Agent(_)
                 | Command::Demo(_)
                 | Command::Store(_)
-                | Command::Sync(_)
+                | Command::Sync(sync::SyncArgs { site: None, .. })
                 | Command::Completions { .. }
                 | Command::Config(_)
                 | Command::Man { .. } => {
@@ -268,6 +268,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Token(c) => token::run(&client, c),
                 Command::Prune(a) => retention::prune(&client, a),
                 Command::Gc { min_garbage, json } => retention::gc(&client, min_garbage, json),
+                Command::Sync(a) => sync::via_agent(&client, a),
                 Command::Retention(c) => retention::retention(&client, c),
                 Command::Schedule(c) => retention::schedule(&client, c),
                 Command::Quota(c) => retention::quota(&client, c),

@@ -79,6 +79,9 @@ pub struct FileConfig {
     /// Per disk, the sites allowed to hold its backups: `DISK = ["site", ...]`.
     #[serde(default)]
     pub placement: novabackup_engine::placement::Placement,
+    /// Other sites' stores, by site name, for `novabackup sync --site`.
+    #[serde(default)]
+    pub sites: std::collections::BTreeMap<String, SiteConfig>,
     /// Chunk size of new snapshots ("64K").
     pub chunk_size: Option<String>,
     /// zstd level.
@@ -115,6 +118,20 @@ pub struct FileConfig {
     /// Disks to attach.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+}
+
+/// Another site's store.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// A folder, a store server's URL or `s3://BUCKET/PREFIX`.
+    pub store: String,
+    /// A store server's token file.
+    pub store_token_file: Option<PathBuf>,
+    /// An https store server's certificate fingerprint.
+    pub store_fingerprint: Option<String>,
+    /// An `s3://` store's credentials file.
+    pub store_credentials: Option<PathBuf>,
 }
 
 /// One `[[disk]]`.

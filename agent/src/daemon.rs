@@ -150,6 +150,8 @@ pub struct AgentOptions {
     pub site: Option<String>,
     /// Per disk, the sites allowed to hold its backups.
     pub placement: novabackup_engine::placement::Placement,
+    /// Other sites' stores.
+    pub sites: std::collections::BTreeMap<String, crate::config::SiteConfig>,
     /// Chunk size of new snapshots.
     pub chunk_size: u64,
     /// zstd level.
@@ -223,6 +225,7 @@ impl AgentArgs {
             store_credentials: self.store_credentials.or(c.store_credentials),
             site: c.site,
             placement: c.placement,
+            sites: c.sites,
             chunk_size: self
                 .chunk_size
                 .or(c
@@ -336,6 +339,19 @@ pub fn run(dir: PathBuf, opts: AgentOptions) -> anyhow::Result<()> {
         snapshot_cache: opts.snapshot_cache,
         site: opts.site.clone(),
         placement: opts.placement.clone(),
+        sites: opts
+            .sites
+            .iter()
+            .map(|(name, s)| {
+                let access = StoreAccess {
+                    token_file: s.store_token_file.clone(),
+                    fingerprint: s.store_fingerprint.clone(),
+                    credentials: s.store_credentials.clone(),
+                    cache_dir: Some(dir.join("s3-cache")),
+                };
+                (name.clone(), (s.store.clone(), access))
+            })
+            .collect(),
     };
     let policy = policy::Settings::load(&dir)?;
     let schedules = Arc::new(schedule::Schedules::load(&dir)?);

@@ -402,6 +402,7 @@ pub const ROUTES: &[(&str, &str, Access, Scope)] = {
         ("DELETE", "/api/v1/retention/policies/{name}", Admin, Host),
         ("POST", "/api/v1/prune", Admin, Host),
         ("POST", "/api/v1/gc", Admin, Host),
+        ("POST", "/api/v1/sync", Admin, Host),
         ("GET", "/api/v1/schedules", Read, Host),
         ("POST", "/api/v1/schedules", Admin, Host),
         ("GET", "/api/v1/schedules/{id}", Read, Host),

@@ -407,6 +407,11 @@ impl Client {
         self.json("POST", "/api/v1/prune", Some(req))
     }
 
+    /// `POST /api/v1/sync`.
+    pub fn sync(&self, req: &crate::types::SyncRequest) -> Result<JobInfo, ClientError> {
+        self.json("POST", "/api/v1/sync", Some(req))
+    }
+
     /// `POST /api/v1/gc`.
     pub fn gc(&self, req: &crate::types::GcRequest) -> Result<JobInfo, ClientError> {
         self.json("POST", "/api/v1/gc", Some(req))

@@ -66,6 +66,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 /// Bytes read from a pack's end to find its table of contents in one
 /// request (a 16 MiB pack of 64 KiB chunks has a toc of about 11 KiB).
 const TAIL_GUESS: u64 = 64 << 10;
+/// A reader missing a chunk lists the packs again at most this often.
+const RELIST: Duration = Duration::from_secs(2);
 const FORMAT: u32 = 1;
 
 /// Digests are SHA-256 output: their first bytes are already a good hash.
@@ -155,6 +157,8 @@ pub struct ObjectStore {
     grace: Duration,
     pack_target: usize,
     damaged: Mutex<Vec<String>>,
+    /// When the packs were last listed for a missing chunk (Unix ms).
+    relisted: AtomicU64,
 }
 
 impl std::fmt::Debug for ObjectStore {
@@ -231,6 +235,7 @@ impl ObjectStore {
             grace: DEFAULT_GRACE,
             pack_target: PACK_TARGET,
             damaged: Default::default(),
+            relisted: AtomicU64::new(0),
         };
         store.check_marker()?;
         store.refresh_packs()?;
@@ -600,13 +605,42 @@ impl ObjectStore {
         Ok(())
     }
 
+    /// Where a chunk lies; a chunk not known yet may be in a pack another
+    /// process wrote since this one loaded the index (a sync into this
+    /// prefix, another host's backup): the packs are listed again, at
+    /// most every [`RELIST`].
+    fn locate(&self, digest: &ChunkDigest) -> Result<Loc, StoreError> {
+        let known = |s: &Self| {
+            s.index
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(digest)
+                .copied()
+        };
+        if let Some(l) = known(self) {
+            return Ok(l);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let last = self.relisted.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= RELIST.as_millis() as u64
+            && self
+                .relisted
+                .compare_exchange(last, now, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+        {
+            let added = self.refresh_packs()?;
+            if added > 0 {
+                tracing::info!(packs = added, "learned packs written by another process");
+            }
+        }
+        known(self).ok_or(StoreError::MissingChunk(*digest))
+    }
+
     fn read_chunk(&self, digest: &ChunkDigest) -> Result<Vec<u8>, StoreError> {
-        let loc = *self
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-            .ok_or(StoreError::MissingChunk(*digest))?;
+        let loc = self.locate(digest)?;
         let (id, staged, gone) = {
             let packs = lock(&self.packs);
             let p = &packs[loc.pack as usize];

@@ -21,7 +21,7 @@ use crate::routes::{disks, jobs, mounts, policy, tokens};
         tokens::list, tokens::create, tokens::revoke,
         policy::protect, policy::unprotect, policy::policies, policy::policy,
         policy::create_policy, policy::update_policy, policy::delete_policy, policy::prune,
-        policy::gc, policy::schedules, policy::schedule, policy::create_schedule,
+        policy::gc, policy::sync, policy::schedules, policy::schedule, policy::create_schedule,
         policy::update_schedule, policy::delete_schedule, policy::quotas, policy::set_quotas,
     ),
     components(schemas(crate::error::ErrorBody, crate::error::ApiError, crate::error::ErrorCode)),

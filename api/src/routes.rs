@@ -132,6 +132,8 @@ pub trait DiskService: Send + Sync + 'static {
     fn prune(&self, req: PruneRequest) -> Result<JobInfo, ApiError>;
     /// Starts a garbage-collection job.
     fn gc(&self, req: crate::types::GcRequest) -> Result<JobInfo, ApiError>;
+    /// Starts a replication job to another site's store.
+    fn sync(&self, req: crate::types::SyncRequest) -> Result<JobInfo, ApiError>;
     /// Schedules with their next run.
     fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError>;
     /// Creates (`id` None) or replaces a schedule.
@@ -208,6 +210,7 @@ pub fn router(svc: Arc<dyn DiskService>, tokens: Arc<crate::auth::Tokens>) -> Ro
         )
         .route("/api/v1/prune", post(policy::prune))
         .route("/api/v1/gc", post(policy::gc))
+        .route("/api/v1/sync", post(policy::sync))
         .route(
             "/api/v1/schedules",
             get(policy::schedules).post(policy::create_schedule),

@@ -316,6 +316,23 @@ pub struct GcRequest {
     pub min_garbage_percent: u8,
 }
 
+/// `POST /api/v1/sync`: copy this agent's snapshots to another site's store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    /// The target site, as the agent's configuration names it (`sites`).
+    pub site: String,
+    /// Only these disks (default: every disk).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// Only each disk's newest N snapshots.
+    #[serde(default)]
+    pub newest: Option<u32>,
+    /// Bytes per second at most sent to the target.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+}
+
 /// What a schedule runs.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -328,6 +345,8 @@ pub enum ScheduleAction {
     Gc,
     /// Verification.
     Verify,
+    /// Replication to another site's store (`site` names it).
+    Sync,
 }
 
 /// `POST /api/v1/schedules` and `PUT /api/v1/schedules/{id}`.
@@ -363,6 +382,9 @@ pub struct ScheduleRequest {
     /// Gc: rewrite only packs at least this many percent unreferenced.
     #[serde(default)]
     pub min_garbage_percent: Option<u8>,
+    /// Sync: the target site, as the agent's configuration names it.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 fn yes() -> bool {

@@ -260,7 +260,7 @@ pub fn retention(client: &Client, c: RetentionCommand) -> anyhow::Result<()> {
 /// A schedule on the command line.
 #[derive(Debug, Args)]
 pub struct ScheduleSpec {
-    /// backup, prune, gc or verify.
+    /// backup, prune, gc, verify or sync.
     #[arg(value_parser = parse_action)]
     action: ScheduleAction,
     /// Cron expression, e.g. "30 2 * * *" (02:30 daily) or "@weekly".
@@ -287,11 +287,14 @@ pub struct ScheduleSpec {
     /// Gc: rewrite only packs at least this many percent unreferenced.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
     min_garbage: Option<u8>,
+    /// Sync: the target site (named under `sites` in the configuration).
+    #[arg(long)]
+    site: Option<String>,
 }
 
 fn parse_action(s: &str) -> Result<ScheduleAction, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| format!("{s:?} is not one of backup, prune, gc, verify"))
+        .map_err(|_| format!("{s:?} is not one of backup, prune, gc, verify, sync"))
 }
 
 impl ScheduleSpec {
@@ -307,6 +310,7 @@ impl ScheduleSpec {
             audit: self.audit,
             skip_verified_within: self.skip_verified_within,
             min_garbage_percent: self.min_garbage,
+            site: self.site,
         }
     }
 }
@@ -365,6 +369,7 @@ pub fn schedule(client: &Client, c: ScheduleCommand) -> anyhow::Result<()> {
                     serde_json::to_value(s.spec.action)?.as_str().unwrap_or("?"),
                     match (&s.spec.disk, s.spec.action) {
                         (_, ScheduleAction::Gc) => "store",
+                        (_, ScheduleAction::Sync) => s.spec.site.as_deref().unwrap_or("?"),
                         (Some(d), _) => d.as_str(),
                         (None, _) => "all",
                     },

@@ -12,15 +12,24 @@ use novabackup_engine::progress::Progress;
 
 use crate::daemon::{open_store_at, StoreAccess};
 
-/// `novabackup sync` options.
+/// `novabackup sync` options: `--site` runs it as a job of the agent,
+/// `--from` and `--to` in this process.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["site", "from"])))]
 pub struct SyncArgs {
+    /// Have the agent copy its store to this site's store (a job, with
+    /// progress and cancel; sites are named in the agent's configuration).
+    #[arg(long, conflicts_with_all = ["from", "to", "placement", "to_site", "prune", "gc"])]
+    pub site: Option<String>,
     /// The store to copy from: a folder, `http(s)://host:7820` or `s3://BUCKET/PREFIX`.
-    #[arg(long)]
-    pub from: String,
+    #[arg(long, requires = "to")]
+    pub from: Option<String>,
     /// The store to copy to (same forms).
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
+    /// With --site: return once the job has started.
+    #[arg(long, requires = "site")]
+    pub no_wait: bool,
     /// Only this disk (repeatable; default: every disk).
     #[arg(long = "disk")]
     pub disks: Vec<DiskName>,
@@ -91,13 +100,62 @@ fn read_placement(p: &std::path::Path) -> anyhow::Result<novabackup_engine::plac
     Ok(f.placement)
 }
 
+/// Runs a replication as a job of the agent.
+pub fn via_agent(client: &novabackup_api::Client, a: SyncArgs) -> anyhow::Result<()> {
+    let req = novabackup_api::types::SyncRequest {
+        site: a.site.clone().unwrap_or_default(),
+        disks: a.disks.iter().map(|d| d.to_string()).collect(),
+        newest: a.newest.map(|n| n as u32),
+        bandwidth: a.bwlimit,
+    };
+    let started = client.sync(&req)?;
+    if a.no_wait {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+        } else {
+            println!("sync job {} started", started.id);
+        }
+        return Ok(());
+    }
+    let j = super::job::wait(client, started, a.json, "chunks")?;
+    let r = super::job::result(&j)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let r: novabackup_engine::ops::sync::SyncReport = serde_json::from_value(r.clone())?;
+    print_report(&r, &format!("site {}", req.site));
+    Ok(())
+}
+
+fn print_report(r: &novabackup_engine::ops::sync::SyncReport, to: &str) {
+    for id in &r.copied {
+        println!("copied {id}");
+    }
+    for d in &r.refused {
+        println!("not copied: disk {d} (placement forbids the target's site)");
+    }
+    println!(
+        "{} snapshot(s) copied, {} already in {to}; {} of {} chunks sent ({} bytes) in {:.1} s",
+        r.copied.len(),
+        r.present,
+        r.chunks_sent,
+        r.chunks_named,
+        r.bytes_sent,
+        r.duration_ms as f64 / 1000.0
+    );
+}
+
 /// Runs a replication in this process, printing progress to stderr.
 pub fn run(a: SyncArgs) -> anyhow::Result<()> {
-    if a.from == a.to {
+    let (Some(from_url), Some(to_url)) = (a.from.clone(), a.to.clone()) else {
+        anyhow::bail!("name the stores with --from and --to, or a site with --site");
+    };
+    if from_url == to_url {
         anyhow::bail!("--from and --to name the same store; nothing to copy");
     }
     let from = open_store_at(
-        &a.from,
+        &from_url,
         &StoreAccess {
             token_file: a.from_token_file.clone(),
             fingerprint: a.from_fingerprint.clone(),
@@ -106,7 +164,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         },
     )?;
     let to = open_store_at(
-        &a.to,
+        &to_url,
         &StoreAccess {
             token_file: a.to_token_file.clone(),
             fingerprint: a.to_fingerprint.clone(),
@@ -189,22 +247,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    for id in &r.copied {
-        println!("copied {id}");
-    }
-    for d in &r.refused {
-        println!("not copied: disk {d} (placement forbids the target's site)");
-    }
-    println!(
-        "{} snapshot(s) copied, {} already in {}; {} of {} chunks sent ({} bytes) in {:.1} s",
-        r.copied.len(),
-        r.present,
-        to.describe(),
-        r.chunks_sent,
-        r.chunks_named,
-        r.bytes_sent,
-        r.duration_ms as f64 / 1000.0
-    );
+    print_report(&r, &to.describe());
     if let Some(p) = pruned {
         println!("retention on the target removed {} snapshot(s)", p.removed);
     }

@@ -29,6 +29,8 @@ pub enum Report {
     Prune(prune::PruneReport),
     /// A garbage collection.
     Gc(GcReport),
+    /// A replication to another site.
+    Sync(novabackup_engine::ops::sync::SyncReport),
     /// A background fill (live restore or promotion) that completed.
     Fill(FillReport),
 }

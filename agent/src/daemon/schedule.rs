@@ -81,6 +81,11 @@ pub fn validate(r: &ScheduleRequest) -> Result<When, OpError> {
         d.parse::<novabackup_engine::ids::DiskName>()
             .map_err(|e| bad(e.to_string()))?;
     }
+    if (r.action == ScheduleAction::Sync) != r.site.is_some() {
+        return Err(bad(
+            "a sync schedule names its target `site`, and only a sync schedule does".into(),
+        ));
+    }
     if r.action == ScheduleAction::Gc && r.disk.is_some() {
         return Err(bad(
             "garbage collection works on the whole store; leave `disk` out".into(),
@@ -281,6 +286,8 @@ pub fn enqueue(queue: &mut Vec<Run>, due: &[Stored], runner: &dyn Runner) {
     for s in due {
         let disks: Vec<Option<String>> = match (&s.spec.disk, s.spec.action) {
             (_, ScheduleAction::Gc) => vec![None],
+            // One job for every disk (or the one named).
+            (d, ScheduleAction::Sync) => vec![d.clone()],
             (Some(d), _) => vec![Some(d.clone())],
             (None, a) => runner.disks_for(a).into_iter().map(Some).collect(),
         };
@@ -352,6 +359,7 @@ mod tests {
             audit: false,
             skip_verified_within: None,
             min_garbage_percent: None,
+            site: None,
         }
     }
 

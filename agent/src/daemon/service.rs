@@ -363,6 +363,10 @@ impl DiskService for Agent {
         })?)
     }
 
+    fn sync(&self, req: novabackup_api::types::SyncRequest) -> Result<JobInfo, ApiError> {
+        Ok(self.start_sync(req)?)
+    }
+
     fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {
         Ok(self.schedules.list())
     }
@@ -448,6 +452,12 @@ impl Runner for Agent {
             }
             (ScheduleAction::Gc, _) => self.start_gc(GcOptions {
                 min_garbage_percent: run.spec.min_garbage_percent.unwrap_or(0),
+            }),
+            (ScheduleAction::Sync, disk) => self.start_sync(novabackup_api::types::SyncRequest {
+                site: run.spec.site.clone().unwrap_or_default(),
+                disks: disk.iter().map(|d| d.to_string()).collect(),
+                newest: None,
+                bandwidth: None,
             }),
         };
         match r {

@@ -80,6 +80,8 @@ pub struct EngineSettings {
     pub site: Option<String>,
     /// Per disk, the sites allowed to hold its backups.
     pub placement: novabackup_engine::placement::Placement,
+    /// Other sites' stores: where each is and how to reach it.
+    pub sites: std::collections::BTreeMap<String, (String, crate::daemon::StoreAccess)>,
 }
 
 /// The agent's state.
@@ -232,6 +234,57 @@ impl Agent {
         Ok(self.jobs.spawn("gc", "store", Vec::new(), move |p| {
             let _claim = claim;
             ops::snapshots::gc(&*store, &opts, p).map(Report::Gc)
+        }))
+    }
+
+    /// Starts a replication of this agent's store to another site's store
+    /// (opened when the job starts, so an unreachable site fails the job,
+    /// not the agent); one at a time per site.
+    pub fn start_sync(&self, req: novabackup_api::types::SyncRequest) -> Result<JobInfo, OpError> {
+        let Some((where_, access)) = self.settings.sites.get(&req.site).cloned() else {
+            let known: Vec<&str> = self.settings.sites.keys().map(String::as_str).collect();
+            return Err(OpError::invalid(format!(
+                "no site {:?} in the configuration (sites: {}); add it under `sites`",
+                req.site,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        let disks = req
+            .disks
+            .iter()
+            .map(|d| d.parse().map_err(|e| OpError::invalid(format!("{e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let claim = self
+            .claims
+            .try_claim(&format!("\0sync:{}", req.site))
+            .ok_or_else(|| {
+                OpError::busy(format!(
+                    "a replication to site {} is running; wait for it to finish",
+                    req.site
+                ))
+            })?;
+        let opts = ops::sync::SyncOptions {
+            disks,
+            newest: req.newest.map(|n| n as usize),
+            bandwidth: req.bandwidth,
+            checkpoint: 0,
+            placement: Some((self.settings.placement.clone(), Some(req.site.clone()))),
+        };
+        let store = self.store.clone();
+        let site = req.site.clone();
+        Ok(self.jobs.spawn("sync", &req.site, Vec::new(), move |p| {
+            let _claim = claim;
+            let target = crate::daemon::open_store_at(&where_, &access).map_err(|e| {
+                OpError::new(
+                    ErrorKind::Internal,
+                    format!("cannot reach the store of site {site}: {e:#}"),
+                )
+            })?;
+            ops::sync::sync(&*store, &*target, &opts, p).map(Report::Sync)
         }))
     }
 

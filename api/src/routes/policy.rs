@@ -12,7 +12,7 @@ use super::{blocking, json_body, DiskService};
 use crate::error::{ApiError, ErrorCode};
 use crate::types::{
     GcRequest, JobInfo, PruneRequest, Quotas, RetentionPolicy, ScheduleInfo, ScheduleRequest,
-    SnapshotInfo,
+    SnapshotInfo, SyncRequest,
 };
 
 type Svc = State<Arc<dyn DiskService>>;
@@ -121,6 +121,16 @@ pub(super) async fn gc(State(svc): Svc, body: axum::body::Bytes) -> Started {
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request body: {e}")))?
     };
     let job = blocking(&svc, move |s| s.gc(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+#[utoipa::path(post, path = "/api/v1/sync", tag = "retention", request_body = SyncRequest, responses((status = 202, description = "Replication job started: only what the target site's store lacks is sent", body = JobInfo), crate::error::Errors), security(("bearer" = [])))]
+pub(super) async fn sync(
+    State(svc): Svc,
+    body: Result<Json<SyncRequest>, JsonRejection>,
+) -> Started {
+    let req = json_body(body)?;
+    let job = blocking(&svc, move |s| s.sync(req)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 

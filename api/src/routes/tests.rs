@@ -138,6 +138,9 @@ impl DiskService for Mem {
     fn gc(&self, _: crate::types::GcRequest) -> Result<JobInfo, ApiError> {
         Ok(job())
     }
+    fn sync(&self, _: crate::types::SyncRequest) -> Result<JobInfo, ApiError> {
+        Ok(job())
+    }
     fn schedules(&self) -> Result<Vec<ScheduleInfo>, ApiError> {
         Ok(vec![])
     }

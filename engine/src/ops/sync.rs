@@ -122,8 +122,25 @@ pub fn selected(from: &dyn Store, opts: &SyncOptions) -> Result<Vec<Manifest>, O
     Ok(out)
 }
 
-/// Copies the selected snapshots of `from` that `to` lacks.
+/// Copies the selected snapshots of `from` that `to` lacks. A run that
+/// fails or is cancelled still makes durable what it sent (best effort),
+/// so the next run does not send it again.
 pub fn sync(
+    from: &dyn Store,
+    to: &dyn Store,
+    opts: &SyncOptions,
+    progress: &Progress,
+) -> Result<SyncReport, OpError> {
+    let r = copy(from, to, opts, progress);
+    if r.is_err() {
+        if let Err(e) = to.sync() {
+            tracing::warn!("what this sync sent could not be made durable: {e}");
+        }
+    }
+    r
+}
+
+fn copy(
     from: &dyn Store,
     to: &dyn Store,
     opts: &SyncOptions,
