@@ -383,7 +383,9 @@ pub struct ScheduleRequest {
     #[serde(default)]
     pub min_garbage_percent: Option<u8>,
     /// Sync: the target site, as the agent's configuration names it.
-    #[serde(default)]
+    /// Left out of other schedules' JSON, which stays as older agents
+    /// wrote it (the package upgrade test compares it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
 }
 
